@@ -1,0 +1,182 @@
+"""One Llama-family decoder (Llama 2/3, Mistral, Qwen2, SmolLM2) with a static KV cache.
+
+The forward is graph-friendly and general: it takes M new tokens with explicit rope positions,
+the cache slots to write their K/V into, and a boolean attention mask over every cache slot.
+One call therefore does prefill, 1-token decode, chain verification and tree verification.
+
+    logits, hidden = model(ids[M], pos[M], slots[M], mask[M, S])     S = cache capacity
+
+Slots before the new block hold the accepted context; `keep(src, dst)` moves an accepted tree
+path's K/V into place (rollback is simply not attending to slots past the accepted length).
+Module names follow Hugging Face's, except fused qkv_proj and gate_up_proj (faster decode).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import ModelConfig, rope_inv_freq
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):  # [M, D]
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class KVCache(nn.Module):
+    """Static per-layer cache: k, v [n_kv, S, hd]. Subclasses may store other dtypes (int8)."""
+
+    def __init__(self, n_kv: int, size: int, head_dim: int, dtype, device):
+        super().__init__()
+        self.register_buffer("k", torch.zeros(n_kv, size, head_dim, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(n_kv, size, head_dim, dtype=dtype, device=device), persistent=False)
+
+    def update(self, slots, k, v):
+        """slots [M]; k, v [n_kv, M, hd] -> full k, v [n_kv, S, hd] for attention."""
+        self.k.index_copy_(1, slots, k.to(self.k.dtype))
+        self.v.index_copy_(1, slots, v.to(self.v.dtype))
+        return self.k, self.v
+
+    def move(self, src, dst):
+        """Copy slots src [P] onto dst [P] (accepted tree path into place)."""
+        self.k[:, dst] = self.k[:, src]
+        self.v[:, dst] = self.v[:, src]
+
+
+def rotate(x, cos, sin):  # x [H, M, hd]; cos, sin [M, hd]
+    h = x.shape[-1] // 2
+    x1, x2 = x[..., :h], x[..., h:]
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.nh, self.nkv, self.hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.qkv_proj = nn.Linear(cfg.hidden_size, (self.nh + 2 * self.nkv) * self.hd, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(self.nh * self.hd, cfg.hidden_size, bias=False)
+        self.cache: KVCache | None = None
+
+    def forward(self, x, cos, sin, slots, mask):  # x [M, D]; mask [M, S] bool
+        M = x.shape[0]
+        q, k, v = self.qkv_proj(x).split([self.nh * self.hd, self.nkv * self.hd, self.nkv * self.hd], dim=-1)
+        q = q.view(M, self.nh, self.hd).transpose(0, 1)     # [H, M, hd]
+        k = k.view(M, self.nkv, self.hd).transpose(0, 1)    # [Hkv, M, hd]
+        v = v.view(M, self.nkv, self.hd).transpose(0, 1)
+        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+        K, V = self.cache.update(slots, k, v)               # [Hkv, S, hd]
+        K, V = K.to(q.dtype), V.to(q.dtype)
+        if self.nkv != self.nh:
+            rep = self.nh // self.nkv
+            K = K.repeat_interleave(rep, dim=0)
+            V = V.repeat_interleave(rep, dim=0)
+        y = F.scaled_dot_product_attention(q.unsqueeze(0), K.unsqueeze(0), V.unsqueeze(0), attn_mask=mask)
+        return self.o_proj(y[0].transpose(0, 1).reshape(M, self.nh * self.hd))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.inter = cfg.intermediate_size
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        g, u = self.gate_up_proj(x).split(self.inter, dim=-1)
+        return self.down_proj(F.silu(g) * u)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, slots, mask):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, slots, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+        self.cache_size = 0
+
+    @property
+    def device(self):
+        return self.embed_tokens.weight.device
+
+    @property
+    def dtype(self):
+        return self.embed_tokens.weight.dtype
+
+    def setup_cache(self, size: int, dtype=None, device=None, cache_cls=KVCache, **kw):
+        """Preallocate a static cache of `size` slots (context + the largest draft)."""
+        dtype = dtype or self.dtype
+        device = device or self.device
+        for layer in self.layers:
+            a = layer.self_attn
+            a.cache = cache_cls(a.nkv, size, a.hd, dtype, device, **kw)
+        self.cache_size = size
+
+    def keep(self, src, dst):
+        """Move K/V of slots src [P] to slots dst [P] in every layer (accept a tree path)."""
+        if torch.equal(src, dst):
+            return
+        for layer in self.layers:
+            layer.self_attn.cache.move(src, dst)
+
+    def rope(self, pos):  # pos [M] -> cos, sin [M, hd]
+        f = pos.float()[:, None] * self.inv_freq[None, :]
+        emb = torch.cat((f, f), dim=-1)
+        return emb.cos().to(self.dtype), emb.sin().to(self.dtype)
+
+    def forward(self, ids, pos, slots, mask, return_hidden: bool = True, logits_rows=None):
+        """ids, pos, slots [M] long; mask [M, S] bool -> logits [M', V] (float32), hidden [M, D].
+
+        hidden is the final-norm output (the feature EAGLE heads read). logits_rows, if given,
+        selects which rows to project through lm_head (e.g. only the last row in a prefill).
+        """
+        assert self.cache_size, "call setup_cache() first"
+        x = self.embed_tokens(ids)
+        cos, sin = self.rope(pos)
+        for layer in self.layers:
+            x = layer(x, cos, sin, slots, mask)
+        h = self.norm(x)
+        hl = h if logits_rows is None else h[logits_rows]
+        logits = self.lm_head(hl).float()
+        return (logits, h) if return_hidden else logits
+
+
+def causal_mask(start: int, m: int, size: int, device=None):
+    """Mask [m, size]: row i sees slots 0..start+i (new tokens written at start..start+m-1)."""
+    j = torch.arange(size, device=device)
+    i = torch.arange(m, device=device)
+    return j[None, :] <= (start + i)[:, None]
+
+
+def block_mask(start: int, tree_mask, size: int):
+    """Mask [M, size] for M new tokens at slots start.. with tree_mask [M, M] among themselves."""
+    M = tree_mask.shape[0]
+    mask = torch.zeros(M, size, dtype=torch.bool, device=tree_mask.device)
+    mask[:, :start] = True
+    mask[:, start:start + M] = tree_mask
+    return mask
