@@ -1,0 +1,107 @@
+"""Plain (non-speculative) decoding: prefill, then 1-token steps; the step is a CUDA graph on GPU."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from .errors import SpecqError
+from .models.llama import Transformer, causal_mask
+from .sampling import SamplingParams, next_token
+
+
+def check_lengths(model: Transformer, n_prompt: int, max_new_tokens: int, extra: int = 0) -> int:
+    """Validate the prompt against the model context; returns max_new_tokens capped to fit."""
+    ctx = model.cfg.max_position_embeddings
+    if n_prompt == 0:
+        raise SpecqError("empty prompt")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise SpecqError(f"invalid max_new_tokens {max_new_tokens!r}: must be an integer >= 1")
+    if n_prompt + 1 + extra > ctx:
+        raise SpecqError(f"prompt of {n_prompt} tokens does not fit the model context of {ctx} tokens")
+    return min(max_new_tokens, ctx - n_prompt - extra)
+
+
+class Decoder:
+    """Owns a model's static cache for one sequence. prefill(ids) and step(token) return logits [V]."""
+
+    def __init__(self, model: Transformer, max_len: int, cuda_graph: bool | None = None):
+        self.model, self.S = model, max_len
+        model.setup_cache(max_len)
+        dev = model.device
+        self.arange = torch.arange(max_len, device=dev)
+        self.len = 0
+        self.use_graph = (dev.type == "cuda") if cuda_graph is None else cuda_graph
+        self.graph = None
+        if self.use_graph:
+            self.ids = torch.zeros(1, dtype=torch.long, device=dev)
+            self.pos = torch.zeros(1, dtype=torch.long, device=dev)
+
+    @torch.inference_mode()
+    def prefill(self, ids: torch.Tensor) -> torch.Tensor:  # ids [P]
+        P = ids.shape[0]
+        dev = self.model.device
+        pos = torch.arange(P, device=dev)
+        logits = self.model(ids.to(dev), pos, pos, causal_mask(0, P, self.S, dev), return_hidden=False,
+                            logits_rows=slice(P - 1, P))
+        self.len = P
+        return logits[0]
+
+    def _step_eager(self, ids, pos):  # ids, pos [1]
+        mask = self.arange[None, :] <= pos[:, None]
+        return self.model(ids, pos, pos, mask, return_hidden=False)
+
+    def _capture(self):
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(2):  # warm-up (allocations, lazy init) before capture
+                self._step_eager(self.ids, self.pos)
+        torch.cuda.current_stream().wait_stream(s)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.out = self._step_eager(self.ids, self.pos)
+
+    @torch.inference_mode()
+    def step(self, token: int) -> torch.Tensor:
+        if self.len >= self.S:
+            raise SpecqError("context is full")
+        if self.use_graph:
+            # the warm-up writes K/V at the current slot too, harmlessly: step() overwrites it next
+            self.ids.fill_(token)
+            self.pos.fill_(self.len)
+            if self.graph is None:
+                self._capture()
+            self.graph.replay()
+            out = self.out[0]
+        else:
+            dev = self.model.device
+            t = torch.tensor([token], device=dev)
+            p = torch.tensor([self.len], device=dev)
+            out = self._step_eager(t, p)[0]
+        self.len += 1
+        return out
+
+
+@torch.inference_mode()
+def generate(model: Transformer, ids, max_new_tokens: int, sp: SamplingParams = SamplingParams(),
+             eos_ids=(), on_token: Callable[[int], bool] | None = None, seed: int | None = None,
+             decoder: Decoder | None = None) -> list[int]:
+    """Plain decoding. ids: prompt token ids. on_token(t) returning False stops early (stop strings).
+    Returns the generated ids (EOS included when hit)."""
+    ids = torch.as_tensor(list(ids), dtype=torch.long)
+    max_new_tokens = check_lengths(model, ids.shape[0], max_new_tokens)
+    dec = decoder or Decoder(model, ids.shape[0] + max_new_tokens)
+    gen = None
+    if not sp.greedy:
+        gen = torch.Generator(device=model.device)
+        gen.manual_seed(seed if seed is not None else torch.seed())
+    eos = set(eos_ids)
+    out: list[int] = []
+    logits = dec.prefill(ids)
+    while True:
+        t = next_token(logits, sp, gen)
+        out.append(t)
+        if (on_token is not None and on_token(t) is False) or t in eos or len(out) >= max_new_tokens:
+            return out
+        logits = dec.step(t)
