@@ -1,0 +1,163 @@
+"""`specq` command line. Every user error ends in one line on stderr and exit status 2."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .errors import SpecqError
+
+SPEC_METHODS = ["none", "draft", "ngram", "eagle", "hier", "multi"]
+VERIFY_METHODS = ["auto", "greedy", "sampling", "rrs", "rrs-wo", "spechub", "target"]
+
+
+def add_model_args(p: argparse.ArgumentParser):
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="smollm2",
+                   help="HF model directory (config.json + safetensors + tokenizer.json), a .gguf file, a specq "
+                        "quantized directory, or 'smollm2' (the embedded SmolLM2-135M-Instruct; default)")
+    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (GPU when present; default)")
+    g.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto (bf16 on GPU, fp32 on CPU)")
+
+
+def add_quant_args(p: argparse.ArgumentParser):
+    g = p.add_argument_group("quantization (applied on load; see also `specq quantize`)")
+    g.add_argument("--format", default="none", choices=["none", "w4a16", "w3a16", "w2a16", "w8a8", "w4a8"],
+                   help="quantize the target's linear layers to this format on load (default none)")
+    g.add_argument("--method", default="rtn", choices=["rtn", "gptq", "awq"], help="calibration method (default rtn)")
+    g.add_argument("--group-size", type=int, default=128, help="weight group size; -1 = per output channel (default 128)")
+
+
+def add_sampling_args(p: argparse.ArgumentParser):
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-new-tokens", type=int, default=256, help="most tokens to generate (default 256)")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
+    g.add_argument("--top-k", type=int, default=0, help="keep only the k most likely tokens (0 = off, default)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (1 = off, default)")
+    g.add_argument("--seed", type=int, default=None, help="random seed for sampling (default: random)")
+    g.add_argument("--stop", action="append", default=[], help="stop string; may be given several times")
+
+
+def add_spec_args(p: argparse.ArgumentParser):
+    g = p.add_argument_group("speculative decoding (lossless: output equals the target's)")
+    g.add_argument("--spec", default="none", choices=SPEC_METHODS,
+                   help="proposer: none (plain decoding), draft (a draft model's chain), ngram (prompt lookup), "
+                        "eagle (EAGLE-2 dynamic tree), hier (EAGLE tree -> intermediate model -> chain), "
+                        "multi (several sampled draft chains verified jointly)")
+    g.add_argument("--verify", default="auto", choices=VERIFY_METHODS,
+                   help="verifier: greedy (T=0), sampling (speculative sampling), rrs / rrs-wo (recursive rejection "
+                        "sampling with / without replacement), spechub (2 drafts, hub token), target (drafts without "
+                        "probabilities); auto picks greedy at T=0 and the method's lossless default otherwise")
+    g.add_argument("--draft-model", default=None, help="draft model for --spec draft/multi (same tokenizer); "
+                                                      "default: a 2-bit RTN copy of the target")
+    g.add_argument("--intermediate", default=None, help="intermediate model for --spec hier (default: the target itself, un-quantized)")
+    g.add_argument("--eagle-head", default=None, help="EAGLE head directory (default: the bundled head for smollm2)")
+    g.add_argument("--draft-len", type=int, default=5, help="draft chain length k for draft/ngram/multi (default 5)")
+    g.add_argument("--n-drafts", type=int, default=2, help="drafts per position for --spec multi (default 2)")
+    g.add_argument("--tree-top-k", type=int, default=10, help="EAGLE-2 tree: children per expanded node (default 10)")
+    g.add_argument("--tree-depth", type=int, default=6, help="EAGLE-2 tree: expansion steps (default 6)")
+    g.add_argument("--tree-tokens", type=int, default=60, help="EAGLE-2 tree: total draft tokens kept (default 60)")
+    g.add_argument("--min-draft-length", type=int, default=6, help="hier: linear draft length the intermediate builds (default 6)")
+    g.add_argument("--stats", action="store_true", help="print tau, acceptance per depth and the time split")
+
+
+def spec_from_args(a) -> dict | None:
+    if a.spec == "none":
+        return None
+    return dict(method=a.spec, verify=a.verify, draft_model=a.draft_model, intermediate=a.intermediate,
+                eagle_head=a.eagle_head, k=a.draft_len, n_drafts=a.n_drafts, top_k=a.tree_top_k,
+                depth=a.tree_depth, total_tokens=a.tree_tokens, min_draft_length=a.min_draft_length)
+
+
+def quant_from_args(a) -> dict | None:
+    if a.format == "none":
+        return None
+    return dict(fmt=a.format, method=a.method, group_size=a.group_size)
+
+
+def cmd_generate(a) -> int:
+    from .api import LLM
+    from .sampling import SamplingParams
+    SamplingParams(a.temperature, a.top_k, a.top_p)          # validate before the (slow) model load
+    if a.max_new_tokens < 1:
+        raise SpecqError(f"invalid --max-new-tokens {a.max_new_tokens}: must be >= 1")
+    if a.prompt is None:
+        a.prompt = sys.stdin.read() if not sys.stdin.isatty() else "Write a short poem about the sea."
+    llm = LLM(a.model, device=a.device, dtype=a.dtype, quant=quant_from_args(a), spec=spec_from_args(a))
+    kw = dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
+              stop=a.stop, seed=a.seed)
+    stream = None if a.json else (lambda s: (sys.stdout.write(s), sys.stdout.flush()))
+    if a.chat:
+        msgs = ([{"role": "system", "content": a.system}] if a.system else []) + [{"role": "user", "content": a.prompt}]
+        out = llm.chat(msgs, on_text=stream, **kw)
+    else:
+        out = llm.generate(a.prompt, on_text=stream, **kw)
+    info = {"tokens": len(out.ids), "seconds": round(out.seconds, 3), "tok_s": round(out.tok_s, 1),
+            "finish_reason": out.finish_reason, "device": str(llm.device), **out.metrics}
+    if a.json:
+        print(json.dumps({"text": out.text, **info}))
+    else:
+        sys.stdout.write("\n")
+        line = f"[{info['tokens']} tokens, {info['tok_s']} tok/s on {info['device']}, {out.finish_reason}]"
+        if out.metrics and a.stats:
+            line += " " + " ".join(f"{k}={v}" for k, v in out.metrics.items())
+        elif out.metrics:
+            line += f" tau={out.metrics.get('tau')}"
+        print(line, file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="specq", description="Fast lossless decoding of quantized LLMs at batch size 1: "
+                                "quantized targets + speculative decoding + dynamic error compensation.")
+    sub = p.add_subparsers(dest="cmd", metavar="COMMAND")
+    g = sub.add_parser("generate", help="generate text (a chat answer by default), streamed to the terminal",
+                       description="Generate text from a prompt, streamed to stdout; statistics go to stderr.")
+    g.add_argument("prompt", nargs="?", default=None, help="the prompt (default: read stdin, else a demo prompt)")
+    g.add_argument("--no-chat", dest="chat", action="store_false", help="treat the prompt as raw text (no chat template)")
+    g.add_argument("--system", default=None, help="system message for chat mode")
+    g.add_argument("--json", action="store_true", help="print one JSON object (text + statistics) instead of streaming")
+    add_model_args(g); add_quant_args(g); add_sampling_args(g); add_spec_args(g)
+    g.set_defaults(func=cmd_generate)
+    for mod, fns in (("specq.quant.cli", ("add_quantize_parser", "add_ppl_parser")),
+                     ("specq.spec.train_eagle", ("add_parser",)),
+                     ("specq.bench.cli", ("add_parser",)),
+                     ("specq.server", ("add_parser",))):
+        try:
+            m = __import__(mod, fromlist=list(fns))
+        except ImportError:
+            continue
+        for fn in fns:
+            getattr(m, fn)(sub)
+    return p
+
+
+def main(argv=None) -> int:
+    p = build_parser()
+    a = p.parse_args(argv)
+    if not getattr(a, "func", None):
+        p.print_help()
+        return 2
+    try:
+        return int(a.func(a) or 0)
+    except SpecqError as e:
+        print(f"specq: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("specq: interrupted", file=sys.stderr)
+        return 130
+    except (OSError, MemoryError) as e:
+        print(f"specq: error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+    except torch_oom() as e:
+        print(f"specq: error: out of GPU memory: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 1
+
+
+def torch_oom():
+    import torch
+    return getattr(torch.cuda, "OutOfMemoryError", MemoryError)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,38 @@
+"""CLI: bad input gets one line on stderr and a non-zero exit, never a traceback."""
+import json
+
+import pytest
+
+from specq.cli import main
+from tests.models.test_hf import make_ckpt
+
+
+def run(capsys, *argv):
+    rc = main(list(argv))
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["generate", "hi", "--temperature", "-1"], "temperature"),
+    (["generate", "hi", "--top-p", "0"], "top_p"),
+    (["generate", "hi", "--top-k", "-3"], "top_k"),
+    (["generate", "hi", "--max-new-tokens", "0"], "max-new-tokens"),
+    (["generate", "hi", "--model", "/no/such/model"], "model not found"),
+    (["generate", "hi", "--device", "tpu"], "invalid device"),
+])
+def test_bad_arguments(capsys, argv, msg):
+    rc, out, err = run(capsys, *argv)
+    assert rc == 2
+    assert msg in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_generate_tiny_model_and_prompt_too_long(capsys, tmp_path):
+    _, d = make_ckpt(tmp_path, "llama")
+    rc, out, err = run(capsys, "generate", "w1 w2 w3", "--model", str(d), "--no-chat", "--max-new-tokens", "5", "--json")
+    assert rc == 0, err
+    res = json.loads(out)
+    assert res["tokens"] >= 1 and res["finish_reason"] in ("stop", "length")
+    long_prompt = " ".join(["w5"] * 300)  # the tiny config's context is 256
+    rc, out, err = run(capsys, "generate", long_prompt, "--model", str(d), "--no-chat")
+    assert rc == 2 and "context" in err and err.count("\n") == 1
