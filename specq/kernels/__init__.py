@@ -1,0 +1,16 @@
+"""GPU kernels for quantized linears (Triton) and their plain-torch references.
+
+w4a16_linear(x, qweight, scales, zeros, group_size)  int4 weights (canonical layout), bf16/fp16 x
+w8a8_linear(x, w8, sw)                                int8 weights, per-token int8 activations
+w4a8_linear(x, qweight, sw, group_scales=None)       int4 weights (c = q - 8), int8 activations
+prepare_* do the one-time repack; pass their result in place of the weight tensors.
+Without CUDA (or without triton) every function falls back to plain torch math.
+"""
+from .common import HAS_TRITON
+from .int8 import W4A8Weight, W8A8Weight, prepare_w4a8, prepare_w8a8, quantize_act, w4a8_linear, w8a8_linear
+from .ref import ref_w4a8, ref_w4a16, ref_w8a8
+from .w4a16 import W4A16Weight, prepare_w4a16, w4a16_linear
+
+__all__ = ["HAS_TRITON", "W4A16Weight", "W4A8Weight", "W8A8Weight", "prepare_w4a16", "prepare_w4a8",
+           "prepare_w8a8", "quantize_act", "ref_w4a16", "ref_w4a8", "ref_w8a8", "w4a16_linear",
+           "w4a8_linear", "w8a8_linear"]

@@ -1,0 +1,100 @@
+"""Check every specq kernel against its plain-torch reference on random data (GPU; run before benchmarks).
+
+python bench/check_kernels.py [--quick]   -> prints one line per case, exits 1 on any failure.
+Relative error ||y - ref|| / ||ref|| must be <= 1e-2 (bf16/fp16 outputs) and every output finite.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from specq.kernels import ref                                    # noqa: E402
+from specq.kernels.int8 import prepare_w4a8, prepare_w8a8, w4a8_linear, w8a8_linear  # noqa: E402
+from specq.kernels.w4a16 import prepare_w4a16, w4a16_linear        # noqa: E402
+
+MS = [1, 2, 4, 8, 16, 32, 64, 128]
+TOL = 1e-2
+
+
+def layer_shapes(hidden, inter, heads, kv_heads, head_dim):
+    """The four weight matmuls of one Llama decoder layer as (name, K, N)."""
+    return [("qkv", hidden, (heads + 2 * kv_heads) * head_dim), ("o", heads * head_dim, hidden),
+            ("gate_up", hidden, 2 * inter), ("down", inter, hidden)]
+
+
+MODELS = {"llama3-8b": layer_shapes(4096, 14336, 32, 8, 128),
+          "llama3-70b": layer_shapes(8192, 28672, 64, 8, 128)}
+
+
+def rel(y, r):
+    return ((y.float() - r.float()).norm() / r.float().norm().clamp_min(1e-30)).item()
+
+
+def check(quick=False, ms=MS, models=None, out=print):
+    dev = "cuda"
+    g = torch.Generator().manual_seed(0)
+    fails, rows = 0, []
+    models = models or (["llama3-8b"] if quick else list(MODELS))
+
+    def report(name, shape, m, e, y):
+        nonlocal fails
+        ok = e <= TOL and bool(torch.isfinite(y).all())
+        fails += not ok
+        rows.append((name, shape, m, e, ok))
+        if not ok or m == ms[-1]:
+            out(f"{'ok ' if ok else 'BAD'} {name:22s} {shape:22s} M={m:<4d} rel_err={e:.2e}")
+
+    for model in models:
+        for lname, K, N in MODELS[model]:
+            shape = f"{model}/{lname}[{K}x{N}]"
+            x = torch.randn(max(ms), K, generator=g).to(dev, torch.bfloat16)
+            variants = [("w4a16-g128-sym", 128, True, torch.bfloat16, None),
+                        ("w4a16-g128-asym", 128, False, torch.bfloat16, None),
+                        ("w4a16-pc-sym", None, True, torch.bfloat16, None)]
+            if lname == "qkv":
+                variants += [("w4a16-g128-asym-fp16", 128, False, torch.float16, None),
+                             ("w4a16-g128-asym-noasm", 128, False, torch.bfloat16, False)]
+            for name, G, sym, dt, asm in variants:
+                q, s, z = ref.random_w4a16(N, K, G, sym, dt, dev, g)
+                w = prepare_w4a16(q, s, z, G, dt)
+                xd = x.to(dt)
+                r = ref.ref_w4a16(xd, q, s, z)
+                for m in ms:
+                    y = w4a16_linear(xd[:m], w, asm=asm)
+                    report(name, shape, m, rel(y, r[:m]), y)
+                del q, s, z, w, r
+            w8, sw = ref.random_w8a8(N, K, dev, g)
+            w = prepare_w8a8(w8, sw)
+            r = ref.ref_w8a8(x, w8, sw)
+            for m in ms:
+                y = w8a8_linear(x[:m], w)
+                report("w8a8", shape, m, rel(y, r[:m]), y)
+            del w8, sw, w, r
+            for grouped in (False, True):
+                q, sw, gs = ref.random_w4a8(N, K, grouped, dev, g)
+                w = prepare_w4a8(q, sw, gs)
+                r = ref.ref_w4a8(x, q, sw, gs)
+                for m in ms:
+                    y = w4a8_linear(x[:m], w)
+                    report("w4a8-g128" if grouped else "w4a8-pc", shape, m, rel(y, r[:m]), y)
+                if lname == "qkv":
+                    y = w4a8_linear(x, w, asm=False)
+                    report("w4a8-noasm" + ("-g128" if grouped else "-pc"), shape, max(ms), rel(y, r), y)
+                del q, sw, gs, w, r
+            torch.cuda.empty_cache()
+    out(f"check_kernels: {len(rows) - fails} passed, {fails} failed")
+    return fails, rows
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="Llama-3-8B shapes only")
+    a = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("check_kernels needs a CUDA GPU")
+    f, _ = check(a.quick)
+    sys.exit(1 if f else 0)

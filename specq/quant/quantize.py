@@ -1,0 +1,186 @@
+"""quantize_model: swap every decoder Linear (qkv_proj, o_proj, gate_up_proj, down_proj) for a
+quantized module; lm_head and embeddings stay in the compute dtype.
+
+Formats and methods:
+  w4a16 / w3a16 / w2a16 (WQLinear): rtn | gptq | awq (scale search + clip search + RTN) | awq_gptq
+  w8a8 (W8A8Linear): rtn (no smoothing) | smoothquant (alpha-smoothing, then RTN)
+  w4a8 (W4A8Linear, group -1 or 128): rtn | smoothquant | gptq (smoothing, then GPTQ on the
+        two-level grid)
+Scales (AWQ, SmoothQuant) are folded into the previous op: input_layernorm for qkv_proj,
+post_attention_layernorm for gate_up_proj, the up rows of gate_up_proj for down_proj, and the v rows
+of qkv_proj for o_proj when num_heads == num_kv_heads (with GQA o_proj is left unscaled).
+Calibration runs layer by layer; each layer sees the outputs of the already quantized layers.
+"""
+from __future__ import annotations
+
+import torch
+from tqdm import tqdm
+
+from ..errors import SpecqError
+from . import pack as P
+from .awq import search_clip, search_scale
+from .calib import LINEARS, LayerRunner, calib_tokens, fold, foldable, get, set_
+from .gptq import gptq, hessian_add
+from .w8a8 import W4A8Linear, W8A8Linear
+from .wq import WQLinear
+
+FORMATS = {"w4a16": 4, "w3a16": 3, "w2a16": 2, "w8a8": 8, "w4a8": 4}
+METHODS = {"a16": ("rtn", "gptq", "awq", "awq_gptq"), "w8a8": ("rtn", "smoothquant"),
+           "w4a8": ("rtn", "smoothquant", "gptq")}
+QUANT_TYPES = (WQLinear, W8A8Linear, W4A8Linear)
+
+
+def check_args(fmt, method, bits, group_size):
+    fmt = (fmt or "").lower()
+    if fmt not in FORMATS:
+        raise SpecqError(f"unknown format {fmt!r} (supported: {', '.join(FORMATS)})")
+    if bits is not None and bits != FORMATS[fmt]:
+        raise SpecqError(f"--bits {bits} contradicts format {fmt} ({FORMATS[fmt]} bits); "
+                         f"use w{bits}a16 for {bits}-bit weight-only" if bits in (2, 3, 4) else
+                         f"unsupported bits {bits} for format {fmt}")
+    kind = fmt if fmt in METHODS else "a16"
+    if method not in METHODS[kind]:
+        raise SpecqError(f"method {method!r} not available for {fmt} (choose from {', '.join(METHODS[kind])})")
+    if fmt != "w8a8":
+        P.check_shape(128 * 32, FORMATS[fmt], group_size)   # bits / group size values
+    return fmt, FORMATS[fmt]
+
+
+def _group_for(K, bits, gs, fit):
+    if not fit or gs == -1 or K % gs == 0:
+        P.check_shape(K, bits, gs)
+        return gs
+    for g in (64, 32):
+        if g < gs and K % g == 0:
+            P.check_shape(K, bits, g)
+            return g
+    P.check_shape(K, bits, gs)
+
+
+def _smooth_scale(amax_x, W, alpha):
+    amax_w = W.float().abs().amax(0).clamp(min=1e-5)
+    s = amax_x.clamp(min=1e-5).pow(alpha) / amax_w.pow(1 - alpha)
+    return s.clamp(min=1e-5)
+
+
+@torch.no_grad()
+def quantize_model(model, fmt="w4a16", method="rtn", bits=None, group_size=128, sym=True, calib=None,
+                   progress=True, act_order=False, alpha=0.5, awq_tokens=2048, damp=0.01, tokenizer=None,
+                   calib_source="wikitext2", calib_samples=32, calib_seqlen=512, seed=0, fit_group=False):
+    """Quantize model in place and return it. calib: LongTensor [n, L] of calibration tokens
+    (specq.quant.calib.calib_tokens), needed by every method except rtn; when None and a tokenizer is
+    given, calib_samples windows of calib_seqlen tokens are drawn from calib_source.
+    fit_group: where group_size does not divide a Linear's input dimension, use the largest supported
+    smaller group that does (e.g. 64 for K=576) instead of raising."""
+    fmt, bits = check_args(fmt, method, bits, group_size)
+    gs0 = -1 if fmt == "w8a8" else group_size
+    weight_only = fmt.endswith("a16")
+    gsz = {}                                             # Linear name -> group size used
+    for i, layer in enumerate(model.layers):
+        for nm in LINEARS:
+            lin = get(layer, nm)
+            if not isinstance(lin, torch.nn.Linear):
+                raise SpecqError(f"layer {i} {nm} is already quantized ({type(lin).__name__})")
+            gsz[nm] = gs0 if fmt == "w8a8" else _group_for(lin.in_features, bits if weight_only else 4, gs0, fit_group)
+    if method != "rtn" and calib is None and tokenizer is not None:
+        calib = calib_tokens(tokenizer, calib_source, calib_samples, calib_seqlen, seed)
+    if method != "rtn" and calib is None:
+        raise SpecqError(f"method {method} needs calibration tokens (calib=...)")
+    cfg = model.cfg
+    runner = LayerRunner(model, calib) if method != "rtn" else None
+    want_h = method in ("gptq", "awq_gptq")
+    want_x = method in ("awq", "awq_gptq")
+    want_amax = not weight_only and method != "rtn"
+    n = calib.shape[0] if calib is not None else 1
+    rows = max(1, awq_tokens // n)
+    it = tqdm(model.layers, desc=f"{fmt} {method}", disable=not progress, unit="layer")
+    for layer in it:
+        H, X, amax = {}, {}, {}
+        if runner is not None:
+            def stat(nm, x):
+                x = x.reshape(-1, x.shape[-1]).float()
+                if want_h:
+                    H[nm] = hessian_add(H.get(nm, torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64)), x)
+                if want_x:
+                    X.setdefault(nm, []).append(x[torch.linspace(0, x.shape[0] - 1, rows).long()])
+                if want_amax:
+                    a = x.abs().amax(0)
+                    amax[nm] = torch.maximum(amax[nm], a) if nm in amax else a
+            runner.capture(layer, LINEARS, stat)
+            X = {k: torch.cat(v) for k, v in X.items()}
+        # 1. equivalent rescaling (AWQ search or SmoothQuant), folded into the previous op
+        for nm in ("self_attn.o_proj", "mlp.down_proj", "self_attn.qkv_proj", "mlp.gate_up_proj"):
+            if not foldable(layer, nm) or not (want_x or want_amax):
+                continue
+            W = get(layer, nm).weight
+            gs = gsz[nm]
+            if want_x:
+                s = search_scale(W, X[nm], bits, gs, sym)
+            else:
+                s = _smooth_scale(amax[nm], W, alpha)
+            fold(layer, cfg, nm, s)
+            s = s.float()
+            if nm in X:
+                X[nm] = X[nm] / s
+            if nm in H:
+                H[nm] = H[nm] / s.double()[:, None] / s.double()[None, :]
+        # 2. quantize
+        for nm in LINEARS:
+            lin = get(layer, nm)
+            W = lin.weight.data
+            gs = gsz[nm]
+            if weight_only:
+                if want_h:
+                    q, s, z = gptq(W, H[nm], bits, gs, sym, act_order, damp=damp)
+                    new = WQLinear.from_codes(q, s, z, bits, gs, sym, lin.bias, W.dtype)
+                else:
+                    clip = search_clip(W, X[nm], bits, gs, sym) if want_x else None
+                    new = WQLinear.from_linear(lin, bits, gs, sym, clip)
+            elif fmt == "w8a8":
+                new = W8A8Linear.from_linear(lin)
+            elif method == "gptq":
+                new = _w4a8_gptq(lin, H[nm], gs, act_order, damp)
+            else:
+                new = W4A8Linear.from_linear(lin, gs)
+            set_(layer, nm, new)
+        if runner is not None:
+            runner.advance(layer)
+    model.quant_info = dict(format=fmt, method=method, bits=bits, group_size=gs0, sym=bool(sym) if weight_only else True,
+                            act_order=bool(act_order), alpha=alpha if want_amax else None,
+                            group_sizes=dict(gsz))
+    return model
+
+
+def _w4a8_gptq(lin, H, gs, act_order, damp):
+    W = lin.weight.data.float()
+    sw = W4A8Linear.channel_scale(W, gs)
+    if gs == -1:
+        params = lambda wg: (sw.clone(), torch.full_like(sw, 8.0))
+    else:
+        params = lambda wg: (sw * W4A8Linear.group_scale(wg / sw[:, None]), torch.full_like(sw, 8.0))
+    q, s, _ = gptq(W, H, 4, gs, True, act_order, damp=damp, params=params)
+    w4 = q.float() - 8
+    gscale = None if gs == -1 else torch.round(s / sw[:, None])
+    return W4A8Linear.from_codes(w4, sw, gscale, lin.bias, lin.weight.dtype)
+
+
+def weight_bytes(model, float_bytes: int | None = 2) -> dict:
+    """Bytes of the decoder Linears (quantized buffers included) and of the whole model.
+
+    float_bytes: count every floating-point tensor at this many bytes (2 = as stored in bf16),
+    None = at its actual dtype. bf16_linear_bytes is what the same Linears take unquantized in bf16."""
+    def nbytes(t):
+        return t.numel() * (float_bytes if (float_bytes and t.is_floating_point()) else t.element_size())
+    lin, ref = 0, 0
+    for layer in model.layers:
+        for nm in LINEARS:
+            m = get(layer, nm)
+            lin += sum(nbytes(t) for t in m.state_dict().values())
+            ref += 2 * (m.in_features * m.out_features + (m.out_features if getattr(m, "bias", None) is not None else 0))
+    seen, total = set(), 0
+    for t in model.state_dict().values():
+        if t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        total += nbytes(t)
+    return {"linear_bytes": lin, "bf16_linear_bytes": ref, "ratio_vs_bf16": ref / max(lin, 1), "total_bytes": total}

@@ -1,0 +1,85 @@
+"""Weight-only quantized Linear (W4A16 / W3A16 / W2A16): a drop-in swap for nn.Linear.
+
+Buffers (packing in specq.quant.pack; the 4-bit layout is canonical, GPU kernels read exactly it):
+  qweight int32 [N, K*bits//32]; scales, zeros [N, K//G] in the compute dtype (zeros hold the
+  integer zero point, or 2^(bits-1) when symmetric); W = (q - zeros) * scales.
+  perm (optional) long [K]: input-channel order of the packed columns (act-order imports whose
+  groups are not contiguous): y = x[:, perm] @ Wp^T, dequantize() returns W in the original order.
+Forward: on CUDA, a kernel registered for (bits, "rowpack") is used (set as self.kernel);
+otherwise the reference math x @ dequantize()^T (+ bias).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from . import pack as P
+
+LAYOUT = "rowpack"
+_KERNELS: dict = {}
+
+
+def register_kernel(fn, bits: int = 4, layout: str = LAYOUT):
+    """Register fn(x [M, K], module) -> x @ W^T [M, N] (no bias) for CUDA inputs of (bits, layout)."""
+    _KERNELS[(bits, layout)] = fn
+
+
+class WQLinear(nn.Module):
+    def __init__(self, K: int, N: int, bits: int = 4, group_size: int = 128, sym: bool = True,
+                 bias: bool = False, dtype=torch.float32, device=None, perm: bool = False):
+        super().__init__()
+        G = P.check_shape(K, bits, group_size)
+        self.in_features, self.out_features = K, N
+        self.bits, self.group_size, self.sym, self.layout = bits, group_size, sym, LAYOUT
+        self.register_buffer("qweight", torch.zeros(N, P.words_per_row(K, bits), dtype=torch.int32, device=device))
+        self.register_buffer("scales", torch.ones(N, K // G, dtype=dtype, device=device))
+        self.register_buffer("zeros", torch.full((N, K // G), float(1 << (bits - 1)), dtype=dtype, device=device))
+        self.register_buffer("bias", torch.zeros(N, dtype=dtype, device=device) if bias else None)
+        self.register_buffer("perm", torch.arange(K, device=device) if perm else None)
+        self.kernel = None
+
+    @classmethod
+    def from_codes(cls, q, scales, zeros, bits, group_size, sym, bias=None, dtype=torch.float32, perm=None):
+        """Build from codes q [N, K] (columns in packed order), scales/zeros [N, K//G]."""
+        N, K = q.shape
+        m = cls(K, N, bits, group_size, sym, bias is not None, dtype, q.device, perm is not None)
+        m.qweight.copy_(P.pack(q, bits))
+        m.scales.copy_(scales.to(dtype))
+        m.zeros.copy_(zeros.to(dtype))
+        if bias is not None:
+            m.bias.copy_(bias.to(dtype))
+        if perm is not None:
+            m.perm.copy_(perm)
+        return m
+
+    @classmethod
+    def from_linear(cls, lin: nn.Linear, bits=4, group_size=128, sym=True, clip=None):
+        """Round-to-nearest quantization of an nn.Linear."""
+        q, s, z = P.rtn(lin.weight.data, bits, group_size, sym, clip)
+        return cls.from_codes(q, s, z, bits, group_size, sym, lin.bias, lin.weight.dtype)
+
+    def codes(self):  # [N, K] uint8, packed column order
+        return P.unpack(self.qweight, self.bits, self.in_features)
+
+    def dequantize(self):  # [N, K] in the compute dtype, original column order
+        W = P.dequant(self.codes(), self.scales, self.zeros, self.scales.dtype)
+        if self.perm is not None:
+            W = torch.empty_like(W).index_copy_(1, self.perm, W)
+        return W
+
+    def forward(self, x):  # x [..., K] -> [..., N]
+        if x.is_cuda:
+            if self.kernel is None:
+                self.kernel = _KERNELS.get((self.bits, self.layout))
+            if self.kernel is not None:
+                shp = x.shape
+                x2 = x.reshape(-1, shp[-1])
+                if self.perm is not None:
+                    x2 = x2[:, self.perm]
+                y = self.kernel(x2, self).reshape(*shp[:-1], self.out_features)
+                return y + self.bias if self.bias is not None else y
+        y = x @ self.dequantize().to(x.dtype).t()
+        return y + self.bias.to(x.dtype) if self.bias is not None else y
+
+    def extra_repr(self):
+        return f"K={self.in_features}, N={self.out_features}, bits={self.bits}, group_size={self.group_size}, sym={self.sym}"
