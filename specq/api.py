@@ -57,10 +57,11 @@ class LLM:
         self.device = pick_device(device)
         self.dtype = pick_dtype(dtype, self.device)
         t0 = time.perf_counter()
+        self.model_name = model
         self.model, self.tok = load_model(model, dtype=torch.float32 if quant else self.dtype, device="cpu")
         if quant:
             from .quant import quantize_model
-            quantize_model(self.model, tokenizer=self.tok, **quant)
+            quantize_model(self.model, tokenizer=self.tok, fit_group=True, **quant)
         self.model.to(device=self.device, dtype=self.dtype)
         self.spec = dict(spec or {})
         self.proposer_factory = None

@@ -119,7 +119,7 @@ class SpecEngine:
         self.generator = torch.Generator(device=target.device)
         self.generator.manual_seed(seed if seed is not None else torch.seed())
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def generate(self, prompt_ids, max_new_tokens: int, eos_ids=(), stop: Callable[[list[int]], bool] | None = None,
                  stream: Callable[[int], bool] | None = None, seed: int | None = None):
         """-> (new token ids, Metrics). Stops after an EOS (included), max_new_tokens, stream(token) returning

@@ -37,7 +37,7 @@ class Decoder:
             self.ids = torch.zeros(1, dtype=torch.long, device=dev)
             self.pos = torch.zeros(1, dtype=torch.long, device=dev)
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def prefill(self, ids: torch.Tensor) -> torch.Tensor:  # ids [P]
         P = ids.shape[0]
         dev = self.model.device
@@ -62,7 +62,7 @@ class Decoder:
         with torch.cuda.graph(self.graph):
             self.out = self._step_eager(self.ids, self.pos)
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def step(self, token: int) -> torch.Tensor:
         if self.len >= self.S:
             raise SpecqError("context is full")
@@ -83,7 +83,7 @@ class Decoder:
         return out
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def generate(model: Transformer, ids, max_new_tokens: int, sp: SamplingParams = SamplingParams(),
              eos_ids=(), on_token: Callable[[int], bool] | None = None, seed: int | None = None,
              decoder: Decoder | None = None) -> list[int]:

@@ -142,7 +142,7 @@ def _fp_lookup(fp, name, mod):
     return w
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def collect_activations(model, calib: torch.Tensor, names, max_rows: int = 512):
     """Run calib tokens [n, L] through model, keep the inputs of modules `names`: {name: [T, K]}."""
     from ..models.llama import causal_mask
@@ -168,7 +168,7 @@ def collect_activations(model, calib: torch.Tensor, names, max_rows: int = 512):
     return {nm: torch.cat(v) for nm, v in out.items()}
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def compensate_model(model, fp, k_fraction: float | dict = 0.01, selector: str = "approx", calib=None,
                      bits: int | None = 4):
     """Wrap every WQLinear of `model` in a CompensatedLinear (in place; returns model).

@@ -60,6 +60,6 @@ def load_model(name_or_path: str = DEFAULT_MODEL, dtype=torch.float32, device="c
         raise SpecqError(f"cannot load {p}")
     if tok is None:
         raise SpecqError(f"no tokenizer found for {p} (tokenizer.json is required)")
-    with torch.inference_mode():
+    with torch.no_grad():
         model = build(cfg, sd, dtype=dtype, device=device)
     return model, tok

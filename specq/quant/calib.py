@@ -19,27 +19,16 @@ from .. import paths
 LINEARS = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
 
 
-def read_gsm8k(path) -> str:
-    try:
-        import pandas as pd
-        df = pd.read_parquet(path)
-        rows = zip(df["question"], df["answer"])
-    except ImportError:
-        try:
-            import pyarrow.parquet as pq
-        except ImportError:
-            raise SpecqError("reading GSM8K parquet needs pandas or pyarrow (pip install pyarrow); "
-                             "use --calib wikitext2 or a text file instead") from None
-        t = pq.read_table(path).to_pydict()
-        rows = zip(t["question"], t["answer"])
-    return "\n\n".join(f"{q}\n{a}" for q, a in rows)
+def read_gsm8k() -> str:
+    from ..data import gsm8k_records
+    return "\n\n".join(f"{r['question']}\n{r['answer']}" for r in gsm8k_records())
 
 
 def calib_text(source: str = "wikitext2") -> str:
     if source == "wikitext2":
         return paths.data_file("wikitext2_valid.txt").read_text(encoding="utf-8")
     if source == "gsm8k":
-        return read_gsm8k(paths.data_file("gsm8k_train.parquet"))
+        return read_gsm8k()
     p = Path(source)
     if not p.is_file():
         raise SpecqError(f"calibration source {source!r} is not 'wikitext2', 'gsm8k' or an existing text file")

@@ -48,7 +48,7 @@ class DraftModelProposer(Proposer):
                    logits_rows=slice(P - 1, P))
         self.n_cached = P
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def propose(self, root: int, sp) -> Draft:
         M, dev = self.model, self.model.device
         base = len(self.ctx)

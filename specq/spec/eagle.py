@@ -295,18 +295,18 @@ class EagleProposer(Proposer):
         self.len = n
         self.last = self.outs[n - 1]
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def prefill(self, prompt, hidden, first):
         self.len = 0
         ids = torch.cat([prompt.reshape(-1)[1:].to(self.device), torch.tensor([int(first)], device=self.device)])
         self._run(ids, hidden)
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def commit(self, tokens, hidden, nxt):
         ids = torch.cat([tokens.reshape(-1)[1:].to(self.device), torch.tensor([int(nxt)], device=self.device)])
         self._run(ids, hidden)
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def propose(self, root, sp=None) -> Draft:
         head, k, L, dev = self.head, self.top_k, self.len, self.device
         S = head.cache_size

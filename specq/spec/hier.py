@@ -68,7 +68,7 @@ class HierProposer(Proposer):
         if hasattr(self.tree_proposer, "setup"):
             self.tree_proposer.setup(size + self.tree_nodes)
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def prefill(self, prompt, hidden, first):
         M, dev = self.intermediate, self.intermediate.device
         P = prompt.shape[0]
@@ -80,7 +80,7 @@ class HierProposer(Proposer):
         self.n_steps = self.n_trees = self.n_inter = 0
         self.tree_proposer.prefill(prompt, h, first)
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def propose(self, root: int, sp) -> Draft:
         from ..engine import forward_tree, verify_tree
         M, dev, tp = self.intermediate, self.intermediate.device, self.tree_proposer

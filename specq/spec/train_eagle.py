@@ -31,23 +31,11 @@ from .eagle import EagleHead, save_head
 # ----------------------------------------------------------------------------- prompts
 
 def gsm8k_questions() -> list[str]:
-    from ..paths import data_file
-    p = data_file("gsm8k_train.parquet")
+    from ..data import gsm8k_questions as read
     try:
-        import pyarrow.parquet as pq
-        return [str(q) for q in pq.read_table(str(p), columns=["question"]).column(0).to_pylist()]
-    except ImportError:
-        pass
-    try:
-        import pandas as pd
-        return [str(q) for q in pd.read_parquet(p, columns=["question"])["question"]]
-    except ImportError:
-        pass
-    try:
-        from ..data import gsm8k_questions as read   # a project parquet reader, if there is one
-        return list(read())
-    except ImportError:
-        print("warning: no parquet reader (pyarrow/pandas) here: training on WikiText prompts only", file=sys.stderr)
+        return read()
+    except SpecqError as e:
+        print(f"warning: {e}: training on WikiText prompts only", file=sys.stderr)
         return []
 
 

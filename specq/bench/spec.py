@@ -1,0 +1,175 @@
+"""`specq bench spec`: speculative methods over Spec-Bench / MT-bench, per category, vs plain decoding.
+
+Per (method, verify, temperature) and category: tau (tokens per target forward, bonus included), tok/s
+and speedup over plain decoding of the same model and format, measured in the same run. Writes JSON,
+a markdown table and a bar chart of speedup per category and method.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import platform
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from ..errors import SpecqError
+
+DEFAULT_METHODS = "ngram,eagle,draft,hier"
+
+
+def parse_methods(s: str) -> list[tuple[str, str]]:
+    """"ngram,eagle,multi:rrs" -> [("ngram", "auto"), ("eagle", "auto"), ("multi", "rrs")]."""
+    out = []
+    for item in s.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        m, _, v = item.partition(":")
+        if m not in ("none", "ngram", "eagle", "draft", "multi", "hier"):
+            raise SpecqError(f"unknown method {m!r} in --methods (none, ngram, eagle, draft, multi[:verify], hier)")
+        out.append((m, v or "auto"))
+    if not out:
+        raise SpecqError("--methods is empty")
+    return out
+
+
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def run_plain(llm, prompts, max_new, sp, seed):
+    """Plain decoding (CUDA-graph step on GPU): per prompt (tokens, seconds)."""
+    from ..generate import generate
+    res = []
+    for ids in prompts:
+        sync(); t0 = time.perf_counter()
+        out = generate(llm.model, ids, max_new, sp, eos_ids=llm.tok.eos_ids, seed=seed)
+        sync(); res.append((out, time.perf_counter() - t0))
+    return res
+
+
+def run_spec(llm, factory, prompts, max_new, sp, seed):
+    from ..engine import SpecEngine
+    res = []
+    for ids in prompts:
+        prop, vm = factory(sp)
+        eng = SpecEngine(llm.model, prop, sp, vm, seed=seed)
+        sync(); t0 = time.perf_counter()
+        out, m = eng.generate(ids, max_new, eos_ids=llm.tok.eos_ids)
+        sync(); res.append((out, time.perf_counter() - t0, m))
+    return res
+
+
+def bench(llm, methods, temperatures, bench_name="spec_bench", per_category=10, max_new=128, seed=0,
+          spec_kw=None, progress=True, warmup=1):
+    from ..data import bench_questions
+    from ..sampling import SamplingParams
+    from ..spec.factory import make_proposer_factory
+    qs = bench_questions(bench_name, per_category)
+    cats = [q.get("category", "all") for q in qs]
+    prompts = [llm.tok.chat([{"role": "user", "content": q["turns"][0]}]) for q in qs]
+    rows, greedy_ref = [], None
+    total = len(temperatures) * (len(methods) + 1) * len(prompts)
+    bar = tqdm(total=total, desc="bench spec", disable=not progress, file=sys.stderr)
+    for T in temperatures:
+        sp = SamplingParams(T)
+        run_plain(llm, prompts[:warmup], 16, sp, seed)                 # warm-up: graph capture, allocator
+        base = run_plain(llm, prompts, max_new, sp, seed); bar.update(len(prompts))
+        base_tps = {c: [0, 0.0] for c in set(cats) | {"overall"}}
+        for c, (out, dt) in zip(cats, base):
+            for k in (c, "overall"):
+                base_tps[k][0] += len(out); base_tps[k][1] += dt
+        for k, (n, dt) in sorted(base_tps.items()):
+            rows.append(dict(method="none", verify="-", temperature=T, category=k, tau=1.0, tok_s=n / dt,
+                             speedup=1.0, tokens=n))
+        if T == 0:
+            greedy_ref = [o for o, _ in base]
+        for m, v in methods:
+            if m == "none":
+                continue
+            if T > 0 and v == "greedy":
+                continue
+            factory = make_proposer_factory(llm, m, verify=v, **(spec_kw or {}))
+            run_spec(llm, factory, prompts[:warmup], 16, sp, seed)
+            res = run_spec(llm, factory, prompts, max_new, sp, seed); bar.update(len(prompts))
+            agg = defaultdict(lambda: [0, 0.0, 0, 0])  # tokens, seconds, steps, emitted
+            mismatch = 0
+            for i, (c, (out, dt, met)) in enumerate(zip(cats, res)):
+                if T == 0 and greedy_ref is not None and out != greedy_ref[i]:
+                    mismatch += 1
+                for k in (c, "overall"):
+                    a = agg[k]; a[0] += len(out); a[1] += dt; a[2] += met.steps; a[3] += met.emitted
+            for k, (n, dt, steps, emitted) in sorted(agg.items()):
+                tps = n / dt
+                base_k = base_tps[k][0] / base_tps[k][1]
+                row = dict(method=m, verify=v, temperature=T, category=k, tau=emitted / max(steps, 1), tok_s=tps,
+                           speedup=tps / base_k, tokens=n)
+                if T == 0:
+                    row["greedy_mismatches"] = mismatch if k == "overall" else None
+                rows.append(row)
+    bar.close()
+    return rows
+
+
+def markdown(rows) -> str:
+    lines = ["| method | verify | T | category | tau | tok/s | speedup |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['method']} | {r['verify']} | {r['temperature']} | {r['category']} | {r['tau']:.2f} | "
+                     f"{r['tok_s']:.1f} | {r['speedup']:.2f}x |")
+    return "\n".join(lines)
+
+
+def plot(rows, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    keys = sorted({(r["method"], r["verify"], r["temperature"]) for r in rows if r["method"] != "none"})
+    cats = sorted({r["category"] for r in rows} - {"overall"}) + ["overall"]
+    fig, ax = plt.subplots(figsize=(max(8, len(cats) * 1.6), 4.5))
+    w = 0.8 / max(len(keys), 1)
+    for i, key in enumerate(keys):
+        vals = [next((r["speedup"] for r in rows if (r["method"], r["verify"], r["temperature"]) == key
+                      and r["category"] == c), 0) for c in cats]
+        ax.bar([j + i * w for j in range(len(cats))], vals, w, label=f"{key[0]}/{key[1]} T={key[2]}")
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.set_xticks([j + 0.4 - w / 2 for j in range(len(cats))], cats, rotation=20)
+    ax.set_ylabel("speedup over plain decoding")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(a) -> int:
+    from ..api import LLM
+    methods = parse_methods(a.methods)
+    temps = [float(t) for t in a.temperatures.split(",")]
+    quant = None if a.format == "none" else dict(fmt=a.format, method=a.method, group_size=a.group_size)
+    llm = LLM(a.model, device=a.device, dtype=a.dtype, quant=quant)
+    spec_kw = dict(k=a.draft_len, n_drafts=a.n_drafts, eagle_head=a.eagle_head, draft_model=a.draft_model,
+                   intermediate=a.intermediate)
+    rows = bench(llm, methods, temps, a.bench, a.per_category, a.max_new_tokens, a.seed, spec_kw, not a.no_progress)
+    dev = torch.cuda.get_device_name() if llm.device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()})"
+    for r in rows:
+        r["device"] = dev
+        r["format"] = a.format
+    res = {"rows": rows, "model": a.model, "format": a.format, "bench": a.bench, "per_category": a.per_category,
+           "max_new_tokens": a.max_new_tokens, "command": "specq " + " ".join(sys.argv[1:]), "device": dev,
+           "torch": torch.__version__, "date": datetime.date.today().isoformat(),
+           "note": "speedup = tok/s over plain decoding (specq, CUDA-graph step on GPU) of the same model and format "
+                   "in the same run; tau = tokens emitted per target forward, bonus included"}
+    md = markdown(rows)
+    print(md)
+    if a.out:
+        out = Path(a.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(res, indent=2))
+        out.with_suffix(".md").write_text(md + "\n")
+        plot(rows, out.with_suffix(".png"))
+        print(f"wrote {out}, {out.with_suffix('.md')}, {out.with_suffix('.png')}", file=sys.stderr)
+    return 0

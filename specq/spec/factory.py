@@ -1,0 +1,75 @@
+"""Build a proposer from user options (CLI / API): models are loaded once, proposers made per request."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..errors import SpecqError
+
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
+BUNDLED_EAGLE = {"smollm2": ASSETS / "eagle_smollm2"}
+SCHEME_FOR = {"rrs": "iid", "sampling": "iid", "auto": "iid", "rrs-wo": "wo", "spechub": "spechub"}
+
+
+def _load_side_model(llm, path: str | None, what: str):
+    """A separate model on the target's device: a given checkpoint, or a fresh un-quantized target copy."""
+    from ..models import load_model
+    if path:
+        m, tok = load_model(path, dtype=llm.dtype, device=llm.device)
+        if m.cfg.vocab_size != llm.model.cfg.vocab_size:
+            raise SpecqError(f"{what} vocabulary ({m.cfg.vocab_size}) differs from the target's ({llm.model.cfg.vocab_size})")
+        return m
+    m, _ = load_model(llm.model_name, dtype=llm.dtype, device=llm.device)
+    return m
+
+
+def _default_draft(llm):
+    """Default draft: a 4-bit (RTN) copy of the target - 'a lower-bit copy of the target'."""
+    from ..models import load_model
+    from ..quant import quantize_model
+    m, _ = load_model(llm.model_name, dtype=torch.float32, device="cpu")
+    quantize_model(m, fmt="w4a16", method="rtn", group_size=128, fit_group=True, progress=False)
+    return m.to(device=llm.device, dtype=llm.dtype)
+
+
+def _eagle(llm, base, head, top_k, depth, total_tokens):
+    from .eagle import load_eagle
+    path = head or BUNDLED_EAGLE.get(llm.model_name)
+    if path is None or not Path(path).exists():
+        raise SpecqError("--spec eagle/hier needs --eagle-head DIR (a bundled head exists only for smollm2)")
+    return lambda: load_eagle(str(path), base, top_k=top_k, depth=depth, total_tokens=total_tokens)
+
+
+def make_proposer_factory(llm, method: str, verify: str = "auto", draft_model=None, intermediate=None,
+                          eagle_head=None, k: int = 5, n_drafts: int = 2, top_k: int = 10, depth: int = 6,
+                          total_tokens: int = 60, min_draft_length: int = 6):
+    """-> f(sp) -> (Proposer, verify method or None for the engine's lossless default)."""
+    for name, v in (("draft length", k), ("n_drafts", n_drafts), ("tree top-k", top_k), ("tree depth", depth),
+                    ("tree tokens", total_tokens), ("min draft length", min_draft_length)):
+        if not isinstance(v, int) or v < 1:
+            raise SpecqError(f"invalid {name} {v!r}: must be an integer >= 1")
+    vm = None if verify in (None, "auto") else verify
+    if method == "ngram":
+        from .ngram import NgramProposer
+        return lambda sp: (NgramProposer(k), vm)
+    if method in ("draft", "multi"):
+        from .draft_model import DraftModelProposer
+        if method == "multi" and n_drafts < 2:
+            raise SpecqError("--spec multi needs --n-drafts >= 2")
+        if vm == "spechub" and n_drafts != 2:
+            raise SpecqError("--verify spechub verifies exactly 2 drafts: use --n-drafts 2")
+        dm = _load_side_model(llm, draft_model, "draft model") if draft_model else _default_draft(llm)
+        n = n_drafts if method == "multi" else 1
+        scheme = SCHEME_FOR.get(verify or "auto", "iid")
+        return lambda sp: (DraftModelProposer(dm, k=k, n_drafts=n, scheme=scheme), vm)
+    if method == "eagle":
+        make = _eagle(llm, llm.model, eagle_head, top_k, depth, total_tokens)
+        return lambda sp: (make(), vm)
+    if method == "hier":
+        from .hier import HierProposer
+        inter = _load_side_model(llm, intermediate, "intermediate model")
+        make = _eagle(llm, inter, eagle_head, top_k, depth, total_tokens)
+        return lambda sp: (HierProposer(inter, make(), min_draft_length=min_draft_length), vm)
+    raise SpecqError(f"unknown speculative method {method!r}")
+
