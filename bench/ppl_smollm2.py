@@ -47,17 +47,20 @@ def main():
     ap.add_argument("--rows", default=",".join(ROWS), help="comma list of fmt:method:group[:asym][:actorder] rows "
                     "(default: the standard table)")
     ap.add_argument("--append", action="store_true", help="add rows to an existing results file")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (float32 either way)")
+    ap.add_argument("--model", default="smollm2", help="model (default: the embedded SmolLM2 GGUF)")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "cpu" / "ppl_smollm2.json"))
     a = ap.parse_args()
     torch.set_num_threads(2)
-    base, tok = load_model("smollm2", dtype=torch.float32)
+    base, tok = load_model(a.model, dtype=torch.float32, device=a.device)
     ids = torch.tensor(tok.encode(eval_text("wikitext2")), dtype=torch.long)
     calib = calib_tokens(tok, "wikitext2", a.calib_samples, a.calib_seqlen, seed=0)
     res = {"command": "python " + " ".join(sys.argv), "model": "SmolLM2-135M-Instruct (Q4_1 GGUF dequantized)",
            "data": "wikitext2_test.txt", "test_set_tokens": ids.numel(), "ctx": a.ctx,
            "calibration": f"WikiText-2 valid, {a.calib_samples} x {a.calib_seqlen} tokens",
            "date": datetime.date.today().isoformat(),
-           "machine": f"{platform.machine()} {platform.processor() or ''} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}".strip(),
+           "machine": (f"{torch.cuda.get_device_name()} (float32), torch {torch.__version__}" if a.device.startswith("cuda") else
+                       f"{platform.machine()} {platform.processor() or ''} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}".strip()),
            "rows": []}
     if a.append and Path(a.out).is_file():
         old = json.loads(Path(a.out).read_text())
@@ -66,11 +69,15 @@ def main():
     for fmt, method, bits, gs, sym, act in map(parse_row, a.rows.split(",")):
         t0 = time.time()
         m = base if fmt == "fp" else copy.deepcopy(base)
-        if fmt != "fp":
-            quantize_model(m, fmt, method, group_size=gs, sym=sym, calib=calib, progress=False, fit_group=True,
-                           act_order=act)
-        tq = time.time() - t0
-        ppl, n = perplexity(m, ids, a.ctx, a.max_tokens, progress=False)
+        try:
+            if fmt != "fp":
+                quantize_model(m, fmt, method, group_size=gs, sym=sym, calib=calib, progress=False, fit_group=True,
+                               act_order=act)
+            tq = time.time() - t0
+            ppl, n = perplexity(m, ids, a.ctx, a.max_tokens, progress=False)
+        except Exception as e:  # record the failure, go on with the other rows
+            print(f"{fmt} {method}: failed: {type(e).__name__}: {e}", flush=True)
+            continue
         wb = weight_bytes(m)
         row = {"format": fmt, "method": method, "bits": bits, "group_size": gs, "ppl": round(ppl, 4),
                "sym": sym, "act_order": act, "tokens": n,

@@ -11,7 +11,7 @@ TRAIN_S=${TRAIN_S:-120}
 mkdir -p "$OUT/eagle_smollm2"
 python3 -m specq.spec.train_eagle --model "$MODEL" --out "$OUT/eagle_smollm2" --device cuda \
   --num-prompts 2048 --max-new-tokens 256 --gen-batch 128 --gen-budget-s "$GEN_S" \
-  --epochs 8 --lr 5e-4 --batch-tokens 8192 --noise 0.05 --train-budget-s "$TRAIN_S" \
+  --epochs ${EPOCHS:-8} --lr 5e-4 --batch-tokens 8192 --noise 0.05 --train-budget-s "$TRAIN_S" \
   --features /tmp/specq_eagle_smollm2_feats.safetensors --log "$OUT/eagle_smollm2/train_log.txt" 2>&1 \
   | tee "$OUT/eagle_smollm2/console.txt"
 ls -la "$OUT/eagle_smollm2"

@@ -25,7 +25,7 @@ def check_lengths(model: Transformer, n_prompt: int, max_new_tokens: int, extra:
 class Decoder:
     """Owns a model's static cache for one sequence. prefill(ids) and step(token) return logits [V]."""
 
-    def __init__(self, model: Transformer, max_len: int, cuda_graph: bool | None = None):
+    def __init__(self, model: Transformer, max_len: int, cuda_graph: bool | None = None, compile: bool = False):
         self.model, self.S = model, max_len
         model.setup_cache(max_len)
         dev = model.device
@@ -33,6 +33,8 @@ class Decoder:
         self.len = 0
         self.use_graph = (dev.type == "cuda") if cuda_graph is None else cuda_graph
         self.graph = None
+        # torch.compile fuses the step's small kernels (norms, rope, SiLU); the CUDA graph then replays them
+        self.fn = torch.compile(self._step_eager, fullgraph=True, dynamic=False) if compile else self._step_eager
         if self.use_graph:
             self.ids = torch.zeros(1, dtype=torch.long, device=dev)
             self.pos = torch.zeros(1, dtype=torch.long, device=dev)
@@ -51,16 +53,27 @@ class Decoder:
         mask = self.arange[None, :] <= pos[:, None]
         return self.model(ids, pos, pos, mask, return_hidden=False)
 
-    def _capture(self):
+    def _greedy(self, ids, pos):  # one greedy step on the buffers: ids <- argmax, pos += 1 (graph-safe)
+        nxt = self.fn(ids, pos)[0].argmax(-1, keepdim=True)
+        ids.copy_(nxt)
+        pos.add_(1)
+        return nxt
+
+    def _capture(self, fn):
+        """CUDA graph of fn(ids, pos) on the static buffers; the buffers are restored after warm-up."""
+        saved = self.ids.clone(), self.pos.clone()
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(s):
-            for _ in range(2):  # warm-up (allocations, lazy init) before capture
-                self._step_eager(self.ids, self.pos)
+            for _ in range(3):  # warm-up (allocations, lazy init, compilation) before capture
+                fn(self.ids, self.pos)
+                self.ids.copy_(saved[0]); self.pos.copy_(saved[1])
         torch.cuda.current_stream().wait_stream(s)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.out = self._step_eager(self.ids, self.pos)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            out = fn(self.ids, self.pos)
+        self.ids.copy_(saved[0]); self.pos.copy_(saved[1])
+        return g, out
 
     @torch.no_grad()
     def step(self, token: int) -> torch.Tensor:
@@ -71,16 +84,39 @@ class Decoder:
             self.ids.fill_(token)
             self.pos.fill_(self.len)
             if self.graph is None:
-                self._capture()
+                self.graph, self.out = self._capture(self.fn)
             self.graph.replay()
             out = self.out[0]
         else:
             dev = self.model.device
             t = torch.tensor([token], device=dev)
             p = torch.tensor([self.len], device=dev)
-            out = self._step_eager(t, p)[0]
+            out = self.fn(t, p)[0]
         self.len += 1
         return out
+
+    @torch.no_grad()
+    def step_greedy(self, token: int | None) -> int:
+        """Greedy fast path: feed `token` (None = the previous greedy output, already in the buffer) and
+        return the argmax next token; on GPU one graph replay and one sync per token."""
+        if self.len >= self.S:
+            raise SpecqError("context is full")
+        if not hasattr(self, "ids"):
+            dev = self.model.device
+            self.ids = torch.zeros(1, dtype=torch.long, device=dev)
+            self.pos = torch.zeros(1, dtype=torch.long, device=dev)
+        if token is not None:
+            self.ids.fill_(token)
+            self.pos.fill_(self.len)
+        if self.use_graph:
+            if getattr(self, "ggraph", None) is None:
+                self.ggraph, self.gout = self._capture(self._greedy)
+            self.ggraph.replay()
+            nxt = self.gout
+        else:
+            nxt = self._greedy(self.ids, self.pos)
+        self.len += 1
+        return int(nxt)
 
 
 @torch.no_grad()
@@ -99,9 +135,13 @@ def generate(model: Transformer, ids, max_new_tokens: int, sp: SamplingParams = 
     eos = set(eos_ids)
     out: list[int] = []
     logits = dec.prefill(ids)
+    t = next_token(logits, sp, gen)
+    feed: int | None = t
     while True:
-        t = next_token(logits, sp, gen)
         out.append(t)
         if (on_token is not None and on_token(t) is False) or t in eos or len(out) >= max_new_tokens:
             return out
-        logits = dec.step(t)
+        if sp.greedy:
+            t, feed = dec.step_greedy(feed), None       # the graph feeds its own output back
+        else:
+            t = next_token(dec.step(t), sp, gen)

@@ -44,10 +44,10 @@ def search_clip(W, X, bits, group_size, sym, ratios=None):
     Xg = X.float().view(-1, ng, G)
     Hg = torch.einsum("tgi,tgj->gij", Xg, Xg)              # [ng, G, G]
     Wf = W.float()
-    best_err = torch.full((N, ng), float("inf"))
-    best = torch.ones(N, ng)
+    best_err = torch.full((N, ng), float("inf"), device=W.device)
+    best = torch.ones(N, ng, device=W.device)
     for r in ratios:
-        clip = torch.full((N, ng), r)
+        clip = torch.full((N, ng), r, device=W.device)
         d = (Wf - fake_quant(Wf, bits, group_size, sym, clip)).view(N, ng, G)
         err = torch.einsum("ngi,gij,ngj->ng", d, Hg, d)
         better = err < best_err

@@ -32,17 +32,17 @@ def gptq(W, H, bits, group_size, sym=True, act_order=False, block=128, damp=0.01
     H[dead, dead] = 1
     W[:, dead] = 0
     ng = K // G
-    scales = torch.empty(N, ng)
-    zeros = torch.empty(N, ng)
+    scales = torch.empty(N, ng, device=W.device)
+    zeros = torch.empty(N, ng, device=W.device)
     static = act_order or G == K or G > block
     if static:
         for g in range(ng):
             scales[:, g], zeros[:, g] = params(W[:, g * G:(g + 1) * G])
-    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(K)
+    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(K, device=W.device)
     W, H = W[:, perm], H[perm][:, perm]
-    H += damp * torch.diag(H).mean() * torch.eye(K, dtype=H.dtype)
+    H += damp * torch.diag(H).mean() * torch.eye(K, dtype=H.dtype, device=H.device)
     Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True).float()
-    Q = torch.zeros(N, K)
+    Q = torch.zeros(N, K, device=W.device)
     for i1 in range(0, K, block):
         i2 = min(i1 + block, K)
         W1 = W[:, i1:i2].clone()                         # [N, B]

@@ -100,7 +100,7 @@ def quantize_model(model, fmt="w4a16", method="rtn", bits=None, group_size=128, 
             def stat(nm, x):
                 x = x.reshape(-1, x.shape[-1]).float()
                 if want_h:
-                    H[nm] = hessian_add(H.get(nm, torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64)), x)
+                    H[nm] = hessian_add(H.get(nm, torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=x.device)), x)
                 if want_x:
                     X.setdefault(nm, []).append(x[torch.linspace(0, x.shape[0] - 1, rows).long()])
                 if want_amax:
