@@ -53,16 +53,24 @@ class Completion:
 
 class LLM:
     def __init__(self, model: str = "smollm2", device: str | None = None, dtype: str | None = None,
-                 quant: dict | None = None, spec: dict | None = None):
+                 quant: dict | None = None, spec: dict | None = None, compensate: str | None = None):
         self.device = pick_device(device)
         self.dtype = pick_dtype(dtype, self.device)
         t0 = time.perf_counter()
         self.model_name = model
         self.model, self.tok = load_model(model, dtype=torch.float32 if quant else self.dtype, device="cpu")
+        fp = None
+        if compensate and not quant:
+            raise SpecqError("--compensate needs a weight-only --format (w4a16, w3a16, w2a16)")
         if quant:
+            from .compensate.linear import keep_fp_weights
             from .quant import quantize_model
-            quantize_model(self.model, tokenizer=self.tok, fit_group=True, **quant)
+            with keep_fp_weights() as fp:   # the exact weights each quantized Linear came from (for QDEC)
+                quantize_model(self.model, tokenizer=self.tok, fit_group=True, **quant)
         self.model.to(device=self.device, dtype=self.dtype)
+        if compensate:
+            from .compensate.tune import apply_compensation
+            apply_compensation(self.model, compensate, fp=fp, tokenizer=self.tok)
         self.spec = dict(spec or {})
         self.proposer_factory = None
         if self.spec.get("method", "none") != "none":

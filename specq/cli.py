@@ -24,8 +24,12 @@ def add_quant_args(p: argparse.ArgumentParser):
     g = p.add_argument_group("quantization (applied on load; see also `specq quantize`)")
     g.add_argument("--format", default="none", choices=["none", "w4a16", "w3a16", "w2a16", "w8a8", "w4a8"],
                    help="quantize the target's linear layers to this format on load (default none)")
-    g.add_argument("--method", default="rtn", choices=["rtn", "gptq", "awq"], help="calibration method (default rtn)")
-    g.add_argument("--group-size", type=int, default=128, help="weight group size; -1 = per output channel (default 128)")
+    g.add_argument("--method", default="rtn", choices=["rtn", "gptq", "awq", "awq_gptq", "smoothquant"],
+                   help="calibration method (default rtn; smoothquant for w8a8/w4a8)")
+    g.add_argument("--group-size", type=int, default=128, help="weight group size; -1 = per output channel (default 128; "
+                   "where it does not divide a layer's input size, the largest smaller group that does is used)")
+    from .compensate.tune import add_compensate_arg
+    add_compensate_arg(g)
 
 
 def add_sampling_args(p: argparse.ArgumentParser):
@@ -49,7 +53,7 @@ def add_spec_args(p: argparse.ArgumentParser):
                         "sampling with / without replacement), spechub (2 drafts, hub token), target (drafts without "
                         "probabilities); auto picks greedy at T=0 and the method's lossless default otherwise")
     g.add_argument("--draft-model", default=None, help="draft model for --spec draft/multi (same tokenizer); "
-                                                      "default: a 2-bit RTN copy of the target")
+                                                      "default: a 4-bit RTN copy of the target")
     g.add_argument("--intermediate", default=None, help="intermediate model for --spec hier (default: the target itself, un-quantized)")
     g.add_argument("--eagle-head", default=None, help="EAGLE head directory (default: the bundled head for smollm2)")
     g.add_argument("--draft-len", type=int, default=5, help="draft chain length k for draft/ngram/multi (default 5)")
@@ -83,7 +87,8 @@ def cmd_generate(a) -> int:
         raise SpecqError(f"invalid --max-new-tokens {a.max_new_tokens}: must be >= 1")
     if a.prompt is None:
         a.prompt = sys.stdin.read() if not sys.stdin.isatty() else "Write a short poem about the sea."
-    llm = LLM(a.model, device=a.device, dtype=a.dtype, quant=quant_from_args(a), spec=spec_from_args(a))
+    llm = LLM(a.model, device=a.device, dtype=a.dtype, quant=quant_from_args(a), spec=spec_from_args(a),
+              compensate=a.compensate)
     kw = dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
               stop=a.stop, seed=a.seed)
     stream = None if a.json else (lambda s: (sys.stdout.write(s), sys.stdout.flush()))
@@ -99,10 +104,14 @@ def cmd_generate(a) -> int:
     else:
         sys.stdout.write("\n")
         line = f"[{info['tokens']} tokens, {info['tok_s']} tok/s on {info['device']}, {out.finish_reason}]"
-        if out.metrics and a.stats:
-            line += " " + " ".join(f"{k}={v}" for k, v in out.metrics.items())
-        elif out.metrics:
-            line += f" tau={out.metrics.get('tau')}"
+        if out.metrics:
+            m = out.metrics
+            line += f" tau={m['tau']:.2f}"
+            if a.stats:
+                acc = " ".join(f"{x:.2f}" for x in m["acceptance"][:8])
+                t = m["time_s"]
+                line += (f" | acceptance/depth [{acc}] | draft {t['draft']:.2f}s verify {t['verify']:.2f}s "
+                         f"other {t['other'] + t['prefill']:.2f}s")
         print(line, file=sys.stderr)
     return 0
 

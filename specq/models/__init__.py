@@ -46,9 +46,18 @@ def load_model(name_or_path: str = DEFAULT_MODEL, dtype=torch.float32, device="c
     p = resolve(name_or_path)
     if p.is_dir():
         qcfg = p / "config.json"
-        if qcfg.is_file() and '"quantization"' in qcfg.read_text(errors="ignore"):
+        text = qcfg.read_text(errors="ignore") if qcfg.is_file() else ""
+        if '"quantization"' in text:
             from ..quant.checkpoint import load_quantized
             return load_quantized(p, dtype=dtype, device=device)
+        if '"quantization_config"' in text:          # a published GPTQ / AWQ checkpoint
+            from ..quant.checkpoint import load_hf_quantized
+            from .hf import load_hf_config, load_hf_tokenizer
+            model = load_hf_quantized(p, dtype=dtype, device=device)
+            tok = load_hf_tokenizer(p, load_hf_config(p))
+            if tok is None:
+                raise SpecqError(f"no tokenizer found for {p} (tokenizer.json is required)")
+            return model, tok
         from .hf import load_hf
         cfg, sd, tok = load_hf(p)
     elif p.suffix == ".gguf" or p.is_file():
