@@ -30,4 +30,6 @@ def add_parser(sub):
         from .spec import main
         return main(a)
     s.set_defaults(func=run)
+    from .latency import add_parser as add_latency
+    add_latency(bsub)
     p.set_defaults(func=lambda a: (p.print_help(), 2)[1])
