@@ -21,13 +21,7 @@ from specq.spec.ngram import NgramProposer
 V = 96
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one thread is fastest, and far faster than 2 threads on a loaded 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(vocab=V, layers=2, hidden=64, seed=0, sharp=1.0):
