@@ -128,16 +128,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true", help="print one JSON object (text + statistics) instead of streaming")
     add_model_args(g); add_quant_args(g); add_sampling_args(g); add_spec_args(g)
     g.set_defaults(func=cmd_generate)
-    for mod, fns in (("specq.quant.cli", ("add_quantize_parser", "add_ppl_parser")),
-                     ("specq.spec.train_eagle", ("add_parser",)),
-                     ("specq.bench.cli", ("add_parser",)),
-                     ("specq.server", ("add_parser",))):
-        try:
-            m = __import__(mod, fromlist=list(fns))
-        except ImportError:
-            continue
-        for fn in fns:
-            getattr(m, fn)(sub)
+    from .bench.cli import add_parser as add_bench
+    from .quant.cli import add_ppl_parser, add_quantize_parser
+    from .spec.train_eagle import add_parser as add_train_eagle
+    for add in (add_quantize_parser, add_ppl_parser, add_train_eagle, add_bench):
+        add(sub)
     return p
 
 
