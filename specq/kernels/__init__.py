@@ -14,3 +14,16 @@ from .w4a16 import W4A16Weight, prepare_w4a16, w4a16_linear
 __all__ = ["HAS_TRITON", "W4A16Weight", "W4A8Weight", "W8A8Weight", "prepare_w4a16", "prepare_w4a8",
            "prepare_w8a8", "quantize_act", "ref_w4a16", "ref_w4a8", "ref_w8a8", "w4a16_linear",
            "w4a8_linear", "w8a8_linear"]
+
+
+def wq_kernel(x2, module):
+    """WQLinear hook: x2 [M, K] (already in the module's packed column order) -> x2 @ W^T [M, N]."""
+    return w4a16_linear(x2, module.qweight, module.scales, module.zeros, module.group_size)
+
+
+def _register():
+    from ..quant.wq import register_kernel
+    register_kernel(wq_kernel, bits=4)
+
+
+_register()

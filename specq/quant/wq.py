@@ -70,6 +70,8 @@ class WQLinear(nn.Module):
     def forward(self, x):  # x [..., K] -> [..., N]
         if x.is_cuda:
             if self.kernel is None:
+                if (self.bits, self.layout) not in _KERNELS:
+                    import specq.kernels  # noqa: F401  (registers the Triton W4A16 kernel)
                 self.kernel = _KERNELS.get((self.bits, self.layout))
             if self.kernel is not None:
                 shp = x.shape

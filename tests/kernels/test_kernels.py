@@ -99,3 +99,18 @@ def test_triton_kernels_interpreted():
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT)
     r = subprocess.run([sys.executable, "-c", INTERP], env=env, capture_output=True, text=True, timeout=240)
     assert "ALLOK" in r.stdout, r.stdout + r.stderr[-3000:]
+
+
+def test_wqlinear_kernel_hook_matches_module():
+    """The glue WQLinear calls on CUDA computes the module's own math (also with an act-order perm)."""
+    import specq.kernels as K
+    from specq.quant.wq import WQLinear, _KERNELS
+    assert _KERNELS.get((4, "rowpack")) is K.wq_kernel
+    torch.manual_seed(0)
+    for gs in (128, -1):
+        lin = torch.nn.Linear(256, 96, bias=False)
+        m = WQLinear.from_linear(lin, 4, gs, True)
+        x = torch.randn(5, 256)
+        ref = m(x)                                   # CPU: reference path
+        x2 = x if m.perm is None else x[:, m.perm]
+        torch.testing.assert_close(K.wq_kernel(x2, m), ref, atol=1e-4, rtol=1e-4)
