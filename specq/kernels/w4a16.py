@@ -60,7 +60,7 @@ def _prepared(qweight, scales, zeros, group_size, dtype) -> W4A16Weight:
     if hit is not None and hit[0]() is qweight and hit[1] == qweight._version and hit[2].raw[1] is scales:
         return hit[2]
     p = prepare_w4a16(qweight, scales, zeros, group_size, dtype)
-    _CACHE[key] = (weakref.ref(qweight, lambda _, k=key: _CACHE.pop(k, None)), qweight._version, p)
+    _CACHE[key] = (weakref.ref(qweight, lambda _, k=key: _CACHE and _CACHE.pop(k, None)), qweight._version, p)
     return p
 
 
