@@ -1,7 +1,6 @@
 """`specq quantize` and `specq ppl` subcommands (wired into specq/cli.py)."""
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 
@@ -134,17 +133,9 @@ def add_ppl_parser(sub):
     return p
 
 
-def main(argv=None) -> int:  # standalone: python -m specq.quant.cli quantize|ppl ...
-    ap = argparse.ArgumentParser(prog="specq-quant")
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    add_quantize_parser(sub)
-    add_ppl_parser(sub)
-    a = ap.parse_args(argv)
-    try:
-        return a.func(a)
-    except SpecqError as e:
-        print(f"specq: error: {e}", file=sys.stderr)
-        return 2
+def main(argv=None) -> int:  # standalone: python -m specq.quant.cli quantize|ppl ... (same as `specq ...`)
+    from ..cli import main as cli_main
+    return cli_main(argv)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@
 """
 from __future__ import annotations
 
-import argparse
 import math
 import random
 import sys
@@ -352,16 +351,9 @@ def run(args) -> int:
     return 0
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="specq")
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    add_parser(sub)
-    args = ap.parse_args(["train-eagle"] + list(sys.argv[1:] if argv is None else argv))
-    try:
-        return args.func(args)
-    except SpecqError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+def main(argv=None) -> int:  # python -m specq.spec.train_eagle ... == specq train-eagle ...
+    from ..cli import main as cli_main
+    return cli_main(["train-eagle"] + list(sys.argv[1:] if argv is None else argv))
 
 
 if __name__ == "__main__":
