@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from bench.check_kernels import MODELS, check                     # noqa: E402
 from specq.kernels import ref                                     # noqa: E402
 from specq.kernels.int8 import _launch_i8, prepare_w4a8, prepare_w8a8, quantize_act, w4a8_linear, w8a8_linear  # noqa: E402
-from specq.kernels.w4a16 import _launch, prepare_w4a16, w4a16_linear  # noqa: E402
+from specq.kernels.w4a16 import prepare_w4a16, w4a16_linear  # noqa: E402
 
 MS = [1, 2, 4, 8, 16, 32, 64, 128]
 REPS = 10
@@ -67,6 +67,8 @@ def make_weights(shapes, dev):
         d["bf16"] = (torch.randn(N, K, device=dev, dtype=torch.bfloat16) * 0.02)
         q, s, z = ref.random_w4a16(N, K, 128, True, torch.bfloat16, dev, g)
         d["w4a16"] = prepare_w4a16(q, s, z, 128)
+        d["w4a16_raw"] = (q, s, z)
+        d["w4a16p"] = prepare_w4a16(q, s, z, 128, slices=False)
         w8, sw = ref.random_w8a8(N, K, dev, g)
         d["w8a8"] = prepare_w8a8(w8, sw)
         q4, sw4, _ = ref.random_w4a8(N, K, False, dev, g)
@@ -103,45 +105,90 @@ def layer_fns(ws, fmt, x_by_k, cfg=None):
     return fns
 
 
-W4A16_CANDIDATES = {  # (kind, BM, BN, R, warps, stages)
-    1: [("gemv", 1, 16, 8, 4, 1), ("gemv", 1, 16, 16, 4, 1), ("gemv", 1, 32, 8, 4, 1), ("gemv", 1, 16, 8, 4, 3),
-        ("gemv", 1, 32, 4, 4, 1), ("gemv", 1, 16, 4, 4, 1), ("dot", 16, 32, 4, 4, 1)],
-    4: [("dot", 16, 32, 4, 4, 1), ("dot", 16, 64, 4, 4, 1), ("dot", 16, 32, 8, 4, 1), ("dot", 16, 16, 8, 4, 1),
-        ("dot", 16, 64, 2, 4, 1), ("gemv", 1, 16, 8, 4, 1)],
-    16: [("dot", 16, 32, 4, 4, 1), ("dot", 16, 64, 4, 4, 1), ("dot", 16, 32, 8, 4, 1), ("dot", 16, 16, 8, 4, 1),
-         ("dot", 16, 64, 2, 4, 1), ("dot", 16, 64, 4, 4, 3)],
-    32: [("dot", 32, 32, 4, 4, 1), ("dot", 32, 64, 2, 4, 1), ("dot", 32, 128, 2, 8, 1), ("dot", 32, 64, 4, 4, 1),
-         ("dot", 32, 128, 1, 8, 1)],
-    64: [("dot", 64, 64, 2, 4, 1), ("dot", 64, 128, 2, 8, 1), ("dot", 64, 32, 4, 4, 1), ("dot", 64, 64, 4, 8, 1),
-         ("dot", 64, 128, 1, 8, 3)],
-    128: [("dot", 64, 64, 2, 4, 1), ("dot", 64, 128, 2, 8, 1), ("dot", 128, 64, 2, 8, 1), ("dot", 128, 128, 1, 8, 1)],
-}
-I8_CANDIDATES = {  # (BM, BN, R, warps, stages)
-    1: [(16, 32, 2, 4, 3), (16, 64, 2, 4, 3), (16, 16, 4, 4, 3), (16, 64, 1, 4, 4), (16, 128, 1, 4, 3)],
-    16: [(16, 32, 2, 4, 3), (16, 64, 2, 4, 3), (16, 16, 4, 4, 3), (16, 64, 1, 4, 4), (16, 128, 1, 4, 3)],
-    64: [(64, 32, 2, 4, 3), (64, 64, 2, 4, 3), (64, 64, 1, 4, 4), (64, 128, 1, 8, 3), (32, 64, 2, 4, 3)],
-}
+def w4a16_candidates(m):
+    """(slices, (BM, BN, SPLIT, R, warps, stages, PRESCALE)) configs to sweep for m tokens."""
+    BM = 16 if m <= 16 else 32 if m <= 32 else 64
+    out = []
+    if m <= 16:
+        for sp in (2, 4, 8):
+            for r in (1, 2, 4):
+                out += [(True, (BM, 64, sp, r, 4, 2, False))]
+            for r in (1, 2):
+                out += [(True, (BM, 64, sp, r, 4, 2, True)), (True, (BM, 64, sp, r, 2, 2, False)),
+                        (True, (BM, 32, sp, r, 2, 2, False)), (True, (BM, 64, sp, r, 4, 3, False))]
+    else:
+        for sp in ((1, 2, 4, 8) if m <= 32 else (1, 2, 4)):
+            for r in (1, 2):
+                for pre in (False, True):
+                    out += [(True, (BM, 64, sp, r, 4, 3, pre)), (True, (BM, 128, sp, r, 8, 3, pre))]
+                out += [(True, (BM, 64, sp, r, 2, 3, False))]
+    return out
 
 
-def sweep(ws, dev, log):
-    """Per matmul shape and M: time candidate configs alone (graph), print the best of each."""
+SWEEP_MS = [1, 16, 32, 64, 128]
+
+
+def precompile(part, nparts, dev="cuda"):
+    """Compile (by running once on tiny data) every sweep config with index % nparts == part."""
+    g = torch.Generator().manual_seed(0)
+    q, s, z = ref.random_w4a16(256, 1024, 128, False, torch.bfloat16, dev, g)
+    wl = {sl: prepare_w4a16(q, s, z, 128, slices=sl) for sl in (True, False)}
+    seen, i = set(), 0
+    for m in SWEEP_MS:
+        for sl, c in w4a16_candidates(m):
+            w = wl[sl]
+            key = (sl, c[0], c[1], c[2] > 1, c[3], c[4], c[5], c[6])
+            if key in seen:
+                continue
+            seen.add(key)
+            if i % nparts == part:
+                x = torch.randn(m, 1024, device=dev, dtype=torch.bfloat16)
+                w4a16_linear(x, w, cfg=c)
+            i += 1
+    torch.cuda.synchronize()
+
+
+def sweep(ws, dev, log, ms=SWEEP_MS):
+    """Per matmul shape and M: time every candidate config alone (graph); check it once against the
+    reference; log the best few. Returns {(m, name): [(us, cfg), ...]} sorted."""
+    import subprocess
+    n = 12
+    procs = [subprocess.Popen([sys.executable, __file__, "--precompile", f"{i}/{n}"]) for i in range(n)]
+    for p in procs:
+        p.wait()
     best = {}
-    for fmt, cands in [("w4a16", W4A16_CANDIDATES), ("w8a8", I8_CANDIDATES), ("w4a8-pc", I8_CANDIDATES),
-                       ("w4a8-g128", I8_CANDIDATES)]:
-        for m, cs in cands.items():
-            for d in ws:
-                x = torch.randn(m, d["K"], device=dev, dtype=torch.bfloat16)
-                res = []
-                for c in cs:
-                    try:
-                        t = graph_time(layer_fns([d], fmt, {d["K"]: x}, cfg=c), reps=20, iters=15)
-                    except Exception as e:  # noqa: BLE001 - a config that fails to compile is skipped
-                        log(f"sweep {fmt} M={m} {d['name']} {c}: FAILED {repr(e)[:300]}")
+    for m in ms:
+        for d in ws:
+            x = torch.randn(m, d["K"], device=dev, dtype=torch.bfloat16)
+            q, s, z = d["w4a16_raw"]
+            r = (x.float() @ ref.dequant_w4(q, s, z).T)
+            res = []
+            for sl, c in w4a16_candidates(m):
+                dd = d if sl else dict(d, w4a16=d["w4a16p"])
+                try:
+                    y = w4a16_linear(x, dd["w4a16"], cfg=c)
+                    e = ((y.float() - r).norm() / r.norm()).item()
+                    if not e <= 1e-2:
+                        log(f"sweep M={m} {d['name']} {'S' if sl else 'P'}{c}: BAD rel err {e:.2e}")
                         continue
-                    res.append((t, c))
-                res.sort()
-                best[(fmt, m, d["name"])] = res
-                log(f"sweep {fmt:9s} M={m:<3d} {d['name']:7s} " + "  ".join(f"{c}={t:.1f}" for t, c in res[:4]))
+                    t = graph_time(layer_fns([dd], "w4a16", {d["K"]: x}, cfg=c), reps=20, iters=10)
+                except Exception as ex:  # noqa: BLE001 - a config that fails to compile is skipped
+                    log(f"sweep M={m} {d['name']} {'S' if sl else 'P'}{c}: FAILED {repr(ex)[:200]}")
+                    continue
+                res.append((t, ("S" if sl else "P",) + c))
+            res.sort()
+            best[(m, d["name"])] = res
+            ti = graph_time(layer_fns([d], "torch_int4", {d["K"]: x}), reps=20, iters=10) if d["int4pack"] is not None else float("nan")
+            bf = graph_time(layer_fns([d], "bf16", {d["K"]: x}), reps=20, iters=10)
+            gb = d["N"] * d["K"] / 2 / 1e3
+            log(f"sweep M={m:<3d} {d['name']:7s} t_int4={ti:6.1f} bf16={bf:6.1f} | " + "  ".join(
+                f"{c}={t:.1f}({gb / t:.0f}GB/s)" for t, c in res[:6]))
+            for lay in "SP":
+                rl = [(t, c) for t, c in res if c[0] == lay]
+                if rl:
+                    log(f"    best {lay}: {rl[0][1]}={rl[0][0]:.1f}")
+        tot = sum(best[(m, d["name"])][0][0] for d in ws if best[(m, d["name"])])
+        log(f"sweep M={m:<3d} layer sum of best = {tot:.1f} us")
     return best
 
 
@@ -151,7 +198,13 @@ def main():
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--no-check", action="store_true")
     ap.add_argument("--models", default="llama3-8b,llama3-70b")
+    ap.add_argument("--precompile", default=None, help="i/n: compile sweep configs (worker of --sweep)")
+    ap.add_argument("--sweep-only", action="store_true", help="with --sweep: stop after the sweep")
     a = ap.parse_args()
+    if a.precompile:
+        i, n = map(int, a.precompile.split("/"))
+        precompile(i, n)
+        return
     os.makedirs(a.out, exist_ok=True)
     logf = open(os.path.join(a.out, "kernels_log.txt"), "w")
 
@@ -174,6 +227,8 @@ def main():
         ws = make_weights(MODELS[model], dev)
         if a.sweep and model == "llama3-8b":
             sweep(ws, dev, log)
+            if a.sweep_only:
+                return
         for m in MS:
             x_by_k = {d["K"]: torch.randn(m, d["K"], device=dev, dtype=torch.bfloat16) for d in ws}
             bf = graph_time(layer_fns(ws, "bf16", x_by_k))

@@ -1,9 +1,18 @@
-"""W4A16 (int4 weights, bf16/fp16 activations): a GEMV for one token and a tensor-core dequantize-GEMM
-(y^T = W @ x^T, so the weight tile is the wide operand and M is padded only to 16) for 2..128 tokens.
+"""W4A16 (int4 weights, bf16/fp16 activations) on CUDA: one Triton tensor-core kernel for M = 1..128.
 
-Weights are repacked once (prepare_w4a16) from the canonical layout into 128-k blocks where nibble j of
-16 adjacent words is one contiguous 16-k slice: the 8 slices of a block are 8 tl.dot operands, and two
-words are dequantized at a time with packed half2 PTX (prmt + lop3 + 2 fma per pair of values).
+y^T = W @ x^T: the weight tile [BN, 128 k] is the wide MMA operand and the M tokens the narrow one,
+padded only to BM = 16 / 32 / 64 (one token costs about what 16 do). Per 128-k block each int16 half
+of a word becomes, with shr + lop3 + one packed add per pair, four 16-bit floats q - z (lop3 puts the
+nibble under a float exponent: MAGIC | q == MAGIC + q exactly); the block's fp32 dot result is scaled
+by its group scale (PRESCALE: the scale is folded into the weights instead). Small M: K is split so
+the grid fills the GPU; every split writes an fp32 partial and the last one to finish a tile (counted
+with an atomic) adds them up and writes y: no zeroed buffer, no second kernel (it resets the counter).
+
+Kernel layout (prepare_w4a16, once per weight, see repack_int4): the default "slices" layout makes
+nibble j of a block's 32 halves one contiguous 32-k slice, so the dequantized registers are already
+tl.dot operands (4 dots per block, no shared-memory round trip); "pairs" keeps 8 consecutive k per
+word and joins the four results into one 128-k operand (slower on H100: kept for comparison).
+Scales and zeros are stored per 128-k block, transposed: [K // 128, N] (per-channel is repeated).
 """
 from __future__ import annotations
 
@@ -13,28 +22,42 @@ from typing import NamedTuple
 import torch
 
 from ..errors import SpecqError
-from .common import HAS_TRITON, INTERPRET, interleave_int4, tl, triton, use_asm, use_triton
-from .ref import dequant_w4
+from .common import HAS_TRITON, INTERPRET, tl, triton, use_asm, use_triton
+from .ref import SHIFTS, dequant_w4, unpack_int4
 
-if HAS_TRITON:
-    from .common import dq8_asm
+
+
+SLICES = True          # default word layout (see repack_int4)
 
 
 class W4A16Weight(NamedTuple):
-    qweight: torch.Tensor   # int32 [N, K//8], 16-word interleaved blocks of 128 k
-    scales: torch.Tensor    # [N, K//G] activation dtype
-    nzeros: torch.Tensor    # [N, K//G] activation dtype: -(MAGIC + zero), MAGIC = 128 (bf16) / 1024 (fp16)
-    group_size: int
+    qweight: torch.Tensor   # int32 [N, K//8] in the kernel layout (repack_int4)
+    scales: torch.Tensor    # [K//128, N] activation dtype, one row per 128-k block
+    zeros: torch.Tensor     # [K//128, N] activation dtype
+    locks: torch.Tensor     # int32 [LOCKS] split-K tile counters (all zero between launches)
+    group_size: int         # -1: not supported by the kernels (torch fallback)
     N: int
     K: int
     raw: tuple              # canonical (qweight, scales, zeros) kept for the fallback path
+    slices: bool            # word layout (repack_int4): 4 dots of 32 k per block, else 1 dot of 128 k
 
 
-def _magic(dtype) -> float:
-    return 1024.0 if dtype == torch.float16 else 128.0
+def repack_int4(qweight: torch.Tensor, slices: bool) -> torch.Tensor:
+    """Canonical qweight [N, K//8] -> kernel words (same shape). Word w of a 128-k block has two int16
+    halves h = 0, 1 of four nibbles j each. pairs: k = 8w + 2j + h (a whole word is 8 consecutive k);
+    slices: k = 32j + 2w + h (nibble j of the block's 32 halves is one contiguous 32-k dot operand)."""
+    N, W = qweight.shape
+    q = unpack_int4(qweight)                                             # [N, K]
+    if slices:
+        q = q.view(N, W // 16, 4, 16, 2).permute(0, 1, 3, 4, 2)          # [N, blk, w, h, j]
+    else:
+        q = q.view(N, W, 4, 2).transpose(2, 3)                           # [N, w, h, j]
+    q = q.reshape(N, W, 8)                                               # nibble p = 4h + j
+    w = (q.to(torch.int64) << SHIFTS.to(q.device, torch.int64)).sum(-1)
+    return torch.where(w >= 2**31, w - 2**32, w).to(torch.int32).contiguous()
 
 
-def prepare_w4a16(qweight, scales, zeros, group_size=None, dtype=None) -> W4A16Weight:
+def prepare_w4a16(qweight, scales, zeros, group_size=None, dtype=None, slices=SLICES) -> W4A16Weight:
     """One-time repack of canonical int4 weights for w4a16_linear (dtype: activation dtype)."""
     N, W = qweight.shape
     K = W * 8
@@ -43,13 +66,20 @@ def prepare_w4a16(qweight, scales, zeros, group_size=None, dtype=None) -> W4A16W
         raise SpecqError(f"bad W4A16 tensors: qweight {tuple(qweight.shape)} {qweight.dtype}, scales "
                          f"{tuple(scales.shape)}, zeros {tuple(zeros.shape)}, group_size {group_size}")
     dtype = dtype or scales.dtype
-    ok = K % 128 == 0 and G % 128 == 0
-    packed = interleave_int4(qweight, 16) if ok else qweight
-    s = scales.to(dtype).contiguous()
-    nz = (-(zeros.float() + _magic(dtype))).to(dtype).contiguous()   # exact: integer zeros < 128
-    return W4A16Weight(packed, s, nz, G if ok else -1, N, K, (qweight, scales, zeros))
+    zf = zeros.float()
+    # the dot path subtracts 128 + z (1024 + z for fp16) in 16-bit floats: exact for small integer zeros
+    ok = K % 128 == 0 and G % 128 == 0 and bool(((zf == zf.round()) & (zf.abs() <= 64)).all())
+    if not ok:
+        e = torch.empty(0, device=qweight.device)
+        return W4A16Weight(qweight, e, e, e, -1, N, K, (qweight, scales, zeros), slices)
+    rep = G // 128
+    s = scales.to(dtype).repeat_interleave(rep, dim=1).t().contiguous()            # [K//128, N]
+    z = zeros.to(dtype).repeat_interleave(rep, dim=1).t().contiguous()
+    locks = torch.zeros(_LOCKS, dtype=torch.int32, device=qweight.device)
+    return W4A16Weight(repack_int4(qweight, slices), s, z, locks, G, N, K, (qweight, scales, zeros), slices)
 
 
+_LOCKS = 4096          # tile counters per weight: n_tiles * m_tiles of a split launch must fit
 _CACHE: dict = {}
 
 
@@ -64,19 +94,22 @@ def _prepared(qweight, scales, zeros, group_size, dtype) -> W4A16Weight:
     return p
 
 
-# (kind, BM, BN, R, num_warps, num_stages): kind "gemv" or "dot"; R 128-k blocks per loop step.
-# Picked from the H100 sweep of bench/kernels.py --sweep (Llama-3-8B shapes; "wide" = gate_up-like N).
+# cfg = (BM, BN, SPLIT, R, num_warps, num_stages[, PRESCALE]): output tile BM tokens x BN rows, K
+# split SPLIT ways, R 128-k blocks per loop step, PRESCALE: scale folded into the dequantized weights.
+# Rule fitted to the H100 sweeps (bench/results/h100/kernels_w4a16_dev.txt, Llama-3-8B shapes): split K
+# until the grid has `target` programs; 2 stages and 2 blocks per step for M <= 16; wide N (gate_up)
+# above 16 tokens: 128-row tiles, 8 warps, scale folded into the weights.
 def default_config(M: int, N: int, K: int):
-    wide = N >= 8192
-    if M == 1:
-        return ("gemv", 1, 32 if wide else 16, 4, 4, 3)
-    if M <= 16:
-        return ("dot", 16, 64 if wide else 32, 2, 4, 3)
-    if M <= 32:
-        return ("dot", 32, 128, 1, 8, 3) if wide else ("dot", 32, 32, 2, 4, 3)
-    if M <= 64:
-        return ("dot", 64, 128, 1, 8, 3) if wide else ("dot", 32, 64, 2, 4, 3)
-    return ("dot", 64, 128, 1, 8, 3) if wide else ("dot", 64, 64, 2, 4, 3)
+    BM = 16 if M <= 16 else 32 if M <= 32 else 64
+    wide = N >= 16384 and M > 16
+    BN, nw, pre = (128, 8, True) if wide else (64, 4, False)
+    R, ns = (2, 2) if M <= 16 else (1, 3)
+    target = 512 if M <= 16 else 384 if M <= 32 else 224
+    tiles = -(-N // BN) * -(-M // BM)
+    split = 1
+    while tiles * split < target and split < 8 and (K // 128) % (2 * split * R) == 0:
+        split *= 2
+    return (BM, BN, split, R, nw, ns, pre)
 
 
 def w4a16_linear(x, qweight, scales=None, zeros=None, group_size=None, cfg=None, asm=None):
@@ -87,7 +120,7 @@ def w4a16_linear(x, qweight, scales=None, zeros=None, group_size=None, cfg=None,
         raise SpecqError(f"w4a16_linear: x has K={x.shape[-1]}, weight has K={w.K}")
     lead = x.shape[:-1]
     x2 = x.reshape(-1, w.K)
-    if x2.dtype != w.scales.dtype:
+    if w.group_size > 0 and x2.dtype != w.scales.dtype:
         x2 = x2.to(w.scales.dtype)
     if w.group_size < 0 or not use_triton(x2) or x2.shape[0] == 0:
         q, s, z = w.raw
@@ -100,88 +133,155 @@ def w4a16_linear(x, qweight, scales=None, zeros=None, group_size=None, cfg=None,
 def _launch(x, w: W4A16Weight, cfg, asm):
     M, K = x.shape
     N = w.N
-    kind, BM, BN, R, nw, ns = cfg or default_config(M, N, K)
-    while K % (128 * R):
-        R //= 2
+    c = tuple(cfg or default_config(M, N, K))
+    BM, BN, split, R, nw, ns, pre = c + (False,) * (7 - len(c))
+    nblk = K // 128
+    split = max(1, min(split, nblk // R))
+    while nblk % (split * R):                          # every split: a whole number of R-block steps
+        split -= 1
+        if split == 0:
+            split, R = 1, 1
+    grid = (triton.cdiv(M, BM), triton.cdiv(N, BN), split)
+    if split > 1 and grid[0] * grid[1] > w.locks.numel():
+        raise SpecqError(f"w4a16: {grid[0] * grid[1]} split-K tiles exceed the lock table ({w.locks.numel()})")
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    gemv = kind == "gemv"
-    grid = (M if gemv else triton.cdiv(M, BM), triton.cdiv(N, BN))
-    _w4a16_kernel[grid](x, w.qweight, w.scales, w.nzeros, y, M, N, K, w.group_size, K // w.group_size,
-                        x.stride(0), y.stride(0), _magic(x.dtype),
-                        BM=BM if not gemv else 16, BN=BN, R=R, GEMV=gemv, USE_ASM=asm,
-                        FP16=x.dtype == torch.float16, F32DOT=INTERPRET, num_warps=nw, num_stages=ns)
+    ws = torch.empty(split, M, N, dtype=torch.float32, device=x.device) if split > 1 else y
+    _w4a16_kernel[grid](x, w.qweight.view(torch.int16), w.scales, w.zeros, y, ws, w.locks, M, N, K // 4,
+                        nblk // split, split, x.stride(0), y.stride(0),
+                        BM=BM, BN=BN, R=R, SPLITK=split > 1, SLICES=w.slices,
+                        PRESCALE=bool(pre) and w.slices, USE_ASM=asm, FP16=x.dtype == torch.float16,
+                        F32DOT=INTERPRET, num_warps=nw, num_stages=ns)
     return y
 
 
-if HAS_TRITON:
-    @triton.jit
-    def _dq(words, j: tl.constexpr, s, zneg):
-        """Plain path: nibble j of every word, (q - z) * s in float32."""
-        q = ((words >> (4 * j)) & 0xF).to(tl.float32)
-        return (q + zneg) * s
-
-    @triton.jit
-    def _acc(acc, w, xrow, k, rm, mmask, sxm, rw, GEMV: tl.constexpr, F32DOT: tl.constexpr):
-        """acc += one 16-k slice: w [BN, 16] against x[:, k:k+16]."""
-        if GEMV:
-            xv = tl.load(xrow + k + rw).to(tl.float32)                       # [16]
-            return acc + w.to(tl.float32) * xv[None, :]
+def _w4_pairs_asm(fp16: bool, scale: bool = False) -> str:
+    """$4: one word (two int16 units, pack=2); $5: -(MAGIC + z) packed pair. Output j = nibbles j and
+    j + 4 of the word as a 16-bit float pair, minus z: lop3 puts the nibble under MAGIC's exponent
+    (MAGIC | q == MAGIC + q exactly), one packed add removes MAGIC + z."""
+    magic, one = ("0x64006400", "0x3C003C00") if fp16 else ("0x43004300", "0x3F803F80")
+    sfx = "f16x2" if fp16 else "bf16x2"
+    lines = ["{", ".reg .b32 t, one, nzero;", f"mov.b32 one, {one};", "mov.b32 nzero, 0x80008000;"]
+    for j in range(4):
+        if j:
+            lines.append(f"shr.b32 t, $4, {4 * j};")
+        lines.append(f"lop3.b32 t, {'t' if j else '$4'}, 0x000F000F, {magic}, 0xEA;")
+        if scale:   # $6: scale pair; (q - z) exact, then one rounding of (q - z) * s
+            lines.append(f"fma.rn.{sfx} t, t, one, $5;")
+            lines.append(f"fma.rn.{sfx} ${j}, t, $6, nzero;")
         else:
-            xt = tl.load(xrow + rm[None, :] * sxm + (k + rw)[:, None], mask=mmask[None, :], other=0.0)
-            if F32DOT:  # the interpreter's bf16 dot is wrong: do it in fp32 there
-                return tl.dot(w.to(tl.float32), xt.to(tl.float32), acc)
-            return tl.dot(w.to(xt.dtype), xt, acc)                            # [BN,16] @ [16,BM]
+            lines.append(f"fma.rn.{sfx} ${j}, t, one, $5;")
+    lines.append("}")
+    return "\n".join(lines)
 
-    @triton.jit(do_not_specialize=["M"])
-    def _w4a16_kernel(x_ptr, w_ptr, s_ptr, nz_ptr, y_ptr, M, N, K, G, NG, sxm, sym, MAGIC,
-                      BM: tl.constexpr, BN: tl.constexpr, R: tl.constexpr, GEMV: tl.constexpr,
-                      USE_ASM: tl.constexpr, FP16: tl.constexpr, F32DOT: tl.constexpr):
+
+if HAS_TRITON:
+    W4P_BF16 = tl.constexpr(_w4_pairs_asm(False))
+    W4P_FP16 = tl.constexpr(_w4_pairs_asm(True))
+    W4PS_BF16 = tl.constexpr(_w4_pairs_asm(False, True))
+    W4PS_FP16 = tl.constexpr(_w4_pairs_asm(True, True))
+
+    @triton.jit
+    def _dq4(u, nz, sc, USE_ASM: tl.constexpr, FP16: tl.constexpr, PRESCALE: tl.constexpr):
+        """u int16 [BN, U] -> four [BN, U] 16-bit float tensors: nibble j of each half, minus z
+        (times the scale sc [BN] if PRESCALE)."""
+        if USE_ASM and PRESCALE:
+            nzb = tl.broadcast_to(nz[:, None], u.shape)
+            sb = tl.broadcast_to(sc.to(nz.dtype)[:, None], u.shape)
+            if FP16:
+                o0, o1, o2, o3 = tl.inline_asm_elementwise(W4PS_FP16, "=r,=r,=r,=r,r,r,r", [u, nzb, sb],
+                                                           dtype=(tl.float16,) * 4, is_pure=True, pack=2)
+            else:
+                o0, o1, o2, o3 = tl.inline_asm_elementwise(W4PS_BF16, "=r,=r,=r,=r,r,r,r", [u, nzb, sb],
+                                                           dtype=(tl.bfloat16,) * 4, is_pure=True, pack=2)
+        elif USE_ASM:
+            nzb = tl.broadcast_to(nz[:, None], u.shape)
+            if FP16:
+                o0, o1, o2, o3 = tl.inline_asm_elementwise(W4P_FP16, "=r,=r,=r,=r,r,r", [u, nzb],
+                                                           dtype=(tl.float16,) * 4, is_pure=True, pack=2)
+            else:
+                o0, o1, o2, o3 = tl.inline_asm_elementwise(W4P_BF16, "=r,=r,=r,=r,r,r", [u, nzb],
+                                                           dtype=(tl.bfloat16,) * 4, is_pure=True, pack=2)
+        else:  # plain path (interpreter, SPECQ_NO_ASM=1)
+            zf = (nz.to(tl.float32) + (1024.0 if FP16 else 128.0))[:, None]     # nz = -(MAGIC + z)
+            sf = sc[:, None] if PRESCALE else 1.0
+            ui = u.to(tl.int32)
+            o0 = (((ui & 0xF).to(tl.float32) + zf) * sf).to(nz.dtype)
+            o1 = ((((ui >> 4) & 0xF).to(tl.float32) + zf) * sf).to(nz.dtype)
+            o2 = ((((ui >> 8) & 0xF).to(tl.float32) + zf) * sf).to(nz.dtype)
+            o3 = ((((ui >> 12) & 0xF).to(tl.float32) + zf) * sf).to(nz.dtype)
+        return o0, o1, o2, o3
+
+    @triton.jit
+    def _pairs_join(o0, o1, o2, o3):
+        """pairs layout: half e = 2w + h of o_j holds k = 8w + 2j + h -> [BN, 4U] in k order."""
+        BN: tl.constexpr = o0.shape[0]
+        U: tl.constexpr = o0.shape[1]
+        t = tl.join(tl.join(o0, o1), tl.join(o2, o3))                      # [BN, U, 2(j0), 2(j1)]
+        t = tl.reshape(t, [BN, U // 2, 2, 2, 2])                           # [BN, w, h, j0, j1]
+        t = tl.permute(t, [0, 1, 4, 3, 2])                                 # [BN, w, j1, j0, h]
+        return tl.reshape(t, [BN, U * 4])
+
+    @triton.jit
+    def _dot(a, b, acc, F32DOT: tl.constexpr):
+        if F32DOT:   # the interpreter's bf16 dot is wrong: do it in fp32 there
+            return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+        return tl.dot(a, b, acc)
+
+    @triton.jit
+    def _block(acc, u_ptr, s_ptr, z_ptr, x_ptr, b, rnl, rm, mmask, N, KU, sxm, SLICES: tl.constexpr,
+               PRESCALE: tl.constexpr, USE_ASM: tl.constexpr, FP16: tl.constexpr, F32DOT: tl.constexpr):
+        """acc [BN, BM] += s * ((q - z) [BN, 128] @ x[:, 128 b : 128 b + 128]^T) for 128-k block b."""
+        ru = tl.arange(0, 32)                                                     # 32 int16 units
+        rk = tl.arange(0, 128)
+        u = tl.load(u_ptr + rnl[:, None] * KU + (b * 32 + ru)[None, :])              # [BN, 32] int16
+        s = tl.load(s_ptr + b * N + rnl).to(tl.float32)                               # [BN]
+        z = tl.load(z_ptr + b * N + rnl).to(tl.float32)
+        nz = (-(z + (1024.0 if FP16 else 128.0))).to(x_ptr.dtype.element_ty)
+        o0, o1, o2, o3 = _dq4(u, nz, s, USE_ASM, FP16, PRESCALE)                       # [BN, 32] each
+        xb = x_ptr + rm[None, :] * sxm + b * 128
+        if PRESCALE:  # scaled weights: accumulate in place (slices layout)
+            acc = _dot(o0, tl.load(xb + ru[:, None], mask=mmask[None, :], other=0.0), acc, F32DOT)
+            acc = _dot(o1, tl.load(xb + (32 + ru)[:, None], mask=mmask[None, :], other=0.0), acc, F32DOT)
+            acc = _dot(o2, tl.load(xb + (64 + ru)[:, None], mask=mmask[None, :], other=0.0), acc, F32DOT)
+            return _dot(o3, tl.load(xb + (96 + ru)[:, None], mask=mmask[None, :], other=0.0), acc, F32DOT)
+        if SLICES:   # o_j = k slice 32j..32j+31 of the block
+            part = _dot(o0, tl.load(xb + ru[:, None], mask=mmask[None, :], other=0.0), None, F32DOT)
+            part = _dot(o1, tl.load(xb + (32 + ru)[:, None], mask=mmask[None, :], other=0.0), part, F32DOT)
+            part = _dot(o2, tl.load(xb + (64 + ru)[:, None], mask=mmask[None, :], other=0.0), part, F32DOT)
+            part = _dot(o3, tl.load(xb + (96 + ru)[:, None], mask=mmask[None, :], other=0.0), part, F32DOT)
+        else:        # pairs: interleave the four into k order, one dot
+            wt = _pairs_join(o0, o1, o2, o3)                                            # [BN, 128]
+            part = _dot(wt, tl.load(xb + rk[:, None], mask=mmask[None, :], other=0.0), None, F32DOT)
+        return acc + part * s[:, None]
+
+    @triton.jit(do_not_specialize=["M", "PER", "SPLIT"])
+    def _w4a16_kernel(x_ptr, u_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, lock_ptr, M, N, KU, PER, SPLIT, sxm, sym,
+                      BM: tl.constexpr, BN: tl.constexpr, R: tl.constexpr, SPLITK: tl.constexpr,
+                      SLICES: tl.constexpr, PRESCALE: tl.constexpr, USE_ASM: tl.constexpr, FP16: tl.constexpr, F32DOT: tl.constexpr):
         pid_m = tl.program_id(0)          # m fastest: programs sharing a weight tile run together
         pid_n = tl.program_id(1)
+        pid_k = tl.program_id(2)
         rn = pid_n * BN + tl.arange(0, BN)
         rnl = rn % N                      # in-bounds rows for loads; stores are masked
-        rw = tl.arange(0, 16)
-        if GEMV:
-            rm = pid_m + tl.arange(0, 1)
-            xrow = x_ptr + pid_m * sxm
-            acc = tl.zeros([BN, 16], dtype=tl.float32)
-        else:
-            rm = pid_m * BM + tl.arange(0, BM)
-            xrow = x_ptr
-            acc = tl.zeros([BN, BM], dtype=tl.float32)
+        rm = pid_m * BM + tl.arange(0, BM)
         mmask = rm < M
-        wp = w_ptr + rnl[:, None] * (K // 8) + rw[None, :]                    # [BN, 16] words
-        for k0 in range(0, K, 128 * R):
-            for r in tl.static_range(R):                  # R 128-k blocks per loop step
-                kb = k0 + 128 * r
-                words = tl.load(wp + kb // 8)
-                g = kb // G
-                s = tl.load(s_ptr + rnl * NG + g)[:, None]                    # [BN, 1]
-                nz = tl.load(nz_ptr + rnl * NG + g)[:, None]
-                if USE_ASM:
-                    w0, w1, w2, w3, w4, w5, w6, w7 = dq8_asm(words, s, nz, FP16)
-                else:
-                    sf = s.to(tl.float32)
-                    zf = nz.to(tl.float32) + MAGIC                           # = -zero
-                    w0 = _dq(words, 0, sf, zf)
-                    w1 = _dq(words, 1, sf, zf)
-                    w2 = _dq(words, 2, sf, zf)
-                    w3 = _dq(words, 3, sf, zf)
-                    w4 = _dq(words, 4, sf, zf)
-                    w5 = _dq(words, 5, sf, zf)
-                    w6 = _dq(words, 6, sf, zf)
-                    w7 = _dq(words, 7, sf, zf)
-                acc = _acc(acc, w0, xrow, kb + 0, rm, mmask, sxm, rw, GEMV, F32DOT)
-                acc = _acc(acc, w1, xrow, kb + 16, rm, mmask, sxm, rw, GEMV, F32DOT)
-                acc = _acc(acc, w2, xrow, kb + 32, rm, mmask, sxm, rw, GEMV, F32DOT)
-                acc = _acc(acc, w3, xrow, kb + 48, rm, mmask, sxm, rw, GEMV, F32DOT)
-                acc = _acc(acc, w4, xrow, kb + 64, rm, mmask, sxm, rw, GEMV, F32DOT)
-                acc = _acc(acc, w5, xrow, kb + 80, rm, mmask, sxm, rw, GEMV, F32DOT)
-                acc = _acc(acc, w6, xrow, kb + 96, rm, mmask, sxm, rw, GEMV, F32DOT)
-                acc = _acc(acc, w7, xrow, kb + 112, rm, mmask, sxm, rw, GEMV, F32DOT)
-        if GEMV:
-            out = tl.sum(acc, axis=1)
-            tl.store(y_ptr + pid_m * sym + rn, out.to(y_ptr.dtype.element_ty), mask=rn < N)
+        acc = tl.zeros([BN, BM], dtype=tl.float32)
+        for i in range(0, PER, R):        # PER = 128-k blocks of this split, a multiple of R
+            b = pid_k * PER + i
+            for r in tl.static_range(R):
+                acc = _block(acc, u_ptr, s_ptr, z_ptr, x_ptr, b + r, rnl, rm, mmask, N, KU, sxm,
+                             SLICES, PRESCALE, USE_ASM, FP16, F32DOT)
+        omask = (rn < N)[:, None] & mmask[None, :]
+        if not SPLITK:
+            tl.store(y_ptr + rm[None, :] * sym + rn[:, None], acc.to(y_ptr.dtype.element_ty), mask=omask)
         else:
-            ptr = y_ptr + rm[None, :] * sym + rn[:, None]
-            tl.store(ptr, acc.to(y_ptr.dtype.element_ty), mask=(rn < N)[:, None] & mmask[None, :])
+            tl.store(ws_ptr + (pid_k * M + rm[None, :]) * N + rn[:, None], acc, mask=omask)
+            tl.debug_barrier()            # every thread's partial is written before the count
+            lock = lock_ptr + pid_n * tl.num_programs(0) + pid_m
+            if tl.atomic_add(lock, 1, sem="acq_rel", scope="gpu") == SPLIT - 1:
+                tot = tl.load(ws_ptr + rm[None, :] * N + rn[:, None], mask=omask, other=0.0, cache_modifier=".cg")
+                for sp in range(1, SPLIT):
+                    tot += tl.load(ws_ptr + (sp * M + rm[None, :]) * N + rn[:, None], mask=omask, other=0.0,
+                                   cache_modifier=".cg")
+                tl.store(y_ptr + rm[None, :] * sym + rn[:, None], tot.to(y_ptr.dtype.element_ty), mask=omask)
+                tl.atomic_xchg(lock, 0)
