@@ -68,7 +68,14 @@ def test_fallbacks_on_cpu_and_errors():
 
 
 INTERP = r'''
+import numpy as np
 import torch
+import triton.runtime.interpreter as I
+_orig = I._patch_lang_tensor
+def _patch(tensor, scope):   # numpy >= 2 refuses int() of the interpreter's 1-element scalars
+    _orig(tensor, scope)
+    scope.set_attr(tensor, "__index__", lambda self: int(np.asarray(self.handle.data).reshape(-1)[0]))
+I._patch_lang_tensor = _patch
 from specq.kernels import ref
 from specq.kernels.w4a16 import w4a16_linear
 from specq.kernels.int8 import w8a8_linear, w4a8_linear
@@ -96,7 +103,8 @@ print("BAD", bad) if bad else print("ALLOK")
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed (CPU CI): interpreter kernel tests skipped")
 def test_triton_kernels_interpreted():
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT)
+    env = dict(os.environ, TRITON_INTERPRET="1",
+               PYTHONPATH=os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH", "")) if p))
     r = subprocess.run([sys.executable, "-c", INTERP], env=env, capture_output=True, text=True, timeout=240)
     assert "ALLOK" in r.stdout, r.stdout + r.stderr[-3000:]
 
