@@ -27,9 +27,37 @@ def wq_kernel(x2, module):
     return w4a16_linear(x2, w)
 
 
+def _cached(module, name, key, make):
+    w = getattr(module, name, None)
+    if w is None or getattr(module, name + "_key", None) != key:
+        w = make()
+        setattr(module, name, w)
+        setattr(module, name + "_key", key)
+    return w
+
+
+def w8a8_kernel(x2, module):
+    """W8A8Linear hook: x2 [M, K] -> [M, N] (int8 tensor cores; activations quantized per token)."""
+    w = _cached(module, "_w8a8", (module.wq._version, module.wq.data_ptr()),
+                lambda: prepare_w8a8(module.wq, module.sw))
+    return w8a8_linear(x2, w)
+
+
+def w4a8_kernel(x2, module):
+    """W4A8Linear hook (per channel or group 128; other group sizes -> None = reference math)."""
+    if module.gscale is not None and module.group_size != 128:
+        return None
+    w = _cached(module, "_w4a8", (module.qweight._version, module.qweight.data_ptr()),
+                lambda: prepare_w4a8(module.qweight, module.sw, module.gscale))
+    return w4a8_linear(x2, w)
+
+
 def _register():
     from ..quant.wq import register_kernel
+    from ..quant import w8a8
     register_kernel(wq_kernel, bits=4)
+    w8a8.register_kernel(w8a8_kernel, "W8A8Linear")
+    w8a8.register_kernel(w4a8_kernel, "W4A8Linear")
 
 
 _register()

@@ -35,6 +35,14 @@ def int_matmul(a, b):
     return out
 
 
+_KERNELS: dict = {}
+
+
+def register_kernel(fn, cls_name: str):
+    """Register fn(x [M, K], module) -> x @ W^T [M, N] (no bias) or None (unsupported) for CUDA inputs."""
+    _KERNELS[cls_name] = fn
+
+
 class _IntActLinear(nn.Module):
     def int_weight(self):  # [N, K] int8-valued float32
         raise NotImplementedError
@@ -44,6 +52,14 @@ class _IntActLinear(nn.Module):
 
     def forward(self, x):  # x [..., K]
         shp = x.shape
+        if x.is_cuda:   # Triton int8 tensor-core kernels (specq.kernels.int8); None -> the reference below
+            if not _KERNELS:
+                import specq.kernels  # noqa: F401  (registers them)
+            fn = _KERNELS.get(type(self).__name__)
+            y = fn(x.reshape(-1, shp[-1]), self) if fn is not None else None
+            if y is not None:
+                y = y.reshape(*shp[:-1], self.out_features)
+                return y + self.bias.to(y.dtype) if self.bias is not None else y
         xq, sx = quant_act(x.reshape(-1, shp[-1]))
         y = int_matmul(xq, self.int_weight()) * sx.double() * self.sw.double()[None, :]
         y = y.to(x.dtype).reshape(*shp[:-1], self.out_features)

@@ -122,3 +122,20 @@ def test_wqlinear_kernel_hook_matches_module():
         ref = m(x)                                   # CPU: reference path
         x2 = x if m.perm is None else x[:, m.perm]
         torch.testing.assert_close(K.wq_kernel(x2, m), ref, atol=1e-4, rtol=1e-4)
+
+
+def test_int8_module_hooks_match_modules():
+    """W8A8Linear / W4A8Linear on CUDA call these hooks; on CPU they must give the module's own math,
+    and W4A8 with a group size the kernel lacks (64) must decline (None -> reference path)."""
+    import specq.kernels as K
+    from specq.quant import w8a8 as Q
+    assert Q._KERNELS["W8A8Linear"] is K.w8a8_kernel and Q._KERNELS["W4A8Linear"] is K.w4a8_kernel
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(256, 96, bias=False)
+    x = torch.randn(5, 256)
+    m = Q.W8A8Linear.from_linear(lin)
+    torch.testing.assert_close(K.w8a8_kernel(x, m), m(x), atol=1e-4, rtol=1e-4)
+    for gs in (-1, 128):
+        m = Q.W4A8Linear.from_linear(lin, gs)
+        torch.testing.assert_close(K.w4a8_kernel(x, m), m(x), atol=1e-4, rtol=1e-4)
+    assert K.w4a8_kernel(x, Q.W4A8Linear.from_linear(lin, 64)) is None
