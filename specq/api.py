@@ -53,8 +53,11 @@ class Completion:
 
 class LLM:
     def __init__(self, model: str = "smollm2", device: str | None = None, dtype: str | None = None,
-                 quant: dict | None = None, spec: dict | None = None, compensate: str | None = None):
+                 quant: dict | None = None, spec: dict | None = None, compensate: str | None = None,
+                 compile: bool = False):
         self.device = pick_device(device)
+        self.compile = compile     # plain decoding: torch.compile the 1-token step (slow first call, fast after)
+        self._decoder = None
         self.dtype = pick_dtype(dtype, self.device)
         t0 = time.perf_counter()
         self.model_name = model
@@ -115,7 +118,9 @@ class LLM:
         metrics = {}
         if self.proposer_factory is None:
             from .generate import generate
-            out = generate(self.model, ids, max_new_tokens, sp, eos_ids=self.tok.eos_ids, on_token=on_token, seed=seed)
+            out = generate(self.model, ids, max_new_tokens, sp, eos_ids=self.tok.eos_ids, on_token=on_token, seed=seed,
+                           decoder=self._compiled_decoder(len(ids) + max_new_tokens)
+                           if self.compile and self.device.type == "cuda" else None)
         else:
             from .engine import SpecEngine
             proposer, method = self.proposer_factory(sp)
@@ -132,6 +137,14 @@ class LLM:
         hit_eos = bool(out) and out[-1] in self.tok.eos_ids
         reason = "stop" if (state["stopped"] or hit_eos) else "length"
         return Completion(state["text"], out, len(ids), reason, dt, metrics)
+
+    def _compiled_decoder(self, need: int):
+        """One compiled Decoder reused across calls (compiling per call would cost seconds each time)."""
+        from .generate import Decoder
+        ctx = self.model.cfg.max_position_embeddings
+        if self._decoder is None or self._decoder.S < need:
+            self._decoder = Decoder(self.model, min(ctx, max(need, 2048)), compile=True)
+        return self._decoder
 
     def chat(self, messages: list[dict], **kw) -> Completion:
         return self.generate(self.tok.chat(messages), **kw)
