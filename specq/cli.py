@@ -60,9 +60,9 @@ def add_spec_args(p: argparse.ArgumentParser):
     g.add_argument("--eagle-head", default=None, help="EAGLE head directory (default: the bundled head for smollm2)")
     g.add_argument("--draft-len", type=int, default=5, help="draft chain length k for draft/ngram/multi (default 5)")
     g.add_argument("--n-drafts", type=int, default=2, help="drafts per position for --spec multi (default 2)")
-    g.add_argument("--tree-top-k", type=int, default=10, help="EAGLE-2 tree: children per expanded node (default 10)")
-    g.add_argument("--tree-depth", type=int, default=6, help="EAGLE-2 tree: expansion steps (default 6)")
-    g.add_argument("--tree-tokens", type=int, default=60, help="EAGLE-2 tree: total draft tokens kept (default 60)")
+    g.add_argument("--tree-top-k", type=int, default=16, help="EAGLE-2 tree: children per expanded node (default 16)")
+    g.add_argument("--tree-depth", type=int, default=5, help="EAGLE-2 tree: expansion steps (default 5)")
+    g.add_argument("--tree-tokens", type=int, default=80, help="EAGLE-2 tree: total draft tokens kept (default 80)")
     g.add_argument("--min-draft-length", type=int, default=6, help="hier: linear draft length the intermediate builds (default 6)")
     g.add_argument("--stats", action="store_true", help="print tau, acceptance per depth and the time split")
 

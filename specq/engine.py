@@ -9,6 +9,11 @@
 
 Plain decoding is the same loop with 1-node drafts (no proposer). Output at temperature 0 equals
 plain greedy decoding; at T > 0 it is distributed as the target's sampling distribution.
+
+On GPU the target's tree forward is a CUDA graph per padded draft size (spec/graphs.py); for greedy
+and target-sampled walks (T=0, n-gram / EAGLE drafts at T>0) the walk and the K/V move run inside the
+same graph, and the step costs one host sync (reading the accepted tokens). Sampled multi-draft rules
+(rrs, rrs-wo, spechub) verify eagerly on the graph's logits.
 """
 from __future__ import annotations
 
@@ -17,9 +22,10 @@ from typing import Callable
 import torch
 
 from .errors import SpecqError
-from .models.llama import KVCache, Transformer, block_mask, causal_mask
+from .models.llama import KVCache, Transformer, causal_mask
 from .sampling import SamplingParams, probs, sample
 from .spec.base import Draft, Proposer
+from .spec.graphs import bucket, runner_for
 from .spec.metrics import Clock, Metrics
 from .spec.verify import verify
 
@@ -41,36 +47,46 @@ def draw(p: torch.Tensor, sp: SamplingParams, gen) -> int:
     return int(p.argmax()) if sp.greedy else int(sample(p, gen))
 
 
-def forward_tree(model: Transformer, tokens: torch.Tensor, d: Draft, L: int):
-    """Run a draft tree (tokens [N] on the model's device) at cache slots L..L+N-1 -> logits [N, V], hidden [N, D]."""
+def tree_arrays(d: Draft, dev):
+    """(parents, depth, ancestor mask) of a draft on dev; precomputed ones are used as they are."""
+    par = d.parents.to(dev)
+    if d.depth is not None and d.anc is not None:
+        return par, d.depth.to(dev), d.anc.to(dev)
+    n = len(d)
+    if d.is_chain():
+        return par, torch.arange(n, device=dev), torch.ones(n, n, dtype=torch.bool, device=dev).tril()
+    return par, d.depths().to(dev), d.ancestor_mask().to(dev)
+
+
+def step_tree(model: Transformer, d: Draft, L: int, sp: SamplingParams, method: str | None, gen, runner=None):
+    """One verification of draft d (N nodes) at cache slots L..L+N-1: forward, verify, keep the accepted
+    path's K/V at slots L..
+
+    -> (new, acc, toks, hidden, logits): new = accepted draft tokens then the emitted next token (host list);
+    acc [a] long on device = node indices of root + accepted path; toks [>= N], hidden [>= N, D], logits
+    [>= N, V] = the forward's ids / final-norm features / logits (static buffers on GPU: use before the
+    next step). Greedy and target-sampled walks run inside the forward's CUDA graph (one host sync)."""
     dev, S, N = model.device, model.cache_size, len(d)
     if L + N > S:
         raise SpecqError(f"draft of {N} nodes at position {L} does not fit the cache of {S} slots")
-    slots = torch.arange(L, L + N, device=dev)
-    if N == 1:
-        return model(tokens, slots, slots, causal_mask(L, 1, S, dev))
-    pos = L + d.depths().to(dev)
-    return model(tokens, pos, slots, block_mask(L, d.ancestor_mask().to(dev), S))
-
-
-def verify_tree(model: Transformer, d: Draft, tokens: torch.Tensor, logits, sp, method, gen, L: int):
-    """Verify a forwarded draft and keep its accepted path's K/V at slots L.. -> (acc, token, p).
-
-    acc [a] long on device = node indices of root + accepted path (a = 1 + accepted drafts);
-    p [N, V] = the model's probabilities at the nodes (None for a greedy 1-node draft)."""
-    dev = model.device
-    if len(d) == 1 and sp.greedy:                           # plain greedy step
-        return torch.zeros(1, dtype=torch.long, device=dev), int(logits[0].argmax()), None
-    p = probs(logits, sp)                                   # [N, V]
-    if len(d) == 1:
-        return torch.zeros(1, dtype=torch.long, device=dev), draw(p[0], sp, gen), p
+    runner = runner or runner_for(model)
+    rule = verify_method_for(d, sp, method)
+    par, depth, anc = tree_arrays(d, dev)
+    if rule in ("greedy", "target"):
+        logits, hidden, res, idx, toks = runner.tree(d.tokens, par, depth, anc, L, rule, sp, gen)
+        r = res.tolist()
+        a = r[0]
+        return r[3:2 + a] + [r[1]], idx[:a], toks, hidden, logits
+    logits, hidden, _, _, toks = runner.tree(d.tokens, par, depth, anc, L)
+    p = probs(logits[:N], sp)                                               # [N, V]
     if d.q is not None and d.q.device != p.device:
         d.q = d.q.to(p.device)
-    path, tok = verify(d, p, verify_method_for(d, sp, method), gen)
+    path, tok = verify(d, p, rule, gen)
     acc = torch.tensor([0] + list(path), dtype=torch.long, device=dev)
     if path:
         model.keep(L + acc, torch.arange(L, L + acc.shape[0], device=dev))
-    return acc, tok, p
+    new = (toks[acc[1:]].tolist() if path else []) + [tok]
+    return new, acc, toks, hidden, logits
 
 
 class NoDraft(Proposer):
@@ -79,7 +95,8 @@ class NoDraft(Proposer):
     max_nodes = 1
 
     def propose(self, root, sp):
-        return Draft(torch.tensor([root]), torch.tensor([-1]))
+        return Draft(torch.tensor([root]), torch.tensor([-1]), depth=torch.zeros(1, dtype=torch.long),
+                     anc=torch.ones(1, 1, dtype=torch.bool))
 
 
 def owned_models(prop) -> list:
@@ -99,9 +116,13 @@ def ensure_cache(model: Transformer, size: int) -> None:
 
 class SpecEngine:
     def __init__(self, target: Transformer, proposer: Proposer | None = None, sp: SamplingParams = SamplingParams(),
-                 verify_method: str | None = None, max_len: int | None = None, seed: int | None = None):
-        """verify_method None/"auto" picks the lossless verifier for each draft; at T=0 it is always greedy."""
+                 verify_method: str | None = None, max_len: int | None = None, seed: int | None = None,
+                 split_times: bool | None = None):
+        """verify_method None/"auto" picks the lossless verifier for each draft; at T=0 it is always greedy.
+        split_times: synchronize the GPU at every phase boundary so Metrics' draft / verify split is exact
+        (default: only off CUDA; on CUDA the split is host time and the GPU runs ahead)."""
         self.target, self.proposer, self.sp = target, proposer or NoDraft(), sp
+        self.split_times = target.device.type != "cuda" if split_times is None else split_times
         if verify_method in ("auto", "none"):
             verify_method = None
         if verify_method is not None and verify_method not in VERIFY_METHODS:
@@ -141,7 +162,8 @@ class SpecEngine:
         if need > self.max_len:
             raise SpecqError(f"prompt ({P}) + max_new_tokens ({max_new_tokens}) + draft ({extra}) = {need} tokens "
                              f"exceeds the context of {self.max_len}")
-        ensure_cache(T, min(self.max_len, -(-need // 256) * 256))
+        # + padding of the largest draft to its bucket + the scratch slot padded rows write (spec/graphs.py)
+        ensure_cache(T, min(self.max_len, -(-(need - extra + bucket(extra) + 1) // 256) * 256))
         S = T.cache_size
         if hasattr(prop, "setup"):
             prop.setup(S)
@@ -158,7 +180,8 @@ class SpecEngine:
                 return False
             return t not in eos and len(out) < max_new_tokens
 
-        clock = Clock(dev)
+        clock = Clock(dev, sync=self.split_times)
+        runner = runner_for(T)
         m = Metrics(prompt_tokens=P)
         t0 = clock()
         ids = ids.to(dev)
@@ -172,17 +195,14 @@ class SpecEngine:
             prop.prefill(ids, hidden, first)
         t2 = clock()
         m.t_draft += t2 - t1
-        L = P                                                   # tokens whose K/V the target cache holds
+        L, root = P, first                                      # tokens whose K/V the target cache holds
         while going:
             ta = clock()
-            d = prop.propose(out[-1], sp)
+            d = prop.propose(root, sp)
             tb = clock()
-            toks = d.tokens.to(dev)
-            logits, hidden = forward_tree(T, toks, d, L)
-            acc, tok, _ = verify_tree(T, d, toks, logits, sp, self.verify_method, gen, L)
+            new, acc, toks, hidden, _ = step_tree(T, d, L, sp, self.verify_method, gen, runner)
             a = acc.shape[0]
             L += a
-            new = toks[acc[1:]].tolist() + [tok] if a > 1 else [tok]
             tc = clock()
             m.record(len(d), a - 1)
             for t in new:
@@ -190,8 +210,9 @@ class SpecEngine:
                 if not going:
                     break
             td = clock()
+            root = new[-1]
             if going:
-                prop.commit(toks[acc], hidden[acc], tok)
+                prop.commit(toks[acc], hidden[acc], root)
             te = clock()
             m.t_draft += (tb - ta) + (te - td)
             m.t_verify += tc - tb

@@ -57,6 +57,66 @@ def plan(T: dict[int, float], acc: list[float], t_draft: float, max_k: int = 16,
     return sorted(out, key=lambda x: -x[1])
 
 
+def interp(T: dict[int, float]):
+    """Piecewise-linear T(m) through the measured points; beyond the last, proportional to m."""
+    ms = sorted(T)
+
+    def t_of(m):
+        if m in T:
+            return T[m]
+        lo = max([x for x in ms if x <= m], default=ms[0])
+        hi = min([x for x in ms if x >= m], default=ms[-1])
+        if lo == hi:
+            return T[lo] * m / lo
+        return T[lo] + (T[hi] - T[lo]) * (m - lo) / (hi - lo)
+    return t_of
+
+
+def plan_structures(T: dict[int, float], profile: dict, costs: dict, plain_s: float | None = None,
+                    max_chain: int = 8, hier_ms=range(2, 11), hier_tree: str = "tree-30-d3") -> list[dict]:
+    """Rank draft structures by expected tokens/s from a target latency curve and an acceptance profile.
+
+    T: {M: seconds} target forward over M tokens; profile: specq.bench.controlled.load_profile();
+    costs (seconds, each optional): chain_token = one draft-model token; tree = {structure: EAGLE draft time
+    per step}; keep = moving an accepted tree path's K/V; hier_round = one tree drafted on and verified by
+    the intermediate model; int_token = one intermediate forward (after a fully accepted chain);
+    step = fixed per-step overhead. plain_s: seconds per plainly decoded token (default T(1)).
+    -> [{name, kind, size, tau, step_s, tok_s}] best first; "none" is plain decoding."""
+    from .controlled import chain_cond, expected_accepted, hier_stats, struct_depth
+    if not T or 1 not in T:
+        raise SpecqError("the latency curve needs T(1)")
+    t_of, st = interp(T), costs.get("step", 0.0)
+    cc = chain_cond(profile)
+    out = [dict(name="none", kind="none", size=0, tau=1.0, step_s=plain_s or T[1])]
+    if costs.get("chain_token") is not None:
+        for k in range(1, min(max_chain, profile["structures"]["chain"]["max_depth"]) + 1):
+            out.append(dict(name=f"chain-{k}", kind="chain", size=k, tau=1 + expected_accepted(cc, k),
+                            step_s=t_of(k + 1) + k * costs["chain_token"] + st))
+    for name, td in (costs.get("tree") or {}).items():
+        s = profile["structures"][name]
+        out.append(dict(name=name, kind="tree", size=s["nodes"], tau=1 + expected_accepted(s["cond"], struct_depth(profile, name)),
+                        step_s=t_of(s["nodes"]) + td + costs.get("keep", 0.0) + st))
+    if costs.get("hier_round") is not None and hier_tree in profile["structures"]:
+        tc = profile["structures"][hier_tree]["cond"]
+        for m in hier_ms:
+            ends, rounds = hier_stats(tc, struct_depth(profile, hier_tree), m)
+            tau = sum(p * (1 + expected_accepted(cc, n)) for n, p in ends.items())
+            full = sum(p * _all(cc, n) for n, p in ends.items())          # P(whole linear draft accepted)
+            t = sum(p * t_of(n + 1) for n, p in ends.items()) + rounds * costs["hier_round"]
+            out.append(dict(name=f"hier-{m}", kind="hier", size=m, tau=tau,
+                            step_s=t + full * costs.get("int_token", 0.0) + st))
+    for r in out:
+        r["tok_s"] = r["tau"] / r["step_s"]
+    return sorted(out, key=lambda r: -r["tok_s"])
+
+
+def _all(cond, n):  # probability that all n drafts of a chain are accepted
+    p = 1.0
+    for d in range(n):
+        p *= cond[d] if d < len(cond) else 0.0
+    return p
+
+
 def time_forward(model, M: int, reps: int = 10, ctx: int = 256) -> float:
     """Median seconds of one target forward of M new tokens after ctx cached tokens."""
     from ..models.llama import causal_mask
@@ -147,3 +207,80 @@ def add_parser(bsub):
     s.add_argument("--draft-ms", type=float, default=1.0, help="planner: milliseconds per drafted token (default 1.0)")
     s.add_argument("--out", default=None, help="write JSON here (and a .png plot beside it)")
     s.set_defaults(func=main)
+
+
+def _median_s(fn, reps: int, cuda: bool) -> float:
+    ts = []
+    for r in range(reps + 1):
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+        if r:
+            ts.append(time.perf_counter() - t0)
+    ts.sort()
+    return ts[len(ts) // 2]
+
+
+@torch.no_grad()
+def auto_spec(llm, eagle_head: str | None = None, draft_model: str | None = None, profile: str | None = None,
+              reps: int = 3, tree_depth: int = 6) -> dict:
+    """`--spec auto`: measure, on the current device, plain decoding (specq's Decoder), the target's T(M)
+    and per-step engine overhead, and the drafting time of the proposers available (the EAGLE head, at
+    each tree size the acceptance profile has; a draft model's token if one was given), then rank with
+    plan_structures. Acceptance comes from the stored profile (measured on SmolLM2 with real drafts).
+    -> {"spec": kwargs for make_proposer_factory (method "none" = plain), "ranked": [...], "profile": path}."""
+    from pathlib import Path as _P
+    from ..engine import SpecEngine
+    from ..generate import Decoder
+    from ..models.llama import causal_mask
+    from ..sampling import SamplingParams
+    from ..spec.factory import BUNDLED_EAGLE, _load_side_model
+    from .controlled import load_profile
+    prof = load_profile(profile)
+    model, dev = llm.model, llm.model.device
+    cuda = dev.type == "cuda"
+    V = model.cfg.vocab_size
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, V, (32,), generator=g)
+    dec = Decoder(model, 64)
+    dec.step_greedy(int(dec.prefill(prompt).argmax()))
+    plain_s = _median_s(lambda: dec.step_greedy(None), 8, cuda)
+    del dec
+    T = {M: time_forward(model, M, reps, ctx=64) for M in (1, 2, 4, 8, 16, 32, 64)}
+    _, m = SpecEngine(model, None, SamplingParams(), seed=0, max_len=256).generate(prompt.tolist(), 12)
+    costs: dict = {"step": max(0.0, (m.t_total - m.t_prefill) / max(m.steps, 1) - T[1]), "tree": {}}
+    head_dir = eagle_head or BUNDLED_EAGLE.get(llm.model_name)
+    if head_dir is not None and _P(head_dir).exists():
+        from ..spec.eagle import EagleProposer, load_head
+        head = load_head(str(head_dir), model)
+        model.setup_cache(256)
+        pos = torch.arange(32, device=dev)
+        logits, h = model(prompt.to(dev), pos, pos, causal_mask(0, 32, 256, dev))
+        for name, s in prof["structures"].items():
+            sp = s.get("spec", {})
+            if sp.get("method") != "eagle" or sp.get("depth") != tree_depth:
+                continue
+            prop = EagleProposer(head, model, top_k=sp.get("top_k", 10), depth=tree_depth, total_tokens=s["nodes"])
+            prop.setup(256)
+            prop.prefill(prompt.to(dev), h, int(logits[-1].argmax()))
+            t = _median_s(lambda: prop.propose(int(prompt[-1]), SamplingParams()), reps, cuda)
+            costs["tree"][name] = t * (tree_depth + 2) / (tree_depth + 1)   # + the commit's head forward
+        src = torch.arange(40, 44, device=dev)
+        costs["keep"] = _median_s(lambda: model.keep(src, src - 8), reps, cuda)
+    if draft_model:
+        dm = _load_side_model(llm, draft_model, "draft model")
+        costs["chain_token"] = time_forward(dm, 1, reps, ctx=64)
+    ranked = plan_structures(T, prof, costs, plain_s=plain_s)
+    best = ranked[0]
+    if best["kind"] == "tree":
+        s = prof["structures"][best["name"]]["spec"]
+        spec = dict(method="eagle", total_tokens=best["size"], depth=s["depth"], top_k=s.get("top_k", 10),
+                    eagle_head=str(head_dir))
+    elif best["kind"] == "chain":
+        spec = dict(method="draft", k=best["size"], draft_model=draft_model)
+    else:
+        spec = dict(method="none")
+    return {"spec": spec, "choice": best["name"], "ranked": ranked, "profile": prof["source"]}

@@ -22,17 +22,24 @@ from ..errors import SpecqError
 DEFAULT_METHODS = "ngram,eagle,draft,hier"
 
 
-def parse_methods(s: str) -> list[tuple[str, str]]:
-    """"ngram,eagle,multi:rrs" -> [("ngram", "auto"), ("eagle", "auto"), ("multi", "rrs")]."""
+def parse_methods(s: str) -> list[tuple[str, str, tuple | None]]:
+    """"ngram@0,eagle,multi:rrs@0.7" -> [("ngram", "auto", (0.0,)), ("eagle", "auto", None), ("multi", "rrs", (0.7,))].
+    method[:verify][@T1/T2...]: without @ a method runs at every --temperatures value, with @ only at those."""
     out = []
     for item in s.split(","):
         item = item.strip()
         if not item:
             continue
+        item, _, ts = item.partition("@")
         m, _, v = item.partition(":")
         if m not in ("none", "ngram", "eagle", "draft", "multi", "hier"):
-            raise SpecqError(f"unknown method {m!r} in --methods (none, ngram, eagle, draft, multi[:verify], hier)")
-        out.append((m, v or "auto"))
+            raise SpecqError(f"unknown method {m!r} in --methods (none, ngram, eagle, draft, multi[:verify], hier; "
+                             "optionally @T1/T2 for its temperatures)")
+        try:
+            temps = tuple(float(t) for t in ts.split("/")) if ts else None
+        except ValueError:
+            raise SpecqError(f"bad temperatures {ts!r} in --methods item {item!r}") from None
+        out.append((m, v or "auto", temps))
     if not out:
         raise SpecqError("--methods is empty")
     return out
@@ -43,13 +50,14 @@ def sync():
         torch.cuda.synchronize()
 
 
-def run_plain(llm, prompts, max_new, sp, seed):
-    """Plain decoding (CUDA-graph step on GPU): per prompt (tokens, seconds)."""
+def run_plain(llm, prompts, max_new, sp, seed, decoder=None):
+    """Plain decoding (CUDA-graph step on GPU): per prompt (tokens, seconds). A shared decoder keeps its
+    graph across prompts (steady-state speed, as the speculative engine keeps its graphs)."""
     from ..generate import generate
     res = []
     for ids in prompts:
         sync(); t0 = time.perf_counter()
-        out = generate(llm.model, ids, max_new, sp, eos_ids=llm.tok.eos_ids, seed=seed)
+        out = generate(llm.model, ids, max_new, sp, eos_ids=llm.tok.eos_ids, seed=seed, decoder=decoder)
         sync(); res.append((out, time.perf_counter() - t0))
     return res
 
@@ -67,20 +75,29 @@ def run_spec(llm, factory, prompts, max_new, sp, seed):
 
 
 def bench(llm, methods, temperatures, bench_name="spec_bench", per_category=10, max_new=128, seed=0,
-          spec_kw=None, progress=True, warmup=1):
+          spec_kw=None, progress=True, warmup=1, on_rows=None):
+    """Rows per (method, verify, temperature, category). Each method first decodes the longest prompt
+    (untimed: CUDA graphs are captured and caches sized for every question). on_rows(rows) is called
+    after every method (partial results survive a time limit)."""
     from ..data import bench_questions
     from ..sampling import SamplingParams
     from ..spec.factory import make_proposer_factory
     qs = bench_questions(bench_name, per_category)
     cats = [q.get("category", "all") for q in qs]
     prompts = [llm.tok.chat([{"role": "user", "content": q["turns"][0]}]) for q in qs]
+    longest = [max(prompts, key=len)]
+    methods = [tuple(x) + (None,) * (3 - len(x)) for x in methods]         # (method, verify[, temperatures])
+    temperatures = list(temperatures) + sorted({t for *_, ts in methods if ts for t in ts} - set(temperatures))
     rows, greedy_ref = [], None
-    total = len(temperatures) * (len(methods) + 1) * len(prompts)
-    bar = tqdm(total=total, desc="bench spec", disable=not progress, file=sys.stderr)
+    n_runs = sum(1 + sum(1 for m, v, ts in methods if m != "none" and (ts is None or T in ts)) for T in temperatures)
+    bar = tqdm(total=n_runs * len(prompts), desc="bench spec", disable=not progress, file=sys.stderr)
+    t_start = time.time()
     for T in temperatures:
         sp = SamplingParams(T)
-        run_plain(llm, prompts[:warmup], 16, sp, seed)                 # warm-up: graph capture, allocator
-        base = run_plain(llm, prompts, max_new, sp, seed); bar.update(len(prompts))
+        from ..generate import Decoder
+        dec = Decoder(llm.model, len(longest[0]) + max_new)                # one decoder, one graph, every prompt
+        run_plain(llm, longest, max_new, sp, seed, dec)                     # warm-up: graph capture, allocator
+        base = run_plain(llm, prompts, max_new, sp, seed, dec); bar.update(len(prompts))
         base_tps = {c: [0, 0.0] for c in set(cats) | {"overall"}}
         for c, (out, dt) in zip(cats, base):
             for k in (c, "overall"):
@@ -88,15 +105,17 @@ def bench(llm, methods, temperatures, bench_name="spec_bench", per_category=10, 
         for k, (n, dt) in sorted(base_tps.items()):
             rows.append(dict(method="none", verify="-", temperature=T, category=k, tau=1.0, tok_s=n / dt,
                              speedup=1.0, tokens=n))
+        print(f"bench spec: plain T={T}: {base_tps['overall'][0] / base_tps['overall'][1]:.1f} tok/s "
+              f"({time.time() - t_start:.0f}s)", file=sys.stderr, flush=True)
         if T == 0:
             greedy_ref = [o for o, _ in base]
-        for m, v in methods:
-            if m == "none":
+        for m, v, ts in methods:
+            if m == "none" or (ts is not None and T not in ts):
                 continue
             if T > 0 and v == "greedy":
                 continue
             factory = make_proposer_factory(llm, m, verify=v, **(spec_kw or {}))
-            run_spec(llm, factory, prompts[:warmup], 16, sp, seed)
+            run_spec(llm, factory, longest, max_new, sp, seed)          # warm-up: graphs, cache sizes
             res = run_spec(llm, factory, prompts, max_new, sp, seed); bar.update(len(prompts))
             agg = defaultdict(lambda: [0, 0.0, 0, 0])  # tokens, seconds, steps, emitted
             mismatch = 0
@@ -113,6 +132,11 @@ def bench(llm, methods, temperatures, bench_name="spec_bench", per_category=10, 
                 if T == 0:
                     row["greedy_mismatches"] = mismatch if k == "overall" else None
                 rows.append(row)
+            o = agg["overall"]
+            print(f"bench spec: {m}:{v} T={T}: tau {o[3] / max(o[2], 1):.2f}, {o[0] / o[1]:.1f} tok/s "
+                  f"({time.time() - t_start:.0f}s)", file=sys.stderr, flush=True)
+            if on_rows is not None:
+                on_rows(rows)
     bar.close()
     return rows
 
@@ -153,23 +177,31 @@ def main(a) -> int:
     llm = LLM(a.model, device=a.device, dtype=a.dtype, quant=quant)
     spec_kw = dict(k=a.draft_len, n_drafts=a.n_drafts, eagle_head=a.eagle_head, draft_model=a.draft_model,
                    intermediate=a.intermediate)
-    rows = bench(llm, methods, temps, a.bench, a.per_category, a.max_new_tokens, a.seed, spec_kw, not a.no_progress)
     dev = torch.cuda.get_device_name() if llm.device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()})"
-    for r in rows:
-        r["device"] = dev
-        r["format"] = a.format
-    res = {"rows": rows, "model": a.model, "format": a.format, "bench": a.bench, "per_category": a.per_category,
+    res = {"rows": [], "model": a.model, "format": a.format, "bench": a.bench, "per_category": a.per_category,
            "max_new_tokens": a.max_new_tokens, "command": "specq " + " ".join(sys.argv[1:]), "device": dev,
            "torch": torch.__version__, "date": datetime.date.today().isoformat(),
            "note": "speedup = tok/s over plain decoding (specq, CUDA-graph step on GPU) of the same model and format "
                    "in the same run; tau = tokens emitted per target forward, bonus included"}
-    md = markdown(rows)
-    print(md)
+
+    def save(rows, final=False):
+        for r in rows:
+            r["device"] = dev
+            r["format"] = a.format
+        res["rows"] = rows
+        res["complete"] = final
+        if a.out:
+            out = Path(a.out)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(res, indent=2))
+            out.with_suffix(".md").write_text(markdown(rows) + "\n")
+
+    rows = bench(llm, methods, temps, a.bench, a.per_category, a.max_new_tokens, a.seed, spec_kw, not a.no_progress,
+                 on_rows=save)
+    save(rows, final=True)
+    print(markdown(rows))
     if a.out:
         out = Path(a.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(res, indent=2))
-        out.with_suffix(".md").write_text(md + "\n")
         plot(rows, out.with_suffix(".png"))
         print(f"wrote {out}, {out.with_suffix('.md')}, {out.with_suffix('.png')}", file=sys.stderr)
     return 0

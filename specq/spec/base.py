@@ -8,6 +8,8 @@ A chain is a tree whose nodes each have at most one child.
     parents [N] long   parent index, parents[0] = -1
     q       [N, V]     draft distribution (after the shared sampling transform) from which node
                        i's children were drawn; None for drafts without probabilities (n-gram)
+    depth   [N] long   optional: depth of each node, precomputed by the proposer (on its device)
+    anc     [N, N]     optional: ancestor mask (bool), precomputed likewise
 """
 from __future__ import annotations
 
@@ -22,11 +24,18 @@ class Draft:
     parents: torch.Tensor
     q: torch.Tensor | None = None
     scheme: str = "iid"   # how sibling drafts were drawn: "iid", "wo" (without replacement), "spechub"
+    depth: torch.Tensor | None = None
+    anc: torch.Tensor | None = None
 
     def __len__(self):
         return int(self.tokens.shape[0])
 
+    def is_chain(self) -> bool:
+        return bool(torch.equal(self.parents.cpu(), torch.arange(-1, len(self) - 1)))
+
     def depths(self) -> torch.Tensor:  # [N] depth of each node (root 0)
+        if self.depth is not None:
+            return self.depth
         d = torch.zeros(len(self), dtype=torch.long)
         par = self.parents.tolist()
         for i in range(1, len(self)):
@@ -34,6 +43,8 @@ class Draft:
         return d
 
     def ancestor_mask(self) -> torch.Tensor:  # [N, N] bool: node i attends to j iff j is i or an ancestor
+        if self.anc is not None:
+            return self.anc
         n = len(self)
         m = torch.eye(n, dtype=torch.bool)
         par = self.parents.tolist()

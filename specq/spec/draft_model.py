@@ -30,7 +30,7 @@ class DraftModelProposer(Proposer):
         self.last = None                 # (tokens list, children lists, fed node count) of the last draft
 
     def setup(self, size: int) -> None:
-        """Cache slots needed: the engine passes its target cache size (context + largest draft)."""
+        """Cache slots needed: the engine passes its target cache size (context + largest draft + padding)."""
         from ..engine import ensure_cache
         ensure_cache(self.model, size)
 
@@ -50,20 +50,25 @@ class DraftModelProposer(Proposer):
 
     @torch.no_grad()
     def propose(self, root: int, sp) -> Draft:
+        from .graphs import runner_for
         M, dev = self.model, self.model.device
+        run = runner_for(M)
         base = len(self.ctx)
         self._room(base + self.max_nodes)
         S = M.cache_size
         # depth 0: whatever the cache lacks, then the root (slot base)
-        pend = torch.tensor(self.ctx[self.n_cached:] + [root], device=dev)
         st = self.n_cached
-        pos = torch.arange(st, st + pend.shape[0], device=dev)
-        lg = M(pend, pos, pos, causal_mask(st, pend.shape[0], S, dev), return_hidden=False,
-               logits_rows=slice(pend.shape[0] - 1, pend.shape[0]))           # [1, V]
+        n0 = base + 1 - st
+        pend = torch.tensor(self.ctx[st:] + [root], device=dev)
+        pos = torch.arange(st, st + n0, device=dev)
+        if n0 <= 8:                                                           # usually the root and a leaf
+            lg = run.forward(pend, pos, pos, causal_mask(st, n0, S, dev), base)[0][n0 - 1:]   # [1, V]
+        else:
+            lg = M(pend, pos, pos, causal_mask(st, n0, S, dev), return_hidden=False, logits_rows=slice(n0 - 1, n0))
         self.n_cached = base
         anc = torch.zeros(self.max_nodes, self.max_nodes, dtype=torch.bool, device=dev)
         anc[0, 0] = True
-        toks, qs, parents = [torch.tensor([root], device=dev)], [], [-1]
+        toks, qs, parents, depth = [torch.tensor([root], device=dev)], [], [-1], [0]
         lo, hi = 0, 1                                                         # node range of the current level
         for d in range(self.k):
             q = probs(lg, sp)                                                 # [W, V]
@@ -75,23 +80,25 @@ class DraftModelProposer(Proposer):
                 ok = (ch >= 0).tolist()
                 par, ch = [i for i, o in zip(par, ok) if o], ch[torch.tensor(ok, device=dev)]
             parents += par
+            depth += [d + 1] * len(par)
             toks.append(ch)
             nlo, nhi = hi, hi + len(par)
-            if d == self.k - 1:
-                break                                                         # leaves are not fed
             idx = torch.arange(nlo, nhi, device=dev)
             anc[idx] = anc[torch.tensor(par, device=dev)]
             anc[idx, idx] = True
+            if d == self.k - 1:
+                break                                                         # leaves are not fed
             mask = torch.zeros(nhi - nlo, S, dtype=torch.bool, device=dev)
             mask[:, :base] = True
             mask[:, base:base + nhi] = anc[nlo:nhi, :nhi]
-            lg = M(ch, torch.full_like(idx, base + d + 1), base + idx, mask, return_hidden=False)
+            lg = run.forward(ch, torch.full_like(idx, base + d + 1), base + idx, mask, base + nhi - 1)[0]
             lo, hi = nlo, nhi
         tokens = torch.cat(toks)
         N = tokens.shape[0]
         q = torch.cat(qs + [torch.zeros(N - hi, qs[0].shape[-1], device=dev)])  # leaves: no q (never drawn from)
-        self.last = (tokens.tolist(), Draft(tokens, torch.tensor(parents)).children(), hi)
-        return Draft(tokens, torch.tensor(parents), q, self.scheme)
+        par_t = torch.tensor(parents)
+        self.last = (tokens.tolist(), Draft(tokens, par_t).children(), hi)
+        return Draft(tokens, par_t, q, self.scheme, depth=torch.tensor(depth), anc=anc[:N, :N])
 
     def _match(self, acc: list[int]) -> list[int]:
         """Node indices of the last draft spelling acc (root first); longest match if none is complete."""

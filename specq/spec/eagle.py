@@ -11,9 +11,11 @@ the published EAGLE-1/2 layout (fc.weight, fc.bias, layers.0.self_attn.{q,k,v,o}
 layers.0.mlp.{gate,up,down}_proj.weight, layers.0.post_attention_layernorm.weight) + config.json.
 
 Proposer state: the head's own static KV cache holds positions 0..L-1, position j built from the
-target's true feature f_j. propose() grows the EAGLE-2 tree (tree.grow) in cache slots L.. using the
-head's own outputs as features; commit() rewrites slots L..L+a-1 with the accepted tokens' true
-target features (the tree slots are simply overwritten / no longer attended).
+target's true feature f_j, and head.outs[j] its output there. propose() grows the EAGLE-2 tree
+(tree.grow) in cache slots L.. from head.outs[L-1], each deeper level fed the head's own outputs at
+its parents as features; commit() rewrites slots L..L+a-1 with the accepted tokens' true target
+features (the tree slots are simply overwritten / no longer attended). Both are static-shape steps
+(tensors for L, padded commits): eager on CPU, CUDA graphs on GPU, cached on the head.
 
 Losslessness: the tree is built by top-k selection, so its nodes are NOT samples from the head's
 distribution. Pairing it with sampled multi-draft verification (RRS / SpecHub) would be lossy, so
@@ -31,9 +33,9 @@ import torch.nn.functional as F
 
 from ..errors import SpecqError
 from ..models.config import ModelConfig, rope_inv_freq
-from ..models.llama import Block, KVCache, causal_mask, rotate
+from ..models.llama import Block, KVCache, rotate
 from .base import Draft, Proposer
-from .tree import grow
+from .tree import ancestors_static, grow
 
 
 class EagleHead(nn.Module):
@@ -46,7 +48,9 @@ class EagleHead(nn.Module):
         self.layers = nn.ModuleList([Block(cfg)])
         self.layers[0].input_layernorm = nn.Identity()     # EAGLE layer 0 has no input norm
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+        self.register_buffer("outs", None, persistent=False)   # [cache, D] head outputs per position
         self.cache_size = 0
+        self.graphs = None                                 # GraphCache of the proposer's CUDA graphs
         self.shared: dict = {}                             # target's embed / lm_head, not submodules
         if embed is not None:
             self.bind(embed, lm_head)
@@ -81,13 +85,18 @@ class EagleHead(nn.Module):
         return self.fc(x)
 
     def setup_cache(self, size: int, dtype=None, device=None):
+        """KV cache and output rows (`outs`, read by the proposer) for `size` positions; growing keeps both."""
         a = self.layers[0].self_attn
-        old = a.cache
-        a.cache = KVCache(a.nkv, size, a.hd, dtype or self.dtype, device or self.fc.weight.device)
+        old, old_outs = a.cache, self.outs
+        dtype, device = dtype or self.dtype, device or self.fc.weight.device
+        a.cache = KVCache(a.nkv, size, a.hd, dtype, device)
+        self.outs = torch.zeros(size, self.cfg.hidden_size, dtype=dtype, device=device)
         if old is not None:   # growing: keep what is there
             n = min(size, old.k.shape[1])
             a.cache.k[:, :n] = old.k[:, :n]
             a.cache.v[:, :n] = old.v[:, :n]
+            if old_outs is not None:
+                self.outs[:n] = old_outs[:n]
         self.cache_size = size
 
     def forward(self, ids, feats, pos, slots, mask):
@@ -112,6 +121,50 @@ class EagleHead(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         x = x + a.o_proj(y.transpose(1, 2).reshape(B, T, a.nh * a.hd))
         return x + blk.mlp(blk.post_attention_layernorm(x))
+
+    def forward_unrolled(self, ids, feats, steps: int = 0) -> list:
+        """Training path that also runs the head on its own predictions, as the tree does at depth > 1.
+
+        ids [B, T] (t_{j+1}), feats [B, T, D] (f_j) -> [out_0, ..., out_steps], each [B, T, D].
+        out_0[j] = forward_seq (true features, predicts f_{j+1}). Step s >= 1 at index j is the tree node
+        at depth s+1 when positions 0..j are committed: input (t_{j+1+s}, out_{s-1}[j]) at rope position
+        j+s, attending the true-feature keys at positions <= j, the keys of steps 1..s-1 at index j (its
+        tree ancestors) and its own; it predicts f_{j+1+s}. Indices j >= T-s are padding (callers mask)."""
+        B, T = ids.shape
+        blk = self.layers[0]
+        a = blk.self_attn
+        rep = a.nh // a.nkv
+        dev = ids.device
+
+        def qkv(x, pos):
+            cos, sin = self.rope(pos)
+            q, k, v = a.qkv_proj(x).split([a.nh * a.hd, a.nkv * a.hd, a.nkv * a.hd], dim=-1)
+            q = rotate(q.view(B, T, a.nh, a.hd).transpose(1, 2), cos, sin)      # [B, H, T, hd]
+            k = rotate(k.view(B, T, a.nkv, a.hd).transpose(1, 2), cos, sin)
+            v = v.view(B, T, a.nkv, a.hd).transpose(1, 2)
+            return q, k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+
+        def finish(x, y):
+            x = x + a.o_proj(y.transpose(1, 2).reshape(B, T, a.nh * a.hd))
+            return x + blk.mlp(blk.post_attention_layernorm(x))
+
+        ar = torch.arange(T, device=dev)
+        x = self.inputs(ids, feats)
+        q, k0, v0 = qkv(x, ar)
+        outs = [finish(x, F.scaled_dot_product_attention(q, k0, v0, is_causal=True))]
+        causal = ar[None, :] <= ar[:, None]                                      # [T, T]
+        eye = torch.eye(T, dtype=torch.bool, device=dev)
+        ks, vs = [k0], [v0]
+        for s in range(1, steps + 1):
+            ids_s = torch.cat([ids[:, s:], ids.new_zeros(B, min(s, T))], 1)[:, :T]
+            x = self.inputs(ids_s, outs[-1])
+            q, k, v = qkv(x, ar + s)
+            ks.append(k)
+            vs.append(v)
+            mask = torch.cat([causal] + [eye] * s, 1)                          # [T, (s+1) T]
+            y = F.scaled_dot_product_attention(q, torch.cat(ks, 2), torch.cat(vs, 2), attn_mask=mask)
+            outs.append(finish(x, y))
+        return outs
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -241,14 +294,21 @@ def load_head(path, target=None, dtype=None, device=None) -> EagleHead:
 
 class EagleProposer(Proposer):
     """EAGLE-2 dynamic-tree proposer. total_tokens counts the root: drafts have <= total_tokens nodes,
-    paths up to depth + 1 drafted tokens, and each propose() runs `depth` head forwards of top_k tokens."""
+    paths up to depth + 1 drafted tokens, and each propose() runs `depth` head forwards of top_k tokens.
+    Defaults 16 / 5 / 80: on SmolLM2 + the bundled head (Spec-Bench, 26 questions, T=0) tau 2.19 vs 2.09
+    for 10 / 6 / 60 (bench/spec_tau_sim.py); the head's depth-1 recall is the bottleneck, so width pays.
+
+    Drafts carry their depths and ancestor mask (on the head's device). On CUDA, propose() and
+    commit() are CUDA graphs (one for the whole tree growth; one per padded commit size), kept on
+    the head and reused by later proposers of the same head; no host syncs."""
 
     name = "eagle"
 
-    def __init__(self, head: EagleHead, target, top_k: int = 10, depth: int = 6, total_tokens: int = 60):
+    def __init__(self, head: EagleHead, target, top_k: int = 16, depth: int = 5, total_tokens: int = 80,
+                 graphs: bool | None = None):
         for n, v in (("top_k", top_k), ("depth", depth), ("total_tokens", total_tokens)):
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise SpecqError(f"invalid EAGLE {n} {v!r}: must be a positive integer")
+                raise SpecqError(f"invalid EAGLE {n} {v!r}: must be an integer >= 1")
         if total_tokens < 2:
             raise SpecqError(f"invalid EAGLE total_tokens {total_tokens}: must be >= 2 (root + one draft)")
         self.head, self.target = head, target
@@ -258,34 +318,101 @@ class EagleProposer(Proposer):
         self.depth, self.total_tokens = depth, total_tokens
         self.max_nodes = total_tokens   # the engine sizes caches with this
         self.len = 0          # head cache positions holding true target features
-        self.last = None      # [D] head output at position len-1 (predicts the root's feature)
-        self.outs = None      # [cache, D] head outputs at committed positions (for rollback)
+        self.use_graphs = self.device.type == "cuda" if graphs is None else graphs
 
     @property
     def device(self):
         return self.head.fc.weight.device
 
+    @property
+    def last(self):  # [D] head output at position len-1 (predicts the root's feature)
+        return self.head.outs[self.len - 1]
+
     def setup(self, size: int) -> None:
         """Preallocate for `size` committed positions (the target's cache size)."""
-        self._ensure(size + self.top_k * self.depth)
+        self._ensure(size)
 
     def _ensure(self, n: int):
-        if self.head.cache_size < n:
-            self.head.setup_cache(max(n, self.target.cache_size + self.top_k * self.depth, 2 * self.head.cache_size))
-        if self.outs is None or self.outs.shape[0] < self.head.cache_size:
-            outs = torch.zeros(self.head.cache_size, self.head.cfg.hidden_size, dtype=self.head.dtype, device=self.device)
-            if self.outs is not None:
-                outs[:self.outs.shape[0]] = self.outs
-            self.outs = outs
+        """Room for n committed positions + the tree slots + the scratch slot padded rows write."""
+        need = n + self.top_k * self.depth + 1
+        if self.head.cache_size < need:
+            self.head.setup_cache(max(need, self.target.cache_size + self.top_k * self.depth + 1, 2 * self.head.cache_size))
+
+    # -- static-shape steps (eager, or captured in CUDA graphs)
+    def _append_fn(self, ids, feats, L, n):
+        """Head forward over n of M rows with true features at positions L..L+n-1 (rows >= n: scratch).
+        ids [M], feats [M, D], L / n long [1]."""
+        head = self.head
+        S, M, dev = head.cache_size, ids.shape[0], ids.device
+        ar = torch.arange(M, device=dev)
+        real = ar < n
+        slots = torch.where(real, L + ar, S - 1)
+        j = torch.arange(S, device=dev)
+        mask = torch.where(real[:, None], j[None, :] <= (L + ar)[:, None], (j == S - 1)[None, :])
+        h = head(ids, feats, L + ar, slots, mask)
+        head.outs.index_copy_(0, slots, h.to(head.outs.dtype))
+
+    def _grow_fn(self, root, L):
+        """The EAGLE-2 tree after position L-1; root, L long [1] -> tokens, parents, depth [N], anc [N, N]."""
+        head, k = self.head, self.top_k
+        S, dev = head.cache_size, root.device
+        prefix = torch.arange(S, device=dev) < L                          # [S]
+        last = head.outs.index_select(0, L - 1)[0]                        # [D]
+        rows = torch.arange(k, device=dev)
+        st = {"i": 0, "out": None, "anc": None}
+
+        def step(toks, parent_pos):          # the k beams at depth i+1
+            i = st["i"]
+            slots = L + i * k + rows
+            if parent_pos is None:
+                feats = last.expand(k, -1)
+                anc = torch.zeros(k, S, dtype=torch.bool, device=dev)
+            else:
+                feats = st["out"][parent_pos]                             # the parents' own predicted features
+                anc = st["anc"][parent_pos]
+            anc.index_put_((rows, slots), torch.ones_like(rows, dtype=torch.bool))   # (no host scalar: graph-safe)
+            out = head(toks, feats, (L + i).expand(k), slots, anc | prefix)   # [k, D]
+            st.update(i=i + 1, out=out, anc=anc)
+            return torch.log_softmax(head.logits(out), dim=-1)
+
+        logp0 = torch.log_softmax(head.logits(last), dim=-1)              # [V]
+        tokens, parents, _, depth = grow(root, logp0, step, k, self.depth, self.total_tokens, levels=True)
+        return tokens, parents, depth, ancestors_static(parents, self.depth + 1)
+
+    # -- CUDA graphs, cached on the head
+    def _graph(self, key, make):
+        from .graphs import GraphCache
+        if self.head.graphs is None:
+            self.head.graphs = GraphCache()
+        gc = self.head.graphs
+        a = self.head.layers[0].self_attn.cache
+        gc.check((self.head.cache_size, a.k.data_ptr(), self.head.outs.data_ptr()))
+        return gc.get(key, make)
 
     def _run(self, ids, feats):  # append m positions with true features
-        m, L = ids.shape[0], self.len
-        self._ensure(L + m + self.top_k * self.depth)
-        slots = torch.arange(L, L + m, device=self.device)
-        mask = causal_mask(L, m, self.head.cache_size, device=self.device)
-        h = self.head(ids.to(self.device), feats.to(self.device), slots, slots, mask)
-        self.outs[L:L + m] = h
-        self.last = h[-1]
+        from .graphs import BUCKETS, bucket, capture
+        m, L, dev = ids.shape[0], self.len, self.device
+        self._ensure(L + m)
+        M = bucket(m)
+        if self.use_graphs and M in BUCKETS and M <= 64:
+            def build():
+                b = {"ids": torch.zeros(M, dtype=torch.long, device=dev),
+                     "feats": torch.zeros(M, self.head.cfg.hidden_size, dtype=self.head.dtype, device=dev),
+                     "L": torch.zeros(1, dtype=torch.long, device=dev), "n": torch.zeros(1, dtype=torch.long, device=dev)}
+                g, _ = capture(lambda: self._append_fn(b["ids"], b["feats"], b["L"], b["n"]))   # n = 0: scratch only
+                return g, b, None
+            entry = self._graph(("append", M), build)
+            if entry is not None:
+                g, b, _ = entry
+                b["ids"][:m].copy_(ids)
+                b["feats"][:m].copy_(feats)
+                b["L"].fill_(L)
+                b["n"].fill_(m)
+                g.replay()
+                self.len = L + m
+                return
+        Lt = torch.full((1,), L, dtype=torch.long, device=dev)
+        self._append_fn(ids.to(dev), feats.to(dev, self.head.dtype), Lt, torch.full((1,), m, device=dev))
         self.len = L + m
 
     def rollback(self, n: int) -> None:
@@ -293,45 +420,40 @@ class EagleProposer(Proposer):
         if not 0 < n <= self.len:
             raise SpecqError(f"cannot roll the EAGLE head back to {n} positions (it holds {self.len})")
         self.len = n
-        self.last = self.outs[n - 1]
 
     @torch.no_grad()
     def prefill(self, prompt, hidden, first):
         self.len = 0
-        ids = torch.cat([prompt.reshape(-1)[1:].to(self.device), torch.tensor([int(first)], device=self.device)])
+        ids = torch.cat([prompt.reshape(-1)[1:].to(self.device), torch.full((1,), int(first), device=self.device)])
         self._run(ids, hidden)
 
     @torch.no_grad()
     def commit(self, tokens, hidden, nxt):
-        ids = torch.cat([tokens.reshape(-1)[1:].to(self.device), torch.tensor([int(nxt)], device=self.device)])
+        t = tokens.reshape(-1).to(self.device)
+        ids = torch.cat([t[1:], torch.full((1,), int(nxt), dtype=t.dtype, device=self.device)])
         self._run(ids, hidden)
 
     @torch.no_grad()
     def propose(self, root, sp=None) -> Draft:
-        head, k, L, dev = self.head, self.top_k, self.len, self.device
-        S = head.cache_size
-        prefix = torch.arange(S, device=dev) < L                        # [S]
-        st = {"i": 0, "out": None, "anc": None}
-        rows = torch.arange(k, device=dev)
-
-        def step(toks, parent_pos):          # the k beams at depth i+1
-            i = st["i"]
-            slots = L + i * k + rows
-            if parent_pos is None:
-                feats = self.last.expand(k, -1)
-                anc = torch.zeros(k, S, dtype=torch.bool, device=dev)
-            else:
-                feats = st["out"][parent_pos]
-                anc = st["anc"][parent_pos].clone()
-            anc[rows, slots] = True
-            pos = torch.full((k,), L + i, device=dev)
-            out = head(toks, feats, pos, slots, anc | prefix)           # [k, D]
-            st.update(i=i + 1, out=out, anc=anc)
-            return torch.log_softmax(head.logits(out), dim=-1)
-
-        logp0 = torch.log_softmax(head.logits(self.last), dim=-1)      # [V]
-        tokens, parents, _ = grow(int(root), logp0, step, k, self.depth, self.total_tokens)
-        return Draft(tokens, parents, q=None, scheme="iid")
+        from .graphs import capture
+        dev = self.device
+        self._ensure(self.len)
+        if self.use_graphs:
+            def build():   # warm-up grows a tree at the current position: writes only tree slots
+                b = {"root": torch.full((1,), int(root), dtype=torch.long, device=dev),
+                     "L": torch.full((1,), self.len, dtype=torch.long, device=dev)}
+                return (*capture(lambda: self._grow_fn(b["root"], b["L"]), warmup=2), b)
+            entry = self._graph(("grow", self.top_k, self.depth, self.total_tokens), build)
+            if entry is not None:
+                g, out, b = entry
+                b["root"].fill_(int(root))
+                b["L"].fill_(self.len)
+                g.replay()
+                tokens, parents, depth, anc = out
+                return Draft(tokens, parents, None, "iid", depth=depth, anc=anc)
+        r = torch.full((1,), int(root), dtype=torch.long, device=dev)
+        tokens, parents, depth, anc = self._grow_fn(r, torch.full((1,), self.len, dtype=torch.long, device=dev))
+        return Draft(tokens, parents, None, "iid", depth=depth, anc=anc)
 
 
 def load_eagle(path, target, **kw) -> EagleProposer:

@@ -25,31 +25,53 @@ def _load_side_model(llm, path: str | None, what: str):
 
 
 def _default_draft(llm):
-    """Default draft: a 4-bit (RTN) copy of the target - 'a lower-bit copy of the target'."""
+    """Default draft: a 4-bit (RTN) copy of the target - 'a lower-bit copy of the target'. Made once per LLM."""
+    m = getattr(llm, "_spec_default_draft", None)
+    if m is not None:
+        return m
     from ..models import load_model
     from ..quant import quantize_model
     m, _ = load_model(llm.model_name, dtype=torch.float32, device="cpu")
     quantize_model(m, fmt="w4a16", method="rtn", group_size=128, fit_group=True, progress=False)
-    return m.to(device=llm.device, dtype=llm.dtype)
+    m = m.to(device=llm.device, dtype=llm.dtype)
+    llm._spec_default_draft = m
+    return m
 
 
 def _eagle(llm, base, head, top_k, depth, total_tokens):
-    from .eagle import load_eagle
+    from .eagle import EagleProposer, load_head
     path = head or BUNDLED_EAGLE.get(llm.model_name)
     if path is None or not Path(path).exists():
         raise SpecqError("--spec eagle/hier needs --eagle-head DIR (a bundled head exists only for smollm2)")
-    return lambda: load_eagle(str(path), base, top_k=top_k, depth=depth, total_tokens=total_tokens)
+    loaded = []   # the head is loaded once and shared by every proposer (its CUDA graphs live on it)
+
+    def make():
+        if not loaded:
+            loaded.append(load_head(str(path), base))
+        return EagleProposer(loaded[0], base, top_k=top_k, depth=depth, total_tokens=total_tokens)
+    return make
 
 
 def make_proposer_factory(llm, method: str, verify: str = "auto", draft_model=None, intermediate=None,
-                          eagle_head=None, k: int = 5, n_drafts: int = 2, top_k: int = 10, depth: int = 6,
-                          total_tokens: int = 60, min_draft_length: int = 6):
-    """-> f(sp) -> (Proposer, verify method or None for the engine's lossless default)."""
+                          eagle_head=None, k: int = 5, n_drafts: int = 2, top_k: int = 16, depth: int = 5,
+                          total_tokens: int = 80, min_draft_length: int = 6):
+    """-> f(sp) -> (Proposer, verify method or None for the engine's lossless default). method "auto" lets
+    the planner pick (llm.spec_choice records it) and returns None when plain decoding is fastest."""
     for name, v in (("draft length", k), ("n_drafts", n_drafts), ("tree top-k", top_k), ("tree depth", depth),
                     ("tree tokens", total_tokens), ("min draft length", min_draft_length)):
         if not isinstance(v, int) or v < 1:
             raise SpecqError(f"invalid {name} {v!r}: must be an integer >= 1")
     vm = None if verify in (None, "auto") else verify
+    if method == "auto":   # planner: measured T(M) + draft costs on this device, stored acceptance profile
+        from ..bench.latency import auto_spec
+        llm.spec_choice = auto_spec(llm, eagle_head=eagle_head, draft_model=draft_model)
+        kw = dict(verify=verify, draft_model=draft_model, intermediate=intermediate, eagle_head=eagle_head, k=k,
+                  n_drafts=n_drafts, top_k=top_k, depth=depth, total_tokens=total_tokens,
+                  min_draft_length=min_draft_length)
+        kw.update(llm.spec_choice["spec"])
+        if kw.pop("method") == "none":
+            return None    # plain decoding (the caller's non-speculative path)
+        return make_proposer_factory(llm, **{"method": llm.spec_choice["spec"]["method"], **kw})
     if method == "ngram":
         from .ngram import NgramProposer
         return lambda sp: (NgramProposer(k), vm)

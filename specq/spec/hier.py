@@ -64,7 +64,8 @@ class HierProposer(Proposer):
 
     def setup(self, size: int) -> None:
         from ..engine import ensure_cache
-        ensure_cache(self.intermediate, size + self.tree_nodes)
+        from .graphs import bucket
+        ensure_cache(self.intermediate, size + bucket(self.tree_nodes) + 1)   # + padding and scratch slot
         if hasattr(self.tree_proposer, "setup"):
             self.tree_proposer.setup(size + self.tree_nodes)
 
@@ -82,7 +83,7 @@ class HierProposer(Proposer):
 
     @torch.no_grad()
     def propose(self, root: int, sp) -> Draft:
-        from ..engine import forward_tree, verify_tree
+        from ..engine import step_tree
         M, dev, tp = self.intermediate, self.intermediate.device, self.tree_proposer
         base = len(self.ctx)
         if M.cache_size < base + self.max_nodes + self.tree_nodes:
@@ -91,7 +92,12 @@ class HierProposer(Proposer):
             st = self.n_cached
             ids = torch.tensor(self.ctx[st:], device=dev)
             pos = torch.arange(st, base, device=dev)
-            _, h = M(ids, pos, pos, causal_mask(st, base - st, M.cache_size, dev), logits_rows=slice(0, 0))
+            mask = causal_mask(st, base - st, M.cache_size, dev)
+            if base - st <= 8:                   # usually one token: a CUDA-graph bucket on GPU
+                from .graphs import runner_for
+                h = runner_for(M).forward(ids, pos, pos, mask, base - 1)[1]
+            else:
+                _, h = M(ids, pos, pos, mask, logits_rows=slice(0, 0))
             tp.commit(ids, h, root)
             self.n_cached = base
         chain, qrows, hrows, L = [root], [], [], base
@@ -99,14 +105,11 @@ class HierProposer(Proposer):
             if len(chain) - 1 >= self.min_len:
                 break
             d = tp.propose(chain[-1], sp)
-            toks = d.tokens.to(dev)
-            logits, h = forward_tree(M, toks, d, L)
-            acc, tok, p = verify_tree(M, d, toks, logits, sp, self.verify_method, self.generator, L)
-            p = probs(logits, sp) if p is None else p
-            qrows.append(p[acc])                                              # [a, V] intermediate probs
+            new, acc, toks, h, logits = step_tree(M, d, L, sp, self.verify_method, self.generator)
+            qrows.append(probs(logits[acc], sp))                              # [a, V] intermediate probs
             hrows.append(h[acc])                                              # [a, D] intermediate features
-            chain += toks[acc[1:]].tolist() + [tok]
-            tp.commit(toks[acc], h[acc], tok)
+            chain += new
+            tp.commit(toks[acc], hrows[-1], new[-1])
             L += acc.shape[0]
             self.n_trees += 1
             self.n_inter += acc.shape[0]

@@ -5,8 +5,9 @@
                  measures the drafts, not where the user cut the output.
     acceptance   acceptance[d-1] = fraction of verification steps whose accepted path reached depth d.
     time         prefill / draft (proposer: propose + commit) / verify (target forward + verify +
-                 cache keep) / other (bookkeeping, callbacks), seconds; CUDA is synchronized at
-                 each boundary so the split is honest.
+                 cache keep) / other (bookkeeping, callbacks), seconds. With SpecEngine(split_times=True)
+                 CUDA is synchronized at each boundary so the split is honest; by default on CUDA it is
+                 not (the GPU runs ahead of the host): then only prefill and total are exact.
     tokens/s     new tokens / total seconds (prefill included); decode tokens/s excludes the prefill
                  and the first token.
 """
@@ -19,10 +20,10 @@ import torch
 
 
 class Clock:
-    """perf_counter that first waits for the GPU when the work runs on CUDA."""
+    """perf_counter that first waits for the GPU when the work runs on CUDA (and sync is on)."""
 
-    def __init__(self, device):
-        self.cuda = torch.device(device).type == "cuda"
+    def __init__(self, device, sync: bool = True):
+        self.cuda = torch.device(device).type == "cuda" and sync
 
     def __call__(self) -> float:
         if self.cuda:

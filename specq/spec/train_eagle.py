@@ -1,13 +1,16 @@
 """`specq train-eagle`: train an EAGLE-2 head on the target's own answers.
 
-1. prompts: GSM8K train questions + WikiText-2 valid snippets, with the chat template;
+1. prompts (chat template): GSM8K train questions, coding requests, and WikiText-2 valid paragraphs and
+   topics inside varied instruction templates (summary, translation, QA, extraction, writing, ...);
 2. the target answers them greedily (many sequences packed into one static cache, one token each per
    forward: a block-diagonal mask over the packed slots);
-3. one forward per prompt+answer collects the target's final-norm features -> one safetensors file
+3. the forwards that generate also give the target's final-norm features -> one safetensors file
    (tokens, features, offsets), reused by later runs, so epochs cost only the head;
 4. the head learns x_j = [emb(t_{j+1}); f_j] -> f_{j+1}: SmoothL1 (weight 1.0) + cross-entropy against
-   the target's next-token distribution lm_head(f_{j+1}) (weight 0.1), on answer positions; AdamW,
-   warmup + cosine schedule, bf16 autocast on CUDA;
+   the target's next-token distribution lm_head(f_{j+1}) (weight 0.1), on answer positions; with
+   --unroll U also on its own predicted features for U more steps (EagleHead.forward_unrolled: the
+   attention pattern of the tree's deeper levels, as in HASS / EAGLE-3's training-time test), step s
+   weighted 0.8^s; AdamW, warmup + cosine schedule fitted to the time budget, bf16 autocast on CUDA;
 5. save model.safetensors (published EAGLE layout, bf16) + config.json.
 """
 from __future__ import annotations
@@ -38,24 +41,109 @@ def gsm8k_questions() -> list[str]:
         return []
 
 
+def detok(line: str) -> str:
+    """WikiText's tokenized text ("a @-@ b , c ( d )") -> plain text."""
+    line = line.replace("<unk>", "").replace(" @-@ ", "-").replace(" @,@ ", ",").replace(" @.@ ", ".")
+    for a, b in ((" ,", ","), (" .", "."), (" ;", ";"), (" :", ":"), (" 's", "'s"), ("( ", "("), (" )", ")"),
+                 (" n't", "n't"), ('" ', '"'), ("  ", " ")):
+        line = line.replace(a, b)
+    return line.strip()
+
+
 def wikitext_snippets(min_chars: int = 300, words: int = 60) -> list[str]:
     from ..paths import data_file
     out = []
     for line in data_file("wikitext2_valid.txt").read_text(encoding="utf-8").splitlines():
         line = line.strip()
         if len(line) >= min_chars and not line.startswith("="):
-            out.append(" ".join(line.split()[:words]))
+            out.append(" ".join(detok(line).split()[:words]))
     return out
 
 
-def build_prompts(tok, n: int, seed: int = 0) -> list[list[int]]:
-    """n chat prompts: two thirds GSM8K questions, the rest WikiText continuations (shuffled, seeded)."""
+def wikitext_topics() -> list[str]:
+    """Article titles and "section of article" topics of WikiText-2 valid."""
+    from ..paths import data_file
+    out, art = [], None
+    for line in data_file("wikitext2_valid.txt").read_text(encoding="utf-8").splitlines():
+        t = line.strip()
+        if t.startswith("= = ") and not t.startswith("= = = ") and art:
+            sec = detok(t.strip("= ").strip())
+            if sec.lower() not in ("references", "notes", "see also", "external links", "footnotes", "sources"):
+                out.append(f"the {sec[:1].lower() + sec[1:]} of {art}")
+        elif t.startswith("= ") and not t.startswith("= ="):
+            art = detok(t.strip("= ").strip())
+            out.append(art)
+    return out
+
+
+# Instruction templates: a WikiText paragraph ({text}, {short}) or topic ({topic}, {topic2}) inside chat-style
+# tasks of many kinds (continuation, summary, translation, QA over a passage, extraction, explanation,
+# writing, role play, comparison), so the head sees the target answering more than GSM8K.
+TEXT_TASKS = (
+    "Continue the following text.\n\n{text}",
+    "Summarize the following text in two or three sentences.\n\n{text}",
+    "Write a short summary of this passage for a busy reader:\n\n{text}",
+    "Translate the following text into French.\n\n{short}",
+    "Translate the following text into German.\n\n{short}",
+    "Translate the following text into Spanish.\n\n{short}",
+    "Rewrite the following text in simple English.\n\n{short}",
+    "What is the following text mainly about? Answer in one paragraph and cite the details that support it.\n\n{text}",
+    "Extract the people, places and dates mentioned in the text below as JSON with keys \"people\", \"places\" "
+    "and \"dates\".\n\n{text}",
+    "Write three questions that can be answered from the text below, then answer each of them.\n\n{text}",
+    "Passage: {text}\n\nUsing only the passage, explain the most important fact it states.",
+    "Is the following statement likely to be true? Explain your reasoning.\n\n{short}",
+)
+TOPIC_TASKS = (
+    "Explain {topic} to a high school student.",
+    "Write a short story inspired by {topic}.",
+    "Write a persuasive paragraph about why people should learn about {topic}.",
+    "Pretend you are a tour guide and introduce {topic} to a group of visitors.",
+    "You are a journalist. Write a short interview with an expert on {topic}.",
+    "Write a short poem about {topic}.",
+    "Give me five interesting facts about {topic}.",
+    "Compare {topic} and {topic2}. What do they have in common and how do they differ?",
+    "Write an email to a friend recommending that they read about {topic}.",
+    "What are the main open questions or debates about {topic}?",
+    "Create a short quiz with answers about {topic}.",
+    "Write a blog post introduction about {topic}.",
+)
+CODE_TASKS = (
+    "returns the n largest numbers of a list", "checks whether a string is a palindrome",
+    "counts the words in a text file", "merges two sorted lists into one sorted list",
+    "computes the factorial of a number recursively", "removes duplicate items from a list while keeping the order",
+    "finds the most common character in a string", "converts a temperature from Celsius to Fahrenheit",
+    "returns the Fibonacci numbers up to n", "reverses the words of a sentence",
+    "computes the mean, median and mode of a list of numbers", "checks whether a number is prime",
+    "flattens a nested list", "groups a list of words by their first letter",
+    "validates an email address with a regular expression", "computes the greatest common divisor of two integers",
+    "parses a CSV line into fields", "returns the second smallest element of a list",
+    "rotates a matrix by 90 degrees", "finds all pairs in a list that sum to a target",
+)
+CODE_FORMS = (
+    "Write a Python function that {task}. Include a docstring and a short example.",
+    "Write a JavaScript function that {task} and explain how it works.",
+    "Write a C++ function that {task}.",
+    "I need a Python function that {task}. Please also write two unit tests for it.",
+)
+
+
+def build_prompts(tok, n: int, seed: int = 0, mix=(0.35, 0.10)) -> list[list[int]]:
+    """n chat prompts (shuffled, seeded): a share mix[0] of GSM8K questions, mix[1] coding requests, the rest
+    WikiText-2 valid paragraphs and topics inside varied instruction templates. No Spec-Bench / MT-bench text."""
     rng = random.Random(seed)
-    gsm, wiki = gsm8k_questions(), wikitext_snippets()
+    gsm, wiki, topics = gsm8k_questions(), wikitext_snippets(), wikitext_topics()
     rng.shuffle(gsm)
-    rng.shuffle(wiki)
-    ng = min(len(gsm), (2 * n) // 3) if gsm else 0
-    texts = gsm[:ng] + [f"Continue the following text.\n\n{w}" for w in wiki[:n - ng]]
+    ng = min(len(gsm), int(mix[0] * n)) if gsm else 0
+    nc = int(mix[1] * n)
+    texts = list(gsm[:ng])
+    texts += [rng.choice(CODE_FORMS).format(task=rng.choice(CODE_TASKS)) for _ in range(nc)]
+    for i in range(n - len(texts)):
+        if wiki and (i % 2 == 0 or not topics):
+            w = rng.choice(wiki)
+            texts.append(rng.choice(TEXT_TASKS).format(text=w, short=" ".join(w.split()[:30])))
+        elif topics:
+            texts.append(rng.choice(TOPIC_TASKS).format(topic=rng.choice(topics), topic2=rng.choice(topics)))
     if not texts:
         raise SpecqError("no training prompts found in the data folder")
     rng.shuffle(texts)
@@ -65,8 +153,11 @@ def build_prompts(tok, n: int, seed: int = 0) -> list[list[int]]:
 # ----------------------------------------------------------------------------- target answers and features
 
 @torch.inference_mode()
-def generate_packed(model, prompts: list[list[int]], max_new: int, eos_ids=()) -> list[list[int]]:
-    """Greedy answers for a batch of prompts: row b lives in cache slots [b*W, (b+1)*W)."""
+def generate_packed(model, prompts: list[list[int]], max_new: int, eos_ids=(), features: bool = False):
+    """Greedy answers for a batch of prompts: row b lives in cache slots [b*W, (b+1)*W).
+    -> answers (list of token lists); with features=True also, per row, the target's final-norm features
+    [len(prompt) + len(answer) - 1, D] of every token but the answer's last (the forward that feeds a
+    token yields its feature, so no second pass is needed)."""
     dev = model.device
     B = len(prompts)
     W = max(len(p) for p in prompts) + max_new
@@ -74,47 +165,38 @@ def generate_packed(model, prompts: list[list[int]], max_new: int, eos_ids=()) -
     model.setup_cache(S)
     base = torch.arange(B, device=dev) * W
     j = torch.arange(S, device=dev)
-    cur = []
+    cur, pre = [], []
     for b, p in enumerate(prompts):   # prefill each row
         m = len(p)
         i = torch.arange(m, device=dev)
         mask = (j[None] >= base[b]) & (j[None] <= base[b] + i[:, None])
-        logits = model(torch.tensor(p, device=dev), i, base[b] + i, mask, return_hidden=False, logits_rows=slice(m - 1, m))
+        logits, h = model(torch.tensor(p, device=dev), i, base[b] + i, mask, logits_rows=slice(m - 1, m))
         cur.append(logits[0].argmax())
+        pre.append(h)
     cur = torch.stack(cur)
     lens = torch.tensor([len(p) for p in prompts], device=dev)
     eos = torch.tensor(list(eos_ids) or [-1], device=dev)
-    toks, done = [], torch.zeros(B, dtype=torch.bool, device=dev)
+    toks, hs, done = [], [], torch.zeros(B, dtype=torch.bool, device=dev)
     for s in range(max_new):
         toks.append(torch.where(done, -1, cur))
         done |= torch.isin(cur, eos)
         if s == max_new - 1 or (s % 16 == 15 and bool(done.all())):
             break
         mask = (j[None] >= base[:, None]) & (j[None] <= (base + lens)[:, None])
-        cur = model(cur, lens, base + lens, mask, return_hidden=False).argmax(-1)
+        logits, h = model(cur, lens, base + lens, mask)
+        cur = logits.argmax(-1)
+        hs.append(h)                                                    # features of the tokens just fed
         lens = lens + 1
-    out = torch.stack(toks, 1).tolist()
-    return [[t for t in row if t >= 0] for row in out]
-
-
-@torch.inference_mode()
-def collect_features(model, seqs: list[list[int]], plens: list[int]) -> dict:
-    """One forward per sequence -> {tokens [N] int32, feats [N, D] bf16, offsets [n+1], plens [n]}."""
-    dev = model.device
-    L = max(len(s) for s in seqs)
-    model.setup_cache(L)
-    toks, feats = [], []
-    for s in seqs:
-        m = len(s)
-        i = torch.arange(m, device=dev)
-        _, h = model(torch.tensor(s, device=dev), i, i, i[:, None] >= torch.arange(L, device=dev)[None], logits_rows=slice(0, 0))
-        toks.append(torch.tensor(s, dtype=torch.int32))
-        feats.append(h.to("cpu", torch.bfloat16))
-    off = torch.tensor([0] + [len(s) for s in seqs]).cumsum(0)
-    return {"tokens": torch.cat(toks), "feats": torch.cat(feats), "offsets": off, "plens": torch.tensor(plens)}
+    out = [[t for t in row if t >= 0] for row in torch.stack(toks, 1).tolist()]
+    if not features:
+        return out
+    hs = torch.stack(hs, 1) if hs else pre[0].new_zeros(B, 0, pre[0].shape[-1])   # [B, steps, D]
+    return out, [torch.cat([pre[b], hs[b, :max(len(a) - 1, 0)]]) for b, a in enumerate(out)]
 
 
 def make_dataset(model, prompts, max_new, eos_ids, gen_batch=64, budget_s=0.0, log=print) -> dict:
+    """Greedy answers + features -> {tokens [N] int32, feats [N, D] bf16, offsets [n+1], plens [n]}: per sequence
+    the prompt and the answer without its last token (whose feature was never computed)."""
     res, t0 = {}, time.time()
     try:
         from tqdm import tqdm
@@ -127,20 +209,21 @@ def make_dataset(model, prompts, max_new, eos_ids, gen_batch=64, budget_s=0.0, l
             log(f"generation budget {budget_s:.0f}s reached after {len(res)} prompts")
             break
         ids = order[k:k + gen_batch]
-        for i, a in zip(ids, generate_packed(model, [prompts[i] for i in ids], max_new, eos_ids)):
-            res[i] = prompts[i] + a
+        ans, feats = generate_packed(model, [prompts[i] for i in ids], max_new, eos_ids, features=True)
+        for i, a, f in zip(ids, ans, feats):
+            if a:
+                res[i] = ((prompts[i] + a)[:-1], f.to("cpu", torch.bfloat16))
         if bar:
             bar.update(len(ids))
     if bar:
         bar.close()
     keep = sorted(res)                                                  # prompt order
-    seqs, plens = [res[i] for i in keep], [len(prompts[i]) for i in keep]
+    seqs, plens = [res[i][0] for i in keep], [len(prompts[i]) for i in keep]
     n_ans = sum(len(s) - p for s, p in zip(seqs, plens))
-    log(f"generated {len(seqs)} answers, {n_ans} tokens in {time.time() - t0:.1f}s")
-    t1 = time.time()
-    data = collect_features(model, seqs, plens)
-    log(f"features {tuple(data['feats'].shape)} in {time.time() - t1:.1f}s")
-    return data
+    log(f"generated {len(seqs)} answers, {n_ans} tokens (+ features) in {time.time() - t0:.1f}s")
+    off = torch.tensor([0] + [len(s) for s in seqs]).cumsum(0)
+    return {"tokens": torch.tensor([t for s in seqs for t in s], dtype=torch.int32),
+            "feats": torch.cat([res[i][1] for i in keep]), "offsets": off, "plens": torch.tensor(plens)}
 
 
 # ----------------------------------------------------------------------------- training
@@ -154,12 +237,16 @@ def frozen_copy(target):
     return emb, lm
 
 
-def batches(data: dict, idx: list[int], batch_tokens: int):
-    """Group sequence ids into batches of about batch_tokens padded tokens."""
+def batches(data: dict, idx: list[int], batch_tokens: int, rng: random.Random | None = None):
+    """Group sequence ids into batches of about batch_tokens padded tokens. With rng: sequences of similar
+    length share a batch (sorted within chunks of the given order) and the batch order is shuffled."""
     off = data["offsets"].tolist()
+    size = lambda i: off[i + 1] - off[i]  # noqa: E731
+    if rng is not None:
+        idx = [i for c in range(0, len(idx), 512) for i in sorted(idx[c:c + 512], key=size)]
     out, cur, longest = [], [], 0
     for i in idx:
-        n = off[i + 1] - off[i]
+        n = size(i)
         if cur and max(longest, n) * (len(cur) + 1) > batch_tokens:
             out.append(cur)
             cur, longest = [], 0
@@ -167,67 +254,88 @@ def batches(data: dict, idx: list[int], batch_tokens: int):
         longest = max(longest, n)
     if cur:
         out.append(cur)
+    if rng is not None:
+        rng.shuffle(out)
     return out
 
 
 def make_batch(data: dict, ids: list[int], device):
-    """-> ids_in [B,T] (t_{j+1}), f_in [B,T,D] (f_j), f_out [B,T,D] (f_{j+1}), mask [B,T] (answer positions)."""
+    """-> ids_in [B,T] (t_{j+1}), f_in [B,T,D] (f_j), f_out [B,T,D] (f_{j+1}), mask [B,T] (answer positions).
+    Gathers from data's tensors wherever they live (keep them on the GPU: no host copies per batch)."""
     off, pl = data["offsets"], data["plens"]
-    T = max(int(off[i + 1] - off[i]) - 1 for i in ids)
-    B, D = len(ids), data["feats"].shape[1]
-    tok = torch.zeros(B, T, dtype=torch.long)
-    fin = torch.zeros(B, T, D, dtype=data["feats"].dtype)
-    fout = torch.zeros_like(fin)
-    mask = torch.zeros(B, T)
-    for b, i in enumerate(ids):
-        s, e = int(off[i]), int(off[i + 1])
-        n = e - s - 1
-        tok[b, :n] = data["tokens"][s + 1:e].long()
-        fin[b, :n] = data["feats"][s:e - 1]
-        fout[b, :n] = data["feats"][s + 1:e]
-        mask[b, max(0, int(pl[i]) - 1):n] = 1.0    # positions that predict answer tokens
+    ids_t = torch.tensor(ids)
+    start, n = off[ids_t], off[ids_t + 1] - off[ids_t] - 1                 # [B] pairs per sequence
+    T = int(n.max())
+    j = torch.arange(T)
+    valid = j[None] < n[:, None]                                           # [B, T]
+    at = (start[:, None] + torch.minimum(j[None], (n - 1).clamp_min(0)[:, None]))  # [B, T] index of f_j
+    src = data["feats"].device
+    at_d, valid_d = at.to(src), valid.to(src)
+    tok = torch.where(valid_d, data["tokens"][at_d + 1].long(), 0)
+    fin = data["feats"][at_d] * valid_d[..., None]
+    fout = data["feats"][at_d + 1] * valid_d[..., None]
+    mask = (valid & (j[None] >= (pl[ids_t] - 1).clamp_min(0)[:, None])).float()   # positions predicting answer tokens
     return tok.to(device), fin.to(device), fout.to(device), mask.to(device)
 
 
-def head_loss(head: EagleHead, tok, fin, fout, mask, noise: float = 0.0):
-    """-> loss, (reg, ce, top-1 agreement with the target), all means over masked positions."""
+def head_loss(head: EagleHead, tok, fin, fout, mask, noise: float = 0.0, unroll: int = 0, decay: float = 0.8,
+              ce_weight: float = 0.1):
+    """Loss over the head's own unrolled steps (forward_unrolled): step s at index j predicts f_{j+1+s} from
+    its own step-(s-1) output, as the tree does at depth s+1; step s is weighted decay**s. Only positions
+    predicting answer tokens (mask) go through lm_head.
+    -> loss, (reg, ce, top-1 agreement with the target) of step 0, [top-1 of each step]."""
     if noise:
         fin = fin + (torch.rand_like(fin, dtype=torch.float32) - 0.5).to(fin.dtype) * 2 * noise
-    out = head.forward_seq(tok, fin)                                  # [B, T, D]
-    reg = F.smooth_l1_loss(out.float(), fout.float(), reduction="none").mean(-1)
+    outs = head.forward_unrolled(tok, fin, unroll)                    # [B, T, D] each
     lm = head.shared["lm_head"]
+    bi, ji = mask.bool().nonzero(as_tuple=True)                       # [N] answer positions (b, j)
+    tgt = fout[bi, ji].float()                                        # [N, D] f_{j+1}
     with torch.no_grad():
-        tl = lm(fout.float()).float()
-        tp = tl.softmax(-1)
-    lp = lm(out).float().log_softmax(-1)
-    ce = -(tp * lp).sum(-1)
-    n = mask.sum().clamp(min=1)
-    loss = ((reg + 0.1 * ce) * mask).sum() / n
-    with torch.no_grad():
-        acc = ((lp.argmax(-1) == tl.argmax(-1)).float() * mask).sum() / n
-    return loss, ((reg * mask).sum() / n, (ce * mask).sum() / n, acc)
+        tl = lm(tgt).float()                                          # [N, V] target logits
+        tp, tt = tl.softmax(-1), tl.argmax(-1)
+    total, wsum, stats, accs = 0.0, 0.0, None, []
+    for s, out in enumerate(outs):
+        ok = ji >= s                                                  # step s at j - s predicts f_{j+1}
+        if not bool(ok.any()):
+            break
+        o = out[bi[ok], ji[ok] - s]                                   # [N_s, D]
+        reg = F.smooth_l1_loss(o.float(), tgt[ok], reduction="none").mean(-1)
+        lp = lm(o).float().log_softmax(-1)
+        ce = -(tp[ok] * lp).sum(-1)
+        w = decay ** s
+        total = total + w * (reg + ce_weight * ce).mean()
+        wsum += w
+        with torch.no_grad():
+            accs.append((lp.argmax(-1) == tt[ok]).float().mean())
+            if s == 0:
+                stats = (reg.mean(), ce.mean(), accs[0])
+    return total / wsum, stats, accs
 
 
 def train_head(head: EagleHead, target, data: dict, epochs: int = 4, lr: float = 3e-4, batch_tokens: int = 4096,
                device="cpu", budget_s: float = 0.0, noise: float = 0.0, seed: int = 0, log=print,
-               progress: bool = True) -> list[float]:
-    """Train in place (fp32 master weights); returns the mean training loss of every epoch."""
+               progress: bool = True, unroll: int = 0, ce_weight: float = 0.1) -> list[float]:
+    """Train in place (fp32 master weights); returns the mean training loss of every epoch. With a time
+    budget the epoch count is cut after the first epoch to what fits, so the schedule still completes."""
     torch.manual_seed(seed)
     rng = random.Random(seed)
     emb, lm = frozen_copy(target)
     head.to(device=device, dtype=torch.float32).train()
     head.bind(emb.to(device), lm.to(device))
+    if torch.device(device).type == "cuda":                           # whole dataset on the GPU
+        data = {k: (v.to(device) if k in ("tokens", "feats") else v) for k, v in data.items()}
     n = len(data["plens"])
     idx = list(range(n))
     rng.shuffle(idx)
     n_val = min(max(1, n // 20), n - 1) if n > 1 else 0
     val, tr = idx[:n_val], idx[n_val:]
-    steps_per_epoch = len(batches(data, tr, batch_tokens))
-    total = max(1, epochs * steps_per_epoch)
-    warm = max(1, total // 20)
+    steps_per_epoch = len(batches(data, tr, batch_tokens, random.Random(0)))
+    sch = {"total": max(1, epochs * steps_per_epoch)}
+    warm = max(1, sch["total"] // 20)
     opt = torch.optim.AdamW(head.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warm) * (0.5 * (1 + math.cos(math.pi * min(1.0, s / total))) * 0.9 + 0.1))
+        opt, lambda s: min(1.0, (s + 1) / warm) * (0.5 * (1 + math.cos(math.pi * min(1.0, s / sch["total"])))
+                                                   * 0.9 + 0.1))
     cuda = torch.device(device).type == "cuda"
     ac = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else (lambda: torch.autocast("cpu", enabled=False))
     try:
@@ -235,16 +343,16 @@ def train_head(head: EagleHead, target, data: dict, epochs: int = 4, lr: float =
     except ImportError:
         tqdm = None
     t0, hist = time.time(), []
-    for ep in range(epochs):
-        rng.shuffle(tr)
-        bs = batches(data, tr, batch_tokens)
+    ep = 0
+    while ep < epochs:
+        bs = batches(data, tr, batch_tokens, rng)
         it = tqdm(bs, desc=f"epoch {ep + 1}/{epochs}", mininterval=5) if (tqdm and progress) else bs
         tot = cnt = 0.0
         stop = False
         for b in it:
             tok, fin, fout, mask = make_batch(data, b, device)
             with ac():
-                loss, _ = head_loss(head, tok, fin, fout, mask, noise)
+                loss, _, _ = head_loss(head, tok, fin, fout, mask, noise, unroll, ce_weight=ce_weight)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(head.parameters(), 0.5)
@@ -258,12 +366,23 @@ def train_head(head: EagleHead, target, data: dict, epochs: int = 4, lr: float =
                 stop = True
                 break
         hist.append(tot / max(cnt, 1))
-        msg = f"epoch {ep + 1}: train loss {hist[-1]:.4f}"
+        ep += 1
+        if ep == 1 and budget_s and epochs > 1:                       # fit the schedule into the budget
+            fit = max(1, int(budget_s / max(time.time() - t0, 1e-6)))
+            if fit < epochs:
+                epochs = fit
+                sch["total"] = max(1, epochs * steps_per_epoch)
+                log(f"time budget: {epochs} epochs fit in {budget_s:.0f}s")
+        msg = f"epoch {ep}: train loss {hist[-1]:.4f}"
         if val:
             with torch.no_grad(), ac():
-                vs = [head_loss(head, *make_batch(data, b, device))[1] for b in batches(data, val, batch_tokens)]
-            reg, ce, acc = (sum(float(v[i]) for v in vs) / len(vs) for i in range(3))
+                vs = [head_loss(head, *make_batch(data, b, device), unroll=unroll)
+                      for b in batches(data, val, batch_tokens)]
+            reg, ce, acc = (sum(float(v[1][i]) for v in vs) / len(vs) for i in range(3))
             msg += f" | val reg {reg:.4f} ce {ce:.3f} top1 {acc:.3f}"
+            if unroll:
+                steps = [sum(float(v[2][s]) for v in vs) / len(vs) for s in range(1, unroll + 1)]
+                msg += " | unrolled top1 " + " ".join(f"{a:.3f}" for a in steps)
         log(msg + f" | {time.time() - t0:.0f}s")
         if stop:
             log(f"training budget {budget_s:.0f}s reached")
@@ -286,6 +405,10 @@ def add_parser(subparsers):
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--batch-tokens", type=int, default=4096, help="padded tokens per training batch")
     p.add_argument("--noise", type=float, default=0.0, help="uniform noise on input features (EAGLE-style)")
+    p.add_argument("--unroll", type=int, default=0, help="extra training steps on the head's own predicted features "
+                   "(training-time test, as HASS / EAGLE-3: the tree's deeper levels), e.g. 2")
+    p.add_argument("--ce-weight", type=float, default=0.1, help="token cross-entropy weight (feature loss weight 1)")
+    p.add_argument("--init", default=None, help="start from this head folder (fine-tune) instead of random weights")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     p.add_argument("--features", default=None, help="feature cache file (reused when it exists)")
     p.add_argument("--gen-budget-s", type=float, default=0.0, help="stop generating after this many seconds (0: no limit)")
@@ -299,6 +422,8 @@ def add_parser(subparsers):
 def run(args) -> int:
     from safetensors.torch import load_file, save_file
     from ..models import load_model
+    if args.unroll < 0 or args.ce_weight < 0:
+        raise SpecqError("--unroll and --ce-weight must be >= 0")
     for name in ("num_prompts", "max_new_tokens", "gen_batch", "epochs", "batch_tokens"):
         if getattr(args, name) < 1:
             raise SpecqError(f"--{name.replace('_', '-')} must be >= 1")
@@ -322,7 +447,7 @@ def run(args) -> int:
     log(f"target {args.model}: {target.cfg.num_layers} layers, hidden {target.cfg.hidden_size}, "
         f"vocab {target.cfg.vocab_size} on {dev} ({time.time() - t0:.1f}s)")
     feat = Path(args.features) if args.features else Path(tempfile.gettempdir()) / (
-        f"specq_eagle_{Path(str(args.model)).stem}_{args.num_prompts}_{args.max_new_tokens}_{args.seed}.safetensors")
+        f"specq_eagle_v2_{Path(str(args.model)).stem}_{args.num_prompts}_{args.max_new_tokens}_{args.seed}.safetensors")
     if feat.is_file():
         try:
             data = load_file(str(feat))
@@ -338,10 +463,15 @@ def run(args) -> int:
         feat.parent.mkdir(parents=True, exist_ok=True)
         save_file(data, str(feat))
         log(f"features cached at {feat}")
-    head = EagleHead(target.cfg, bias=True)
+    if args.init:
+        from .eagle import load_head
+        head = load_head(args.init, target, dtype=torch.float32)
+        log(f"fine-tuning {args.init}")
+    else:
+        head = EagleHead(target.cfg, bias=True)
     t1 = time.time()
     hist = train_head(head, target, data, args.epochs, args.lr, args.batch_tokens, dev, args.train_budget_s,
-                      args.noise, args.seed, log)
+                      args.noise, args.seed, log, unroll=args.unroll, ce_weight=args.ce_weight)
     log(f"trained {len(hist)} epochs in {time.time() - t1:.1f}s")
     save_head(head, out, torch.bfloat16, extra={"target": str(args.model), "sequences": int(len(data["plens"])),
                                                "train_loss": hist})

@@ -17,19 +17,21 @@ import torch
 from ..errors import SpecqError
 
 
-def grow(root: int, logp_root, step, top_k: int, depth: int, total_tokens: int):
-    """Build an EAGLE-2 tree.
+def grow(root, logp_root, step, top_k: int, depth: int, total_tokens: int, levels: bool = False):
+    """Build an EAGLE-2 tree. Static shapes and no host syncs (CUDA-graph safe when root is a tensor).
 
-    logp_root [V]: log-probabilities of the root's children.
+    root: token id (int, or a long tensor of one element); logp_root [V]: log-probabilities of the root's children.
     step(tokens [k], parent_pos [k] | None) -> logp [k, V]: the draft forward over the current beams
         (tokens of the beams; parent_pos[i] = index, in the previous call's beams, of beam i's parent;
         None on the first call, whose beams are the root's children).
-    Returns tokens [N], parents [N], scores [N] (root score 0), N = min(total_tokens, candidates + 1).
+    Returns tokens [N], parents [N], scores [N] (root score 0), N = min(total_tokens, candidates + 1);
+    with levels=True also the depth of each node [N] (root 0).
     """
     dev = logp_root.device
     k = min(top_k, logp_root.shape[-1])
     s, t = logp_root.float().topk(k)                     # [k]
     toks, pars, scores = [t], [torch.zeros(k, dtype=torch.long, device=dev)], [s]
+    lev = [torch.ones(k, dtype=torch.long, device=dev)]
     beam_ids = torch.arange(1, k + 1, device=dev)        # candidate ids of the beams (root = 0)
     beam_scores, beam_toks, parent_pos, n = s, t, None, k + 1
     for _ in range(depth):
@@ -37,8 +39,9 @@ def grow(root: int, logp_root, step, top_k: int, depth: int, total_tokens: int):
         cs, ct = logp.topk(k, dim=-1)                    # [k, k]
         cum = (beam_scores[:, None] + cs).reshape(-1)    # [k*k]
         toks.append(ct.reshape(-1))
-        pars.append(beam_ids.repeat_interleave(k))
+        pars.append(beam_ids[:, None].expand(k, k).reshape(-1))   # (no repeat_interleave: it syncs)
         scores.append(cum)
+        lev.append(torch.full((k * k,), len(lev) + 1, dtype=torch.long, device=dev))
         best = cum.topk(k).indices                       # next beams, positions in this level [k]
         beam_ids = n + best
         beam_scores, beam_toks, parent_pos = cum[best], ct.reshape(-1)[best], best // k
@@ -48,11 +51,14 @@ def grow(root: int, logp_root, step, top_k: int, depth: int, total_tokens: int):
     sc = torch.cat(scores)
     keep = select(sc, total_tokens - 1)                  # candidate rows (0-based, root excluded)
     new = torch.full((n,), -1, dtype=torch.long, device=dev)
-    new[0] = 0
+    new[:1].fill_(0)              # (no `t[i] = number` in graph code: on CUDA it copies from host)
     new[keep + 1] = torch.arange(1, keep.numel() + 1, device=dev)
-    tokens = torch.cat([torch.tensor([root], device=dev), tok[keep]])
-    parents = torch.cat([torch.tensor([-1], device=dev), new[par[keep]]])
+    root_t = root.reshape(1).to(dev) if torch.is_tensor(root) else torch.tensor([root], device=dev)
+    tokens = torch.cat([root_t, tok[keep]])
+    parents = torch.cat([torch.full((1,), -1, dtype=torch.long, device=dev), new[par[keep]]])
     scores = torch.cat([torch.zeros(1, device=dev), sc[keep]])
+    if levels:
+        return tokens, parents, scores, torch.cat([torch.zeros(1, dtype=torch.long, device=dev), torch.cat(lev)[keep]])
     return tokens, parents, scores
 
 
@@ -74,6 +80,20 @@ def ancestor_mask(parents) -> torch.Tensor:
         ok = cur >= 0
         m[rows[ok], cur[ok]] = True
         cur = torch.where(ok, parents[cur.clamp(min=0)], cur)
+    return m
+
+
+def ancestors_static(parents, max_depth: int) -> torch.Tensor:
+    """As ancestor_mask, without host syncs: max_depth parent hops (>= the tree's depth)."""
+    n, dev = parents.numel(), parents.device
+    m = torch.eye(n, dtype=torch.bool, device=dev)
+    rows = torch.arange(n, device=dev)
+    cur = parents
+    for _ in range(max_depth):
+        ok = cur >= 0
+        c = cur.clamp_min(0)
+        m[rows, c] = m[rows, c] | ok
+        cur = torch.where(ok, parents[c], cur)
     return m
 
 

@@ -10,6 +10,8 @@ from specq.sampling import SamplingParams
 from specq.spec.eagle import EagleHead, EagleProposer, load_head, save_head
 from specq.spec import train_eagle as te
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def tiny(vocab=64, seed=0, layers=2):
     torch.manual_seed(seed)
@@ -220,10 +222,17 @@ def test_training_reduces_loss():
     prompts = [torch.randint(0, 64, (int(torch.randint(4, 9, (1,), generator=g)),), generator=g).tolist() for _ in range(10)]
     data = te.make_dataset(target, prompts, max_new=16, eos_ids=[], gen_batch=4, log=lambda m: None)
     off = data["offsets"].tolist()
-    assert len(off) == 11 and all(off[i + 1] - off[i] == len(prompts[i]) + 16 for i in range(10))
-    # the packed generation equals plain greedy decoding
+    # each sequence: prompt + answer without its last token (the feature of a token comes from feeding it)
+    assert len(off) == 11 and all(off[i + 1] - off[i] == len(prompts[i]) + 15 for i in range(10))
+    # the packed generation equals plain greedy decoding; the features equal a full forward's
     for i in (0, 7):
-        assert data["tokens"][off[i]:off[i + 1]].tolist()[len(prompts[i]):] == plain_greedy(target, torch.tensor(prompts[i]), 16)
+        seq = data["tokens"][off[i]:off[i + 1]].long()
+        assert seq.tolist()[len(prompts[i]):] == plain_greedy(target, torch.tensor(prompts[i]), 16)[:15]
+        n = seq.shape[0]
+        target.setup_cache(n)
+        _, h = target(seq, torch.arange(n), torch.arange(n), causal_mask(0, n, n))
+        torch.testing.assert_close(data["feats"][off[i]:off[i + 1]].float(), h.to(torch.bfloat16).float(),
+                                   atol=0.05, rtol=0.05)
     head = EagleHead(target.cfg)
     emb, lm = te.frozen_copy(target)
     head.bind(emb, lm)
@@ -236,3 +245,49 @@ def test_training_reduces_loss():
         after = te.head_loss(head, *batch)[0].item()
     assert after < 0.6 * before and hist[-1] < hist[0]
     assert head.shared["embed"] is emb
+    # training on the head's own unrolled predictions (2 extra steps) also learns, at every step
+    head2 = EagleHead(target.cfg)
+    head2.bind(emb, lm)
+    with torch.no_grad():
+        _, _, acc0 = te.head_loss(head2, *batch, unroll=2)
+    te.train_head(head2, target, data, epochs=25, lr=3e-3, batch_tokens=160, progress=False, log=lambda m: None,
+                  unroll=2)
+    head2.bind(emb, lm)
+    with torch.no_grad():
+        _, _, acc1 = te.head_loss(head2, *batch, unroll=2)
+    assert len(acc1) == 3 and all(float(b) > float(a) for a, b in zip(acc0, acc1))
+
+
+@torch.no_grad()
+def test_unrolled_steps_equal_the_tree_path():
+    """forward_unrolled step s at index j == the head run incrementally: positions 0..j committed with true
+    features, then a chain of s nodes each fed the previous node's output (the tree's depth s+1)."""
+    target = tiny()
+    head = head_for(target)
+    T, D = 10, target.cfg.hidden_size
+    ids, feats = torch.randint(0, 64, (2, T)), torch.randn(2, T, D)
+    outs = head.forward_unrolled(ids, feats, 3)
+    assert torch.allclose(outs[0], head.forward_seq(ids, feats), atol=1e-5)
+    S = 24
+    for b in range(2):
+        for j in range(T - 3):
+            head.setup_cache(S)
+            L = j + 1
+            prev = head(ids[b, :L], feats[b, :L], torch.arange(L), torch.arange(L), causal_mask(0, L, S))[-1]
+            for s in range(1, 4):
+                slot = torch.tensor([L + s - 1])
+                prev = head(ids[b, j + s:j + s + 1], prev[None], slot, slot, causal_mask(L + s - 1, 1, S))[0]
+                assert torch.allclose(prev, outs[s][b, j], atol=1e-5), (b, j, s)
+
+
+def test_prompts_are_varied_and_not_benchmark_questions():
+    class Tok:
+        def chat(self, msgs):
+            return msgs[0]["content"]
+    ps = te.build_prompts(Tok(), 200, seed=1)
+    assert len(ps) == 200 and len(set(ps)) > 150
+    kinds = ("Translate", "Summarize", "function", "Explain", "JSON")
+    assert all(any(k in p for p in ps) for k in kinds)
+    from specq.data import bench_questions
+    bench = {q["turns"][0] for name in ("spec_bench", "mt_bench") for q in bench_questions(name)}
+    assert not bench & set(ps)
