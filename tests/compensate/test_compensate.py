@@ -258,7 +258,9 @@ def test_triton_kernels_interpreted():
     import os
     import subprocess
     import sys
-    code = (
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from triton_interp import PATCH
+    code = PATCH + (
         "import torch, torch.nn as nn\n"
         "from specq.compensate import kernel as KK, select as SEL, CompensatedLinear, Residual\n"
         "from specq.quant.wq import WQLinear\n"
