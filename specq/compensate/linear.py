@@ -5,7 +5,8 @@
 Every row of a multi-token input (prefill, speculative verification) gets its own salient set, so a
 verification forward equals the same tokens decoded one at a time.
 CPU / no kernel: reference math in torch (gather the selected rows; long inputs gather blocks of rows
-from the cached dequantized residual - the same numbers). CUDA: specq.compensate.kernel.
+from the cached dequantized residual, or on a GPU multiply x with its unselected channels zeroed by it -
+the same sums). CUDA: specq.compensate.kernel (unless use_kernel is False).
 """
 from __future__ import annotations
 
@@ -74,7 +75,9 @@ class CompensatedLinear(nn.Module):
         if M * k * R.N <= GATHER_MAX:
             rows = R.rows(idx).to(x2.device)                                    # [M, k, N]
             return torch.einsum("mk,mkn->mn", xs, rows)
-        full = R.full().to(x2.device)                                           # [K, N], cached
+        full = R.full(x2.device)                                                # [K, N], cached
+        if x2.is_cuda:                   # one GEMM with the unselected channels zeroed: same sum
+            return torch.zeros(M, R.K, device=x2.device).scatter_(1, idx, xs) @ full
         b = max(1, GATHER_MAX // (k * R.N))                                     # rows per block
         return torch.cat([torch.einsum("mk,mkn->mn", xs[i:i + b], full[idx[i:i + b]]) for i in range(0, M, b)])
 

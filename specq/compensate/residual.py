@@ -57,6 +57,7 @@ class Residual:
         self.K, self.N = (dense.shape if dense is not None else (codes.shape[0], codes.shape[1] * 8))
         self._dev_scales = {}
         self._full = None
+        self._dev_full = {}
 
     @property
     def bits(self):
@@ -83,14 +84,20 @@ class Residual:
             return self.dense[idx]
         return (unpack_rows(self.codes[idx]) - 8).float() * self.scales
 
-    def full(self) -> torch.Tensor:
-        """Dequantized R^T float32 [K, N] (CPU, cached): the dense reference path for long inputs."""
+    def full(self, device=None) -> torch.Tensor:
+        """Dequantized R^T float32 [K, N] (cached, on the CPU or on `device`): the dense reference path
+        for long inputs (the CUDA kernel path never uses it)."""
         if self._full is None:
             self._full = self.dense if self.dense is not None else self.rows(torch.arange(self.K))
-        return self._full
+        if device is None or torch.device(device).type == "cpu":
+            return self._full
+        key = str(device)
+        if key not in self._dev_full:
+            self._dev_full[key] = self._full.to(device)
+        return self._dev_full[key]
 
     def drop_cache(self):
-        self._full = None
+        self._full, self._dev_full = None, {}
 
     def scales_on(self, device) -> torch.Tensor:
         key = str(device)

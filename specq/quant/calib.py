@@ -57,9 +57,12 @@ def set_(mod, name, new):
 
 
 class LayerRunner:
-    """Holds the current hidden states of the calibration windows and steps them layer by layer."""
+    """Holds the current hidden states of the calibration windows and steps them layer by layer.
 
-    def __init__(self, model, tokens):  # tokens [n, L]
+    fp_stream: also step the windows through the unquantized layers (xs_fp), so a Linear's inputs
+    from the quantized model can be paired with those of the full-precision model."""
+
+    def __init__(self, model, tokens, fp_stream=False):  # tokens [n, L]
         self.model = model
         n, L = tokens.shape
         model.setup_cache(L)
@@ -69,22 +72,36 @@ class LayerRunner:
         self.cos, self.sin = model.rope(self.pos)
         with torch.inference_mode():
             self.xs = [model.embed_tokens(t.to(dev)) for t in tokens]   # n x [L, D]
+        self.xs_fp = list(self.xs) if fp_stream else None
+
+    def _run(self, layer, x):
+        return layer(x, self.cos, self.sin, self.pos, self.mask)
 
     @torch.inference_mode()
-    def capture(self, layer, names, fn):
-        """Run layer on every window, calling fn(name, x [L, K]) with each named Linear's input."""
-        hooks = [get(layer, nm).register_forward_hook(lambda m, a, o, nm=nm: fn(nm, a[0]))
-                 for nm in names]
+    def capture(self, layer, names, fn, fp_layer=None):
+        """Run layer on every window, calling fn(name, x [L, K]) with each named Linear's input;
+        with fp_layer (needs fp_stream), fn(name, x, x_fp) with the fp layer's input on the fp stream."""
+        got = {}
+        hooks = [get(layer, nm).register_forward_hook(
+            (lambda m, a, o, nm=nm: fn(nm, a[0])) if fp_layer is None else
+            (lambda m, a, o, nm=nm: fn(nm, a[0], got[nm]))) for nm in names]
+        if fp_layer is not None:
+            hooks += [get(fp_layer, nm).register_forward_hook(lambda m, a, o, nm=nm: got.__setitem__(nm, a[0]))
+                      for nm in names]
         try:
-            for x in self.xs:
-                layer(x, self.cos, self.sin, self.pos, self.mask)
+            for i, x in enumerate(self.xs):
+                if fp_layer is not None:
+                    self._run(fp_layer, self.xs_fp[i])
+                self._run(layer, x)
         finally:
             for h in hooks:
                 h.remove()
 
     @torch.inference_mode()
-    def advance(self, layer):
-        self.xs = [layer(x, self.cos, self.sin, self.pos, self.mask) for x in self.xs]
+    def advance(self, layer, fp_layer=None):
+        self.xs = [self._run(layer, x) for x in self.xs]
+        if fp_layer is not None:
+            self.xs_fp = [self._run(fp_layer, x) for x in self.xs_fp]
 
 
 def fold(layer, cfg, name, s):

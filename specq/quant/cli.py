@@ -32,6 +32,16 @@ def _quant_args(p, required: bool):
     g.add_argument("--asym", action="store_true", help="asymmetric (integer zero point) weight grid; default symmetric")
     g.add_argument("--act-order", action="store_true", help="GPTQ: quantize columns in decreasing Hessian diagonal "
                    "order (static groups, so the layout is unchanged)")
+    g.add_argument("--clip", default=None, choices=["mse", "hessian"],
+                   help="GPTQ group ranges: mse = shrink minimising the weight error when GPTQ reaches the group; "
+                        "hessian = static groups whose range minimises the group's output error (default: min/max)")
+    g.add_argument("--true-seq", action="store_true", help="GPTQ: calibrate each Linear of a layer on inputs from "
+                   "the already quantized Linears before it")
+    g.add_argument("--refit", action="store_true", help="GPTQ: refit the group scales (codes fixed) to the "
+                   "least-squares optimum of each row's output error")
+    g.add_argument("--fp-target", action="store_true", help="GPTQ: fit the full-precision model's outputs from "
+                   "the quantized model's inputs (compensates the error accumulated upstream)")
+    g.add_argument("--damp", type=float, default=0.01, help="GPTQ damping, fraction of mean diag(H) (default 0.01)")
     g.add_argument("--alpha", type=float, default=0.5, help="SmoothQuant migration strength (default 0.5)")
     g.add_argument("--calib", default="wikitext2",
                    help="calibration text: wikitext2 (WikiText-2 valid), gsm8k (GSM8K train; needs pandas or "
@@ -62,7 +72,8 @@ def _quantize(a, model, tok):
     return quantize_model(model, a.format, a.method, a.bits, a.group_size, not a.asym, progress=a.progress,
                           act_order=a.act_order, alpha=a.alpha, tokenizer=tok, calib_source=a.calib,
                           calib_samples=a.calib_samples, calib_seqlen=a.calib_seqlen, seed=a.seed,
-                          fit_group=a.fit_group)
+                          fit_group=a.fit_group, clip=a.clip, true_seq=a.true_seq, refit=a.refit,
+                          fp_target=a.fp_target, damp=a.damp)
 
 
 def cmd_quantize(a) -> int:

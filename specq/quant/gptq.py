@@ -12,16 +12,20 @@ import torch
 from . import pack as P
 
 
-def hessian_add(H, x):
-    """Accumulate x [T, K] into H [K, K] (float64). Returns H."""
-    xf = x.reshape(-1, x.shape[-1]).double()
-    return H.addmm_(xf.t(), xf)
+def hessian_add(H, x, x2=None):
+    """Accumulate x^T x (or x^T x2) of x [T, K] into H [K, K] (float64; each call's product in float32,
+    2-4x faster on CPU and as exact as the inputs for the windows used here). Returns H."""
+    xf = x.reshape(-1, x.shape[-1]).float()
+    x2 = xf if x2 is None else x2.reshape(-1, x2.shape[-1]).float()
+    return H.add_(xf.t() @ x2)
 
 
-def gptq(W, H, bits, group_size, sym=True, act_order=False, block=128, damp=0.01, params=None):
+def gptq(W, H, bits, group_size, sym=True, act_order=False, block=128, damp=0.01, params=None, init=None):
     """W [N, K], H [K, K] -> codes uint8 [N, K], scales, zeros float32 [N, K//G].
 
-    params(w_group [N, G]) -> (scale [N], zero [N]) overrides the group quantizer (W4A8 two-level)."""
+    params(w_group [N, G]) -> (scale [N], zero [N]) overrides the group quantizer (W4A8 two-level).
+    init: (scales, zeros) [N, K//G] fixes the group parameters up front (static groups), e.g. from
+    specq.quant.search.search_params."""
     N, K = W.shape
     G = P.check_shape(K, bits, group_size)
     maxq = (1 << bits) - 1
@@ -34,8 +38,10 @@ def gptq(W, H, bits, group_size, sym=True, act_order=False, block=128, damp=0.01
     ng = K // G
     scales = torch.empty(N, ng, device=W.device)
     zeros = torch.empty(N, ng, device=W.device)
-    static = act_order or G == K or G > block
-    if static:
+    static = init is not None or act_order or G == K or G > block
+    if init is not None:
+        scales.copy_(init[0]), zeros.copy_(init[1])
+    elif static:
         for g in range(ng):
             scales[:, g], zeros[:, g] = params(W[:, g * G:(g + 1) * G])
     perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(K, device=W.device)

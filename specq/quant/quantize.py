@@ -13,6 +13,8 @@ Calibration runs layer by layer; each layer sees the outputs of the already quan
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 from tqdm import tqdm
 
@@ -21,6 +23,7 @@ from . import pack as P
 from .awq import search_clip, search_scale
 from .calib import LINEARS, LayerRunner, calib_tokens, fold, foldable, get, set_
 from .gptq import gptq, hessian_add
+from .search import refit_scales, search_params
 from .w8a8 import W4A8Linear, W8A8Linear
 from .wq import WQLinear
 
@@ -66,12 +69,26 @@ def _smooth_scale(amax_x, W, alpha):
 @torch.no_grad()
 def quantize_model(model, fmt="w4a16", method="rtn", bits=None, group_size=128, sym=True, calib=None,
                    progress=True, act_order=False, alpha=0.5, awq_tokens=2048, damp=0.01, tokenizer=None,
-                   calib_source="wikitext2", calib_samples=32, calib_seqlen=512, seed=0, fit_group=False):
+                   calib_source="wikitext2", calib_samples=32, calib_seqlen=512, seed=0, fit_group=False,
+                   clip=None, true_seq=False, refit=False, fp_target=False):
     """Quantize model in place and return it. calib: LongTensor [n, L] of calibration tokens
     (specq.quant.calib.calib_tokens), needed by every method except rtn; when None and a tokenizer is
     given, calib_samples windows of calib_seqlen tokens are drawn from calib_source.
     fit_group: where group_size does not divide a Linear's input dimension, use the largest supported
-    smaller group that does (e.g. 64 for K=576) instead of raising."""
+    smaller group that does (e.g. 64 for K=576) instead of raising.
+    Weight-only GPTQ options (same format, better numbers; see specq.quant.search):
+      clip: None (min/max or absmax groups) | "mse" (per group, the range shrink minimising the weight
+        error, chosen when GPTQ reaches the group) | "hessian" (static groups whose range minimises the
+        group's output error under the input Hessian, chosen up front from the unquantized weight).
+      true_seq: each Linear of a layer is calibrated on inputs from the already quantized Linears
+        before it (qkv -> o -> gate_up -> down), not only from the quantized previous layers.
+      refit: after GPTQ, refit each row's group scales (codes and zeros fixed) to the least-squares
+        optimum of the row's output error under H.
+      fp_target: calibrate against the full-precision model's outputs: with X the Linear's inputs in the
+        quantized model and X_fp those in the full-precision model, GPTQ quantizes the least-squares
+        target W* = W C H^-1 (C = X_fp^T X, H = X^T X), which minimises ||X_fp W^T - X W*^T||: the error
+        already accumulated upstream is compensated where possible (GPTAQ's objective). Computed as
+        W + W (C - H) (H + damping)^-1, so W* = W exactly when the two models' inputs agree."""
     fmt, bits = check_args(fmt, method, bits, group_size)
     gs0 = -1 if fmt == "w8a8" else group_size
     weight_only = fmt.endswith("a16")
@@ -87,7 +104,10 @@ def quantize_model(model, fmt="w4a16", method="rtn", bits=None, group_size=128, 
     if method != "rtn" and calib is None:
         raise SpecqError(f"method {method} needs calibration tokens (calib=...)")
     cfg = model.cfg
-    runner = LayerRunner(model, calib) if method != "rtn" else None
+    if clip not in (None, "mse", "hessian"):
+        raise SpecqError(f"unknown clip search {clip!r} (None, 'mse' or 'hessian')")
+    fp_target = bool(fp_target) and weight_only and method in ("gptq", "awq_gptq")
+    runner = LayerRunner(model, calib, fp_stream=fp_target) if method != "rtn" else None
     want_h = method in ("gptq", "awq_gptq")
     want_x = method in ("awq", "awq_gptq")
     want_amax = not weight_only and method != "rtn"
@@ -95,19 +115,31 @@ def quantize_model(model, fmt="w4a16", method="rtn", bits=None, group_size=128, 
     rows = max(1, awq_tokens // n)
     it = tqdm(model.layers, desc=f"{fmt} {method}", disable=not progress, unit="layer")
     for layer in it:
-        H, X, amax = {}, {}, {}
-        if runner is not None:
-            def stat(nm, x):
-                x = x.reshape(-1, x.shape[-1]).float()
-                if want_h:
-                    H[nm] = hessian_add(H.get(nm, torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=x.device)), x)
-                if want_x:
-                    X.setdefault(nm, []).append(x[torch.linspace(0, x.shape[0] - 1, rows).long()])
-                if want_amax:
-                    a = x.abs().amax(0)
-                    amax[nm] = torch.maximum(amax[nm], a) if nm in amax else a
-            runner.capture(layer, LINEARS, stat)
-            X = {k: torch.cat(v) for k, v in X.items()}
+        H, X, amax, C = {}, {}, {}, {}
+        fp_layer = None
+
+        def stat(nm, x, x_fp=None):
+            x = x.reshape(-1, x.shape[-1]).float()
+            if x_fp is not None:                 # C = X_fp^T X
+                C[nm] = hessian_add(C.get(nm, torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=x.device)), x_fp, x)
+            if want_h:
+                H[nm] = hessian_add(H.get(nm, torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=x.device)), x)
+            if want_x:
+                X.setdefault(nm, []).append(x[torch.linspace(0, x.shape[0] - 1, rows).long()])
+            if want_amax:
+                a = x.abs().amax(0)
+                amax[nm] = torch.maximum(amax[nm], a) if nm in amax else a
+
+        def capture(names):
+            for nm in names:
+                H.pop(nm, None), X.pop(nm, None), amax.pop(nm, None), C.pop(nm, None)
+            runner.capture(layer, names, stat, fp_layer)
+            for nm in names:
+                if nm in X:
+                    X[nm] = torch.cat(X[nm])
+
+        if runner is not None and not (fp_target and not want_x):
+            capture(LINEARS)
         # 1. equivalent rescaling (AWQ search or SmoothQuant), folded into the previous op
         for nm in ("self_attn.o_proj", "mlp.down_proj", "self_attn.qkv_proj", "mlp.gate_up_proj"):
             if not foldable(layer, nm) or not (want_x or want_amax):
@@ -124,18 +156,22 @@ def quantize_model(model, fmt="w4a16", method="rtn", bits=None, group_size=128, 
                 X[nm] = X[nm] / s
             if nm in H:
                 H[nm] = H[nm] / s.double()[:, None] / s.double()[None, :]
+        if fp_target:                            # pair the inputs with the fp model's (after any folding)
+            fp_layer = copy.deepcopy(layer)
+            capture(LINEARS)
         # 2. quantize
-        for nm in LINEARS:
+        for j, nm in enumerate(LINEARS):
+            if true_seq and j > 0 and runner is not None:
+                capture((nm,))                   # inputs from this layer's already quantized Linears
             lin = get(layer, nm)
             W = lin.weight.data
             gs = gsz[nm]
             if weight_only:
                 if want_h:
-                    q, s, z = gptq(W, H[nm], bits, gs, sym, act_order, damp=damp)
-                    new = WQLinear.from_codes(q, s, z, bits, gs, sym, lin.bias, W.dtype)
+                    new = _wq_gptq(lin, H[nm], bits, gs, sym, act_order, damp, clip, refit, C.get(nm))
                 else:
-                    clip = search_clip(W, X[nm], bits, gs, sym) if want_x else None
-                    new = WQLinear.from_linear(lin, bits, gs, sym, clip)
+                    cl = search_clip(W, X[nm], bits, gs, sym) if want_x else None
+                    new = WQLinear.from_linear(lin, bits, gs, sym, cl)
             elif fmt == "w8a8":
                 new = W8A8Linear.from_linear(lin)
             elif method == "gptq":
@@ -144,11 +180,31 @@ def quantize_model(model, fmt="w4a16", method="rtn", bits=None, group_size=128, 
                 new = W4A8Linear.from_linear(lin, gs)
             set_(layer, nm, new)
         if runner is not None:
-            runner.advance(layer)
+            runner.advance(layer, fp_layer)
     model.quant_info = dict(format=fmt, method=method, bits=bits, group_size=gs0, sym=bool(sym) if weight_only else True,
                             act_order=bool(act_order), alpha=alpha if want_amax else None,
+                            clip=clip if want_h else None, true_seq=bool(true_seq), refit=bool(refit and want_h),
+                            fp_target=fp_target,
                             group_sizes=dict(gsz))
     return model
+
+
+def _wq_gptq(lin, H, bits, gs, sym, act_order, damp, clip, refit, C=None):
+    W = lin.weight.data
+    if C is not None:                            # W* = W + W (C - H) Hd^-1 = W C H^-1 up to the damping
+        Hd = H + damp * torch.diag(H).mean() * torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+        Hd[torch.diag(H) == 0, torch.diag(H) == 0] = 1
+        W = W + torch.linalg.solve(Hd, (C - H).t() @ W.double().t()).t().to(W.dtype)
+    init, params = None, None
+    if clip == "hessian":
+        init = search_params(W, bits, gs, sym, H)
+    elif clip == "mse":
+        params = lambda wg: search_params(wg, bits, -1, sym)
+        params = lambda wg, f=params: tuple(t[:, 0] for t in f(wg))
+    q, s, z = gptq(W, H, bits, gs, sym, act_order, damp=damp, params=params, init=init)
+    if refit:
+        s = refit_scales(W, H, q, z, s)
+    return WQLinear.from_codes(q, s, z, bits, gs, sym, lin.bias, W.dtype)
 
 
 def _w4a8_gptq(lin, H, gs, act_order, damp):
