@@ -17,7 +17,7 @@ MODEL=${MODEL:-/root/models/SmolLM2-135M-Instruct.Q4_1.gguf}
 OUT=${OUT:-out}
 GEN_S=${GEN_S:-220}
 TRAIN_S=${TRAIN_S:-220}
-export PYTHONPATH=$PWD
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 mkdir -p "$OUT/eagle_smollm2"
 python3 -m specq.spec.train_eagle --model "$MODEL" --out "$OUT/eagle_smollm2" --device cuda \
   --num-prompts 4096 --max-new-tokens 256 --gen-batch 128 --gen-budget-s "$GEN_S" \

@@ -103,15 +103,22 @@ class Decoder:
         return out
 
     @torch.no_grad()
-    def step_greedy(self, token: int | None) -> int:
-        """Greedy fast path: feed `token` (None = the previous greedy output, already in the buffer) and
-        return the argmax next token; on GPU one graph replay and one sync per token."""
+    def launch_greedy(self, token: int | None) -> None:
+        """Enqueue one greedy step without waiting for it: feed `token` (None = the previous greedy output,
+        already in the buffer). next_greedy() returns the results in launch order. On GPU the step is a
+        graph replay whose [1] result is copied to pinned host memory behind an event, so the host can
+        launch step i+1 before it reads token i and the GPU never idles on the per-token sync."""
         if self.len >= self.S:
             raise SpecqError("context is full")
         if not hasattr(self, "ids"):
             dev = self.model.device
             self.ids = torch.zeros(1, dtype=torch.long, device=dev)
             self.pos = torch.zeros(1, dtype=torch.long, device=dev)
+        if not hasattr(self, "pending"):
+            self.pending, self.nlaunch = [], 0
+            if self.use_graph:  # two result slots: at most two steps are in flight
+                self.host = [torch.zeros(1, dtype=torch.long).pin_memory() for _ in range(2)]
+                self.events = [torch.cuda.Event() for _ in range(2)]
         if token is not None:
             self.ids.fill_(token)
             self.pos.fill_(self.len)
@@ -119,11 +126,35 @@ class Decoder:
             if getattr(self, "ggraph", None) is None:
                 self.ggraph, self.gout = self._capture(self._greedy)
             self.ggraph.replay()
-            nxt = self.gout
+            k = self.nlaunch % 2
+            self.host[k].copy_(self.gout, non_blocking=True)
+            self.events[k].record()
+            self.pending.append(k)
         else:
-            nxt = self._greedy(self.ids, self.pos)
+            self.pending.append(self._greedy(self.ids, self.pos))
+        self.nlaunch += 1
         self.len += 1
-        return int(nxt)
+
+    def next_greedy(self) -> int:
+        """The token of the oldest launched greedy step (waits for it)."""
+        r = self.pending.pop(0)
+        if isinstance(r, int):
+            self.events[r].synchronize()
+            return int(self.host[r])
+        return int(r)
+
+    def discard_pending(self) -> None:
+        """Drop launched steps whose tokens are not wanted (their K/V slots count as free again)."""
+        if getattr(self, "pending", None):
+            if self.use_graph:
+                torch.cuda.current_stream().synchronize()
+            self.len -= len(self.pending)
+            self.pending.clear()
+
+    def step_greedy(self, token: int | None) -> int:
+        """Greedy step, synchronous: launch_greedy(token) then its token."""
+        self.launch_greedy(token)
+        return self.next_greedy()
 
 
 @torch.no_grad()
@@ -143,12 +174,22 @@ def generate(model: Transformer, ids, max_new_tokens: int, sp: SamplingParams = 
     out: list[int] = []
     logits = dec.prefill(ids)
     t = next_token(logits, sp, gen)
-    feed: int | None = t
+    if sp.greedy:  # steps run one ahead of the host: step i+1 is enqueued before token i is read
+        launched = 0
+        if max_new_tokens > 1:
+            dec.launch_greedy(t)
+            launched = 1
+        while True:
+            out.append(t)
+            if (on_token is not None and on_token(t) is False) or t in eos or len(out) >= max_new_tokens:
+                dec.discard_pending()                       # a look-ahead step past a stop
+                return out
+            if launched < max_new_tokens - 1:
+                dec.launch_greedy(None)                     # the graph feeds its own output back
+                launched += 1
+            t = dec.next_greedy()
     while True:
         out.append(t)
         if (on_token is not None and on_token(t) is False) or t in eos or len(out) >= max_new_tokens:
             return out
-        if sp.greedy:
-            t, feed = dec.step_greedy(feed), None       # the graph feeds its own output back
-        else:
-            t = next_token(dec.step(t), sp, gen)
+        t = next_token(dec.step(t), sp, gen)

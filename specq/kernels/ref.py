@@ -15,6 +15,16 @@ import torch
 from ..errors import SpecqError
 
 SHIFTS = torch.arange(0, 32, 4, dtype=torch.int32)  # nibble j sits at bit 4j
+_SHIFTS: dict = {}
+
+
+def shifts(device, dtype=torch.int32) -> torch.Tensor:
+    """SHIFTS on `device`, made once (no host-to-device copy per call: safe inside CUDA graph capture)."""
+    key = (str(device), dtype)
+    t = _SHIFTS.get(key)
+    if t is None:
+        t = _SHIFTS[key] = SHIFTS.to(device, dtype)
+    return t
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
@@ -22,7 +32,7 @@ def pack_int4(q: torch.Tensor) -> torch.Tensor:
     N, K = q.shape
     if K % 8:
         raise SpecqError(f"pack_int4: K={K} is not a multiple of 8")
-    q = q.to(torch.int64).view(N, K // 8, 8) << SHIFTS.to(q.device, torch.int64)
+    q = q.to(torch.int64).view(N, K // 8, 8) << shifts(q.device, torch.int64)
     w = q.sum(-1)                                          # fits in 32 unsigned bits
     return torch.where(w >= 2**31, w - 2**32, w).to(torch.int32)
 
@@ -30,7 +40,7 @@ def pack_int4(q: torch.Tensor) -> torch.Tensor:
 def unpack_int4(qweight: torch.Tensor) -> torch.Tensor:
     """qweight int32 [N, K//8] -> q int32 [N, K] in 0..15."""
     N, W = qweight.shape
-    return ((qweight.unsqueeze(-1) >> SHIFTS.to(qweight.device)) & 0xF).reshape(N, W * 8)
+    return ((qweight.unsqueeze(-1) >> shifts(qweight.device)) & 0xF).reshape(N, W * 8)
 
 
 def _expand(t: torch.Tensor, K: int) -> torch.Tensor:

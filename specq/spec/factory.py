@@ -33,9 +33,26 @@ def _default_draft(llm):
     from ..quant import quantize_model
     m, _ = load_model(llm.model_name, dtype=torch.float32, device="cpu")
     quantize_model(m, fmt="w4a16", method="rtn", group_size=128, fit_group=True, progress=False)
+    if torch.device(llm.device).type == "cuda":
+        _dense(m)   # same 4-bit weights, dense matmuls: fast and capturable for a small draft
     m = m.to(device=llm.device, dtype=llm.dtype)
     llm._spec_default_draft = m
     return m
+
+
+def _dense(model) -> None:
+    """Replace each WQLinear by an nn.Linear holding its dequantized weights (the same values the kernels'
+    fallback multiplies by; SmolLM2's K=576 layers use g64, which the W4A16 kernel does not serve)."""
+    from ..quant import WQLinear
+    for name, mod in list(model.named_modules()):
+        for cname, child in list(mod.named_children()):
+            if isinstance(child, WQLinear):
+                lin = torch.nn.Linear(child.in_features, child.out_features, bias=child.bias is not None)
+                with torch.no_grad():
+                    lin.weight.copy_(child.dequantize().float())
+                    if child.bias is not None:
+                        lin.bias.copy_(child.bias.float())
+                setattr(mod, cname, lin)
 
 
 def _eagle(llm, base, head, top_k, depth, total_tokens):
