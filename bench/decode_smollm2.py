@@ -32,11 +32,16 @@ def sync():
 
 def time_specq(model, ids, n, reps, compile=False):
     times, out = [], None
-    for r in range(reps + 1):  # first run captures the CUDA graph (and compiles): warm-up, not timed
-        dec = Decoder(model, len(ids) + n, compile=compile)
+    # one Decoder for all runs, as LLM(compile=True) and a server keep it: the first run compiles and
+    # captures the CUDA graph (warm-up, not timed); every timed run does its own prefill and 256 steps
+    dec = Decoder(model, len(ids) + n, compile=compile)
+    for r in range(reps + 1):
         sync(); t0 = time.perf_counter()
-        out = generate(model, ids, n, SamplingParams(), eos_ids=(), decoder=dec)
+        o = generate(model, ids, n, SamplingParams(), eos_ids=(), decoder=dec)
         sync(); dt = time.perf_counter() - t0
+        if out is not None and o != out:
+            raise SystemExit("specq: a repeated run gave different tokens (decoder reuse bug)")
+        out = o
         if r:
             times.append(dt)
     times.sort()

@@ -114,7 +114,8 @@ def default_config(M: int, N: int, K: int):
 
 def w4a16_linear(x, qweight, scales=None, zeros=None, group_size=None, cfg=None, asm=None):
     """y [..., N] = x [..., K] @ W^T. qweight is either a W4A16Weight (from prepare_w4a16) or the
-    canonical int32 [N, K//8] tensor with scales / zeros [N, K//G] (repacked once and cached)."""
+    canonical int32 [N, K//8] tensor with scales / zeros [N, K//G] (repacked once and cached).
+    float32 x (calibration, perplexity) takes the exact torch path: the kernels take 16-bit activations."""
     w = qweight if isinstance(qweight, W4A16Weight) else _prepared(qweight, scales, zeros, group_size, x.dtype)
     if x.shape[-1] != w.K:
         raise SpecqError(f"w4a16_linear: x has K={x.shape[-1]}, weight has K={w.K}")
@@ -122,7 +123,7 @@ def w4a16_linear(x, qweight, scales=None, zeros=None, group_size=None, cfg=None,
     x2 = x.reshape(-1, w.K)
     if w.group_size > 0 and x2.dtype != w.scales.dtype:
         x2 = x2.to(w.scales.dtype)
-    if w.group_size < 0 or not use_triton(x2) or x2.shape[0] == 0:
+    if w.group_size < 0 or not use_triton(x2) or x2.shape[0] == 0 or x2.dtype not in (torch.float16, torch.bfloat16):
         q, s, z = w.raw
         y = x2 @ dequant_w4(q, s, z).to(x2.dtype).T
         return y.to(x.dtype).reshape(*lead, w.N)

@@ -74,6 +74,10 @@ for sl in (True, False):
         e = rel(w4a16_linear(x, w, cfg=cfg), ref.ref_w4a16(x, q, s, z))
         if not e < 1e-2 or int(w.locks.abs().sum()):
             bad.append((sl, M, N, K, e))
+q, s, z = ref.random_w4a16(32, 256, 128, False, torch.float32)   # fp32 x: the exact torch path
+x = torch.randn(2, 256)
+if not torch.allclose(w4a16_linear(x, q, s, z, 128), x @ ref.dequant_w4(q, s, z).T, rtol=1e-5, atol=1e-5):
+    bad.append("fp32")
 print("BAD", bad) if bad else print("ALLOK")
 '''
 
