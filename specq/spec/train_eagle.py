@@ -150,6 +150,37 @@ def build_prompts(tok, n: int, seed: int = 0, mix=(0.35, 0.10)) -> list[list[int
     return [tok.chat([{"role": "user", "content": t}]) for t in texts]
 
 
+# Self-instruct: the target writes user requests of many kinds (seeded by a kind and a topic), which then
+# become prompts; its own phrasing widens the prompt distribution beyond the fixed templates above.
+REQUEST_KINDS = (
+    "a short factual question", "a question about history", "a science question", "a question asking for advice",
+    "a creative writing request", "a role-play request where the assistant plays a character",
+    "a logic or reasoning puzzle", "a math word problem", "a request to write a short program",
+    "a request to explain a concept simply", "a request to compare two things", "a request to write a letter or email",
+    "a request to summarize a short news report (include the report)",
+    "a request to extract information from a short text (include the text)",
+    "a request to translate a sentence from German into English (include the German sentence)",
+    "a question about a short passage (include the passage)",
+)
+
+
+def self_instruct(model, tok, n: int, seed: int = 0, gen_batch: int = 64, max_new: int = 96) -> list[str]:
+    """n user requests written by the target (greedy), each seeded by a request kind and a WikiText topic."""
+    rng = random.Random(seed + 1)
+    topics = wikitext_topics() or ["everyday life"]
+    asks = [f"Write {rng.choice(REQUEST_KINDS)} that a user might send to an AI assistant, related to "
+            f"{rng.choice(topics)}. Reply with the request only." for _ in range(n)]
+    eos = list(tok.eos_ids or model.cfg.eos_token_ids)
+    out = []
+    for k in range(0, n, gen_batch):
+        chats = [tok.chat([{"role": "user", "content": a}]) for a in asks[k:k + gen_batch]]
+        for ans in generate_packed(model, chats, max_new, eos):
+            t = tok.decode([x for x in ans if x not in eos]).strip().strip('"').strip()
+            if len(t) >= 12:
+                out.append(t)
+    return out
+
+
 # ----------------------------------------------------------------------------- target answers and features
 
 @torch.inference_mode()
@@ -204,11 +235,12 @@ def make_dataset(model, prompts, max_new, eos_ids, gen_batch=64, budget_s=0.0, l
     except ImportError:
         bar = None
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))   # similar lengths per batch
-    for k in range(0, len(order), gen_batch):
+    groups = [order[k:k + gen_batch] for k in range(0, len(order), gen_batch)]
+    random.Random(len(prompts)).shuffle(groups)   # a time budget must not drop the long prompts only
+    for ids in groups:
         if budget_s and time.time() - t0 > budget_s:
             log(f"generation budget {budget_s:.0f}s reached after {len(res)} prompts")
             break
-        ids = order[k:k + gen_batch]
         ans, feats = generate_packed(model, [prompts[i] for i in ids], max_new, eos_ids, features=True)
         for i, a, f in zip(ids, ans, feats):
             if a:
@@ -416,6 +448,8 @@ def add_parser(subparsers):
     p.add_argument("--gen-budget-s", type=float, default=0.0, help="stop generating after this many seconds (0: no limit)")
     p.add_argument("--train-budget-s", type=float, default=0.0, help="stop training after this many seconds (0: no limit)")
     p.add_argument("--log", default=None, help="log file (default OUT/train_log.txt)")
+    p.add_argument("--self-instruct", type=float, default=0.0, help="share of prompts written by the target itself "
+                   "(a request kind + a WikiText topic as seed; default 0)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=run)
     return p
@@ -459,7 +493,13 @@ def run(args) -> int:
             raise SpecqError(f"feature cache {feat} was made for another model (hidden {data['feats'].shape[1]})")
         log(f"reusing features {feat}: {tuple(data['feats'].shape)}")
     else:
-        prompts = build_prompts(tok, args.num_prompts, args.seed)
+        n_self = int(args.self_instruct * args.num_prompts)
+        asks = self_instruct(target, tok, n_self, args.seed, args.gen_batch) if n_self else []
+        if n_self:
+            log(f"self-instruct: {len(asks)} requests written by the target, e.g. {asks[0][:120]!r}")
+        prompts = build_prompts(tok, args.num_prompts - len(asks), args.seed)
+        prompts += [tok.chat([{"role": "user", "content": t}]) for t in asks]
+        random.Random(args.seed).shuffle(prompts)
         eos = list(tok.eos_ids or target.cfg.eos_token_ids)
         data = make_dataset(target, prompts, args.max_new_tokens, eos, args.gen_batch, args.gen_budget_s, log)
         feat.parent.mkdir(parents=True, exist_ok=True)

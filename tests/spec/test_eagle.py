@@ -291,3 +291,18 @@ def test_prompts_are_varied_and_not_benchmark_questions():
     from specq.data import bench_questions
     bench = {q["turns"][0] for name in ("spec_bench", "mt_bench") for q in bench_questions(name)}
     assert not bench & set(ps)
+
+
+def test_generation_batches_are_not_length_sorted(monkeypatch):
+    """A generation time budget must not keep only the shortest prompts: batches (of similar lengths) run in
+    shuffled order, and every prompt's answer lands at its own index."""
+    seen = []
+
+    def fake(model, prompts, max_new, eos_ids=(), features=False):
+        seen.append(len(prompts[0]))
+        return [[7, 8]] * len(prompts), [torch.zeros(len(p) + 1, 4) for p in prompts]
+    monkeypatch.setattr(te, "generate_packed", fake)
+    prompts = [[1] * n for n in range(1, 65)]
+    data = te.make_dataset(None, prompts, 2, (), gen_batch=8, log=lambda m: None)
+    assert len(seen) == 8 and seen != sorted(seen)                      # shuffled batch order
+    assert data["plens"].tolist() == list(range(1, 65))                 # results back in prompt order
