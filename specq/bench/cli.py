@@ -23,6 +23,8 @@ def add_parser(sub):
     s.add_argument("--draft-model", default=None, help="draft model (default: a 4-bit RTN copy of the target)")
     s.add_argument("--intermediate", default=None, help="hier intermediate model (default: the un-quantized target)")
     s.add_argument("--eagle-head", default=None, help="EAGLE head directory (default: bundled smollm2 head)")
+    s.add_argument("--tree", default="16:5:80", help="EAGLE-2 tree top_k:depth:total_tokens for eagle/hier "
+                   "(default 16:5:80, the generate default)")
     s.add_argument("--out", default=None, help="write JSON here (plus .md and .png beside it)")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
 

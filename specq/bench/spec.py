@@ -175,11 +175,15 @@ def main(a) -> int:
     temps = [float(t) for t in a.temperatures.split(",")]
     quant = None if a.format == "none" else dict(fmt=a.format, method=a.method, group_size=a.group_size)
     llm = LLM(a.model, device=a.device, dtype=a.dtype, quant=quant)
+    try:
+        top_k, depth, total = (int(v) for v in a.tree.split(":"))
+    except ValueError:
+        raise SpecqError(f"invalid --tree {a.tree!r}: expected top_k:depth:total_tokens, e.g. 16:5:80") from None
     spec_kw = dict(k=a.draft_len, n_drafts=a.n_drafts, eagle_head=a.eagle_head, draft_model=a.draft_model,
-                   intermediate=a.intermediate)
+                   intermediate=a.intermediate, top_k=top_k, depth=depth, total_tokens=total)
     dev = torch.cuda.get_device_name() if llm.device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()})"
     res = {"rows": [], "model": a.model, "format": a.format, "bench": a.bench, "per_category": a.per_category,
-           "max_new_tokens": a.max_new_tokens, "command": "specq " + " ".join(sys.argv[1:]), "device": dev,
+           "max_new_tokens": a.max_new_tokens, "eagle_tree": a.tree, "command": "specq " + " ".join(sys.argv[1:]), "device": dev,
            "torch": torch.__version__, "date": datetime.date.today().isoformat(),
            "note": "speedup = tok/s over plain decoding (specq, CUDA-graph step on GPU) of the same model and format "
                    "in the same run; tau = tokens emitted per target forward, bonus included"}
