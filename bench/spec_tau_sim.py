@@ -115,7 +115,12 @@ def main() -> int:
     runs = greedy_runs(model, tok, qs, a.max_new_tokens, a.cache)
     print(f"{len(runs)} greedy continuations ({time.time() - t0:.0f}s)", flush=True)
     feats = [features(model, ids, gen) for ids, gen in runs]
-    res = {"questions": [q["question_id"] for q in qs], "results": []}
+    import datetime
+    import platform
+    res = {"questions": [q["question_id"] for q in qs], "results": [],
+           "command": "python " + " ".join(sys.argv), "date": datetime.date.today().isoformat(),
+           "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__} (float32)",
+           "note": "T=0 replay of the engine's loop on each question's greedy continuation (no GPU); tau bonus included"}
     for hp in a.heads.split(","):
         head = load_head(hp, model)
         for s in a.settings.split(","):
