@@ -74,6 +74,26 @@ def run_spec(llm, factory, prompts, max_new, sp, seed):
     return res
 
 
+@torch.no_grad()
+def divergence(llm, ids, ref, out):
+    """Where a T=0 speculative output `out` first leaves plain decoding's `ref`: the plain model's top-2 logit
+    gap at that position (from one forward over prompt + ref prefix) and the rank of out's token there
+    (1 = runner-up). None when the outputs agree, one is a prefix of the other, or the cache is too small.
+    A lossless engine can only part from plain decoding at a near-tie of the plain model's logits."""
+    from ..models.llama import causal_mask
+    j = next((i for i, (a, b) in enumerate(zip(out, ref)) if a != b), None)
+    M = llm.model
+    n = len(ids) + (j or 0)
+    if j is None or M.cache_size < n:
+        return None
+    dev = M.device
+    pos = torch.arange(n, device=dev)
+    lg = M(torch.tensor(list(ids) + list(ref[:j]), device=dev), pos, pos, causal_mask(0, n, M.cache_size, dev),
+           return_hidden=False, logits_rows=slice(n - 1, n))[0].float()
+    top = lg.topk(2).values
+    return {"position": j, "top2_gap": float(top[0] - top[1]), "rank": int((lg > lg[out[j]]).sum())}
+
+
 def bench(llm, methods, temperatures, bench_name="spec_bench", per_category=10, max_new=128, seed=0,
           spec_kw=None, progress=True, warmup=1, on_rows=None):
     """Rows per (method, verify, temperature, category). Each method first decodes the longest prompt
@@ -118,10 +138,13 @@ def bench(llm, methods, temperatures, bench_name="spec_bench", per_category=10, 
             run_spec(llm, factory, longest, max_new, sp, seed)          # warm-up: graphs, cache sizes
             res = run_spec(llm, factory, prompts, max_new, sp, seed); bar.update(len(prompts))
             agg = defaultdict(lambda: [0, 0.0, 0, 0])  # tokens, seconds, steps, emitted
-            mismatch = 0
+            mismatch, gaps = 0, []
             for i, (c, (out, dt, met)) in enumerate(zip(cats, res)):
                 if T == 0 and greedy_ref is not None and out != greedy_ref[i]:
                     mismatch += 1
+                    d = divergence(llm, prompts[i], greedy_ref[i], out)
+                    if d is not None:
+                        gaps.append(d)
                 for k in (c, "overall"):
                     a = agg[k]; a[0] += len(out); a[1] += dt; a[2] += met.steps; a[3] += met.emitted
             for k, (n, dt, steps, emitted) in sorted(agg.items()):
@@ -131,6 +154,10 @@ def bench(llm, methods, temperatures, bench_name="spec_bench", per_category=10, 
                            speedup=tps / base_k, tokens=n)
                 if T == 0:
                     row["greedy_mismatches"] = mismatch if k == "overall" else None
+                    if k == "overall" and gaps:   # plain model's logits where each mismatch begins
+                        row["mismatch_top2_gap_max"] = max(g["top2_gap"] for g in gaps)
+                        row["mismatch_top2_gap_median"] = sorted(g["top2_gap"] for g in gaps)[len(gaps) // 2]
+                        row["mismatch_token_rank_max"] = max(g["rank"] for g in gaps)
                 rows.append(row)
             o = agg["overall"]
             print(f"bench spec: {m}:{v} T={T}: tau {o[3] / max(o[2], 1):.2f}, {o[0] / o[1]:.1f} tok/s "
