@@ -41,6 +41,9 @@ class Decoder:
         if compile and dev.type == "cuda":
             import torch._inductor.config as inductor_config
             inductor_config.coordinate_descent_tuning = True
+        if compile:   # quantized Linears enter the compiled step as one opaque op each (specq.quant.opaque)
+            from .quant.opaque import register_all
+            register_all(model)
         self.fn = torch.compile(self._step_eager, fullgraph=True, dynamic=False, mode=mode) if compile else self._step_eager
         if self.use_graph:
             self.ids = torch.zeros(1, dtype=torch.long, device=dev)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from . import opaque
 from . import pack as P
 from ..errors import SpecqError
 
@@ -50,20 +51,21 @@ class _IntActLinear(nn.Module):
     def dequantize(self):  # [N, K] weight the integer math represents
         return (self.int_weight() * self.sw.float()[:, None]).to(self.sw.dtype)
 
-    def forward(self, x):  # x [..., K]
-        shp = x.shape
-        if x.is_cuda:   # Triton int8 tensor-core kernels (specq.kernels.int8); None -> the reference below
+    def matmul2d(self, x2):  # x2 [M, K] -> [M, N] in x2's dtype, no bias
+        if x2.is_cuda:   # Triton int8 tensor-core kernels (specq.kernels.int8); None -> the reference below
             if not _KERNELS:
                 import specq.kernels  # noqa: F401  (registers them)
             fn = _KERNELS.get(type(self).__name__)
-            y = fn(x.reshape(-1, shp[-1]), self) if fn is not None else None
+            y = fn(x2, self) if fn is not None else None
             if y is not None:
-                y = y.reshape(*shp[:-1], self.out_features)
-                return y + self.bias.to(y.dtype) if self.bias is not None else y
-        xq, sx = quant_act(x.reshape(-1, shp[-1]))
-        y = int_matmul(xq, self.int_weight()) * sx.double() * self.sw.double()[None, :]
-        y = y.to(x.dtype).reshape(*shp[:-1], self.out_features)
-        return y + self.bias.to(x.dtype) if self.bias is not None else y
+                return y
+        xq, sx = quant_act(x2)
+        return (int_matmul(xq, self.int_weight()) * sx.double() * self.sw.double()[None, :]).to(x2.dtype)
+
+    def forward(self, x):  # x [..., K]
+        shp = x.shape
+        y = opaque.matmul(self, x.reshape(-1, shp[-1])).reshape(*shp[:-1], self.out_features)
+        return y + self.bias.to(y.dtype) if self.bias is not None else y
 
 
 class W8A8Linear(_IntActLinear):

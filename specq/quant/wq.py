@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from . import opaque
 from . import pack as P
 
 LAYOUT = "rowpack"
@@ -67,21 +68,20 @@ class WQLinear(nn.Module):
             W = torch.empty_like(W).index_copy_(1, self.perm, W)
         return W
 
-    def forward(self, x):  # x [..., K] -> [..., N]
-        if x.is_cuda:
+    def matmul2d(self, x2):  # x2 [M, K] -> [M, N], no bias: the CUDA kernel when registered, else the reference
+        if x2.is_cuda:
             if self.kernel is None:
                 if (self.bits, self.layout) not in _KERNELS:
                     import specq.kernels  # noqa: F401  (registers the Triton W4A16 kernel)
                 self.kernel = _KERNELS.get((self.bits, self.layout))
             if self.kernel is not None:
-                shp = x.shape
-                x2 = x.reshape(-1, shp[-1])
-                if self.perm is not None:
-                    x2 = x2[:, self.perm]
-                y = self.kernel(x2, self).reshape(*shp[:-1], self.out_features)
-                return y + self.bias if self.bias is not None else y
-        y = x @ self.dequantize().to(x.dtype).t()
-        return y + self.bias.to(x.dtype) if self.bias is not None else y
+                return self.kernel(x2[:, self.perm] if self.perm is not None else x2, self)
+        return x2 @ self.dequantize().to(x2.dtype).t()
+
+    def forward(self, x):  # x [..., K] -> [..., N]
+        shp = x.shape
+        y = opaque.matmul(self, x.reshape(-1, shp[-1])).reshape(*shp[:-1], self.out_features)
+        return y + self.bias.to(y.dtype) if self.bias is not None else y
 
     def extra_repr(self):
         return f"K={self.in_features}, N={self.out_features}, bits={self.bits}, group_size={self.group_size}, sym={self.sym}"

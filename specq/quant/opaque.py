@@ -1,0 +1,52 @@
+"""Quantized matmuls as one opaque op under torch.compile.
+
+The GPU kernels of the quantized Linears keep Python state (prepared weight layouts cached on the module,
+split-K counters, lazily registered kernels) that dynamo cannot trace with fullgraph=True. While compiling,
+a quantized module's matmul becomes `torch.ops.specq.qmatmul(x2, key, N)`: inductor fuses everything around
+it (norms, rope, SiLU) and calls the module's own eager matmul at run time (inside CUDA graphs too).
+Eager code never goes through the op. key = id(module), held in a weak registry.
+"""
+from __future__ import annotations
+
+import weakref
+
+import torch
+
+_MODULES: "weakref.WeakValueDictionary[int, torch.nn.Module]" = weakref.WeakValueDictionary()
+FORCE = False    # tests: route CPU tensors through the op as well (normally CUDA only)
+
+
+@torch.library.custom_op("specq::qmatmul", mutates_args=())
+def qmatmul(x2: torch.Tensor, key: int, n: int) -> torch.Tensor:
+    """x2 [M, K] -> [M, n] = the registered module's matmul (no bias)."""
+    m = _MODULES.get(key)
+    if m is None:
+        from ..errors import SpecqError
+        raise SpecqError("a compiled quantized Linear is not registered: call specq.quant.opaque.register_all(model) "
+                         "before torch.compile (specq's Decoder does)")
+    return m.matmul2d(x2)
+
+
+@qmatmul.register_fake
+def _(x2, key, n):
+    return x2.new_empty(x2.shape[0], n)
+
+
+def register_all(model: torch.nn.Module) -> int:
+    """Register every module with a matmul2d (the quantized Linears); returns how many."""
+    n = 0
+    for m in model.modules():
+        if hasattr(m, "matmul2d"):
+            _MODULES[id(m)] = m
+            n += 1
+    return n
+
+
+def matmul(module, x2: torch.Tensor) -> torch.Tensor:
+    """module.matmul2d(x2), through the opaque op while torch.compile traces a CUDA (or FORCE'd) input."""
+    if torch.compiler.is_compiling():
+        if x2.is_cuda or FORCE:
+            return torch.ops.specq.qmatmul(x2, id(module), module.out_features)
+    elif _MODULES.get(id(module)) is not module:   # eager calls register the module for a later compile
+        _MODULES[id(module)] = module
+    return module.matmul2d(x2)
