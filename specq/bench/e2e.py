@@ -90,11 +90,12 @@ class Phase:
         self.target = self.head = self.eagle = self.tv = self.tkeep = None
 
 
-def run_plain(target, S: int, P: int, n: int) -> float:
-    """Plain greedy decoding with specq's Decoder: seconds per token (prefill excluded)."""
+def run_plain(target, S: int, P: int, n: int, compile: bool = False) -> float:
+    """Plain greedy decoding with specq's Decoder (compile: torch.compile'd step, quantized matmuls as opaque
+    ops): seconds per token (prefill excluded)."""
     from ..generate import Decoder
     dev = target.device
-    dec = Decoder(target, S)
+    dec = Decoder(target, S, compile=compile)
     logits = dec.prefill(torch.randint(0, target.cfg.vocab_size, (P,)))
     dec.step_greedy(int(logits.argmax()))
     for _ in range(3):
@@ -220,6 +221,14 @@ def bench_phase(res: dict, model_name: str, shape: str, fmt: str, side: Side | N
     label, base = f"controlled:{prof['name']}", dict(model=model_name, format=fmt, roofline_tok_s=roof)
     S = a.prompt + a.tokens + 256
     plain = run_plain(target, S, a.prompt, a.plain_tokens)
+    if a.compile_plain:   # the compiled step beside the graph-only one (rows keep the graph-only baseline)
+        try:
+            res.setdefault("plain_compiled", []).append(
+                {"model": model_name, "format": fmt, "tok_s": 1 / run_plain(target, S, a.prompt, a.plain_tokens, True),
+                 "graph_only_tok_s": 1 / plain})
+            log(f"  compiled plain step: {res['plain_compiled'][-1]['tok_s']:.1f} tok/s")
+        except Exception as e:  # report and go on
+            res["errors"].append(f"{model_name} {fmt}: compiled plain step failed: {type(e).__name__}: {e}"[:300])
     log(f"[{time.perf_counter() - a.t_start:5.0f}s] {model_name} {fmt}: built+plain in {time.perf_counter() - t0:.1f}s: "
         f"{1 / plain:.1f} tok/s (roofline {roof:.0f})")
     res["rows"].append({**base, "method": "none", "structure": "none", "acceptance": "none", "tok_s": 1 / plain,
@@ -336,6 +345,8 @@ def parse_args(argv):
     p.add_argument("--tiny", action="store_true", help="toy shapes for every model (CPU tests)")
     p.add_argument("--time-budget", type=float, default=320.0, help="seconds after which optional runs are skipped")
     p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--compile-plain", action="store_true", help="also time plain decoding with the torch.compile'd "
+                   "step (JSON key plain_compiled)")
     a = p.parse_args(argv)
     a.methods = [m for m in a.methods.split(",") if m]
     for m in a.methods:
