@@ -493,6 +493,8 @@ def run(args) -> int:
             raise SpecqError(f"feature cache {feat} was made for another model (hidden {data['feats'].shape[1]})")
         log(f"reusing features {feat}: {tuple(data['feats'].shape)}")
     else:
+        if not 0.0 <= args.self_instruct < 1.0:
+            raise SpecqError(f"invalid --self-instruct {args.self_instruct}: a share in [0, 1)")
         n_self = int(args.self_instruct * args.num_prompts)
         asks = self_instruct(target, tok, n_self, args.seed, args.gen_batch) if n_self else []
         if n_self:
