@@ -465,6 +465,8 @@ def run(args) -> int:
             raise SpecqError(f"--{name.replace('_', '-')} must be >= 1")
     if not (args.lr > 0 and math.isfinite(args.lr)):
         raise SpecqError("--lr must be a positive number")
+    if not 0.0 <= args.self_instruct < 1.0:
+        raise SpecqError(f"invalid --self-instruct {args.self_instruct}: a share in [0, 1)")
     dev = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if dev.startswith("cuda") and not torch.cuda.is_available():
         raise SpecqError("--device cuda requested but CUDA is not available")
@@ -493,8 +495,6 @@ def run(args) -> int:
             raise SpecqError(f"feature cache {feat} was made for another model (hidden {data['feats'].shape[1]})")
         log(f"reusing features {feat}: {tuple(data['feats'].shape)}")
     else:
-        if not 0.0 <= args.self_instruct < 1.0:
-            raise SpecqError(f"invalid --self-instruct {args.self_instruct}: a share in [0, 1)")
         n_self = int(args.self_instruct * args.num_prompts)
         asks = self_instruct(target, tok, n_self, args.seed, args.gen_batch) if n_self else []
         if n_self:
