@@ -18,25 +18,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from specq.data import bench_questions  # noqa: E402
 from specq.engine import SpecEngine  # noqa: E402
 from specq.models import load_model  # noqa: E402
 from specq.sampling import SamplingParams  # noqa: E402
 from specq.spec.eagle import EagleProposer, load_head  # noqa: E402
 from specq.spec.factory import BUNDLED_EAGLE  # noqa: E402
 from specq.spec.metrics import Metrics  # noqa: E402
-
-
-def pick(per_category: int, skip: int) -> list[dict]:
-    qs = bench_questions("spec_bench", per_category + skip)
-    seen: dict[str, int] = defaultdict(int)
-    out = []
-    for q in qs:
-        c = q["category"]
-        seen[c] += 1
-        if seen[c] > skip:
-            out.append(q)
-    return out
+from spec_tau_sim import pick  # noqa: E402  (same folder: the same question choice)
 
 
 def main() -> int:

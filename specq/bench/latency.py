@@ -38,17 +38,7 @@ def plan(T: dict[int, float], acc: list[float], t_draft: float, max_k: int = 16,
         raise SpecqError("the latency curve needs T(1)")
     if any(not 0 <= a <= 1 for a in acc):
         raise SpecqError("acceptance rates must lie in [0, 1]")
-    ms = sorted(T)
-
-    def t_of(m):  # piecewise-linear interpolation, flat extrapolation of the last slope
-        if m in T:
-            return T[m]
-        lo = max([x for x in ms if x <= m], default=ms[0])
-        hi = min([x for x in ms if x >= m], default=ms[-1])
-        if lo == hi:
-            return T[lo] * m / lo
-        return T[lo] + (T[hi] - T[lo]) * (m - lo) / (hi - lo)
-
+    t_of = interp(T)
     out = [("none", 1.0 / T[1])]
     for k in range(1, max_k + 1):
         out.append((f"chain-{k}", expected_tokens(acc, k) / (t_of(k + 1) + k * t_draft)))
