@@ -20,6 +20,9 @@ def run(capsys, *argv):
     (["generate", "hi", "--max-new-tokens", "0"], "max-new-tokens"),
     (["generate", "hi", "--model", "/no/such/model"], "model not found"),
     (["generate", "hi", "--device", "tpu"], "invalid device"),
+    (["bench", "spec", "--tree", "16:5"], "invalid --tree"),
+    (["bench", "spec", "--tree", "0:5:80"], "invalid --tree"),
+    (["train-eagle", "--self-instruct", "1.5", "--out", "/nonexistent/never/made"], "invalid --self-instruct"),
 ])
 def test_bad_arguments(capsys, argv, msg):
     rc, out, err = run(capsys, *argv)

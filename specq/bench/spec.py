@@ -201,11 +201,14 @@ def main(a) -> int:
     methods = parse_methods(a.methods)
     temps = [float(t) for t in a.temperatures.split(",")]
     quant = None if a.format == "none" else dict(fmt=a.format, method=a.method, group_size=a.group_size)
-    llm = LLM(a.model, device=a.device, dtype=a.dtype, quant=quant)
-    try:
+    try:   # checked before the model loads
         top_k, depth, total = (int(v) for v in a.tree.split(":"))
+        if min(top_k, depth, total) < 1:
+            raise ValueError
     except ValueError:
-        raise SpecqError(f"invalid --tree {a.tree!r}: expected top_k:depth:total_tokens, e.g. 16:5:80") from None
+        raise SpecqError(f"invalid --tree {a.tree!r}: expected top_k:depth:total_tokens, integers >= 1, "
+                         "e.g. 16:5:80") from None
+    llm = LLM(a.model, device=a.device, dtype=a.dtype, quant=quant)
     spec_kw = dict(k=a.draft_len, n_drafts=a.n_drafts, eagle_head=a.eagle_head, draft_model=a.draft_model,
                    intermediate=a.intermediate, top_k=top_k, depth=depth, total_tokens=total)
     dev = torch.cuda.get_device_name() if llm.device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()})"
