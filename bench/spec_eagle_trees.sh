@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # EAGLE-2 tree size vs tau and speed on the GPU machine (repo root as cwd; one run, <= 540 s): Spec-Bench first
 # turn, 10 questions per category, 128 new tokens, T=0, the bundled head, trees 16:5:80 (default), 32:5:80,
-# 32:6:128, 48:8:256 (each invocation measures its own plain baseline). The CPU replay of the same head
-# (bench/results/cpu/eagle_tree_settings_v3.json, 13 questions) gives tau 2.38 / 2.44 / 2.52 / 2.67.
+# 32:6:128, 48:8:256 (each invocation measures its own plain baseline). GPU result (2026-11-26, trees 16:5:80,
+# 32:6:128, 48:8:256): bench/results/h100/spec_eagle_trees.json, tau 2.31 / 2.45 / 2.61.
 #   MODEL=/root/models/SmolLM2-135M-Instruct.Q4_1.gguf SPECQ_DATA=/root/data OUT=out bash bench/spec_eagle_trees.sh
 # then: python3 bench/spec_merge.py $OUT/spec_tree_*.json --out bench/results/h100/spec_eagle_trees.json --table
 set -u

@@ -9,6 +9,16 @@ from ..errors import SpecqError
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 BUNDLED_EAGLE = {"smollm2": ASSETS / "eagle_smollm2"}
+def bundled_head(model: str):
+    """The bundled EAGLE head for `model`: the "smollm2" alias or a SmolLM2-135M-Instruct file (any quant of the
+    GGUF the alias loads), else None."""
+    if model in BUNDLED_EAGLE:
+        return BUNDLED_EAGLE[model]
+    if Path(str(model)).name.lower().startswith("smollm2-135m-instruct"):
+        return BUNDLED_EAGLE["smollm2"]
+    return None
+
+
 SCHEME_FOR = {"rrs": "iid", "sampling": "iid", "auto": "iid", "rrs-wo": "wo", "spechub": "spechub"}
 
 
@@ -57,7 +67,7 @@ def _dense(model) -> None:
 
 def _eagle(llm, base, head, top_k, depth, total_tokens):
     from .eagle import EagleProposer, load_head
-    path = head or BUNDLED_EAGLE.get(llm.model_name)
+    path = head or bundled_head(llm.model_name)
     if path is None or not Path(path).exists():
         raise SpecqError("--spec eagle/hier needs --eagle-head DIR (a bundled head exists only for smollm2)")
     loaded = []   # the head is loaded once and shared by every proposer (its CUDA graphs live on it)

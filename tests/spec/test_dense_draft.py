@@ -21,3 +21,14 @@ def test_dense_swap_keeps_logits(tmp_path):
     m.setup_cache(5)
     b = m(x, pos, pos, mask, return_hidden=False)
     torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
+def test_bundled_head_for_smollm2_alias_and_files():
+    from specq.spec.factory import BUNDLED_EAGLE, bundled_head
+    want = BUNDLED_EAGLE["smollm2"]
+    assert bundled_head("smollm2") == want
+    assert bundled_head("/root/models/SmolLM2-135M-Instruct.Q4_1.gguf") == want     # the alias's own file by path
+    assert bundled_head("/x/smollm2-135m-instruct-f16.gguf") == want
+    assert bundled_head("/x/SmolLM2-360M-Instruct.gguf") is None                     # another model: no head
+    assert bundled_head("/tmp/tiny-llama") is None
+    assert (want / "config.json").exists() or any(want.iterdir())
