@@ -98,16 +98,19 @@ def _prepared(qweight, scales, zeros, group_size, dtype) -> W4A16Weight:
 # split SPLIT ways, R 128-k blocks per loop step, PRESCALE: scale folded into the dequantized weights.
 # Rule fitted to the H100 sweeps (bench/results/h100/kernels_w4a16_dev.txt, Llama-3-8B shapes): split K
 # until the grid has `target` programs; 2 stages and 2 blocks per step for M <= 16; wide N (gate_up)
-# above 16 tokens: 128-row tiles, 8 warps, scale folded into the weights.
+# above 16 tokens: 128-row tiles, 8 warps, scale folded into the weights; long K (down, K >= 3N): one
+# block per step and, except at 17..32 tokens (slower there on the H100), twice the programs (tuned on the
+# whole layer, bench/dev/layer_tune.py: 77.6 -> 75.1 us at M=1, 130.6 -> 124.2 at M=64).
 def default_config(M: int, N: int, K: int):
     BM = 16 if M <= 16 else 32 if M <= 32 else 64
     wide = N >= 16384 and M > 16
+    long_k = K >= 3 * N
     BN, nw, pre = (128, 8, True) if wide else (64, 4, False)
-    R, ns = (2, 2) if M <= 16 else (1, 3)
-    target = 512 if M <= 16 else 384 if M <= 32 else 224
+    R, ns = (2, 2) if M <= 16 and not long_k else (1, 3)
+    target = (512 if M <= 16 else 384 if M <= 32 else 224) * (2 if long_k and not 16 < M <= 32 else 1)
     tiles = -(-N // BN) * -(-M // BM)
     split = 1
-    while tiles * split < target and split < 8 and (K // 128) % (2 * split * R) == 0:
+    while tiles * split < target and split < 16 and (K // 128) % (2 * split * R) == 0:
         split *= 2
     return (BM, BN, split, R, nw, ns, pre)
 

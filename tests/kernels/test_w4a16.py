@@ -46,7 +46,7 @@ def test_default_config_fills_the_gpu():
         for N, K in ((6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (57344, 8192), (8192, 28672)):
             BM, BN, split, R, nw, ns, pre = default_config(M, N, K)
             assert BM >= min(M, 64) and BM in (16, 32, 64) and (K // 128) % (split * R) == 0
-            assert -(-N // BN) * -(-M // BM) * split >= 224 and split <= 8
+            assert -(-N // BN) * -(-M // BM) * split >= 224 and split <= 16
 
 
 INTERP = r'''
