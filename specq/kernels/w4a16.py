@@ -12,7 +12,9 @@ Kernel layout (prepare_w4a16, once per weight, see repack_int4): the default "sl
 nibble j of a block's 32 halves one contiguous 32-k slice, so the dequantized registers are already
 tl.dot operands (4 dots per block, no shared-memory round trip); "pairs" keeps 8 consecutive k per
 word and joins the four results into one 128-k operand (slower on H100: kept for comparison).
-Scales and zeros are stored per 128-k block, transposed: [K // 128, N] (per-channel is repeated).
+Scales and zeros are stored per 128-k block, transposed: [K // 128, N] (per-channel is repeated). The words
+are stored tile-major (tile_major, N % 64 == 0): each [64 rows, 128 k] block one contiguous 4 KB run, which
+the H100 streams 3-14% faster than 64-byte pieces of 64 rows (bench/results/h100/kernels_w4a16_dev.txt).
 """
 from __future__ import annotations
 
@@ -40,6 +42,7 @@ class W4A16Weight(NamedTuple):
     K: int
     raw: tuple              # canonical (qweight, scales, zeros) kept for the fallback path
     slices: bool            # word layout (repack_int4): 4 dots of 32 k per block, else 1 dot of 128 k
+    tiled: bool = False     # tile-major storage (tile_major): each [64 rows, 128 k] block is 4 KB contiguous
 
 
 def repack_int4(qweight: torch.Tensor, slices: bool) -> torch.Tensor:
@@ -57,7 +60,19 @@ def repack_int4(qweight: torch.Tensor, slices: bool) -> torch.Tensor:
     return torch.where(w >= 2**31, w - 2**32, w).to(torch.int32).contiguous()
 
 
-def prepare_w4a16(qweight, scales, zeros, group_size=None, dtype=None, slices=SLICES) -> W4A16Weight:
+TILE_ROWS = 64
+TILED = True           # default storage order (see tile_major)
+
+
+def tile_major(words: torch.Tensor) -> torch.Tensor:
+    """Kernel words [N, K//8] (N % 64 == 0) -> the same words stored block by block: [N/64, K/128, 64, 16]
+    (flattened back to [N, K//8]), so the [64 rows, 128 k] tile a program reads per block is one contiguous
+    4 KB run instead of 64 runs of 64 bytes two rows apart (DRAM row-buffer friendly)."""
+    N, W = words.shape
+    return words.view(N // TILE_ROWS, TILE_ROWS, W // 16, 16).transpose(1, 2).contiguous().view(N, W)
+
+
+def prepare_w4a16(qweight, scales, zeros, group_size=None, dtype=None, slices=SLICES, tiled=None) -> W4A16Weight:
     """One-time repack of canonical int4 weights for w4a16_linear (dtype: activation dtype)."""
     N, W = qweight.shape
     K = W * 8
@@ -76,7 +91,10 @@ def prepare_w4a16(qweight, scales, zeros, group_size=None, dtype=None, slices=SL
     s = scales.to(dtype).repeat_interleave(rep, dim=1).t().contiguous()            # [K//128, N]
     z = zeros.to(dtype).repeat_interleave(rep, dim=1).t().contiguous()
     locks = torch.zeros(_LOCKS, dtype=torch.int32, device=qweight.device)
-    return W4A16Weight(repack_int4(qweight, slices), s, z, locks, G, N, K, (qweight, scales, zeros), slices)
+    tiled = (TILED if tiled is None else tiled) and N % TILE_ROWS == 0
+    words = repack_int4(qweight, slices)
+    return W4A16Weight(tile_major(words) if tiled else words, s, z, locks, G, N, K, (qweight, scales, zeros),
+                       slices, tiled)
 
 
 _LOCKS = 4096          # tile counters per weight: n_tiles * m_tiles of a split launch must fit
@@ -152,7 +170,7 @@ def _launch(x, w: W4A16Weight, cfg, asm):
     ws = torch.empty(split, M, N, dtype=torch.float32, device=x.device) if split > 1 else y
     _w4a16_kernel[grid](x, w.qweight.view(torch.int16), w.scales, w.zeros, y, ws, w.locks, M, N, K // 4,
                         nblk // split, split, x.stride(0), y.stride(0),
-                        BM=BM, BN=BN, R=R, SPLITK=split > 1, SLICES=w.slices,
+                        BM=BM, BN=BN, R=R, SPLITK=split > 1, SLICES=w.slices, TILED=w.tiled,
                         PRESCALE=bool(pre) and w.slices, USE_ASM=asm, FP16=x.dtype == torch.float16,
                         F32DOT=INTERPRET, num_warps=nw, num_stages=ns)
     return y
@@ -232,12 +250,13 @@ if HAS_TRITON:
         return tl.dot(a, b, acc)
 
     @triton.jit
-    def _block(acc, u_ptr, s_ptr, z_ptr, x_ptr, b, rnl, rm, mmask, N, KU, sxm, SLICES: tl.constexpr,
+    def _block(acc, u_ptr, s_ptr, z_ptr, x_ptr, b, rowoff, BSTRIDE: tl.constexpr, rnl, rm, mmask, N, sxm,
+               SLICES: tl.constexpr,
                PRESCALE: tl.constexpr, USE_ASM: tl.constexpr, FP16: tl.constexpr, F32DOT: tl.constexpr):
         """acc [BN, BM] += s * ((q - z) [BN, 128] @ x[:, 128 b : 128 b + 128]^T) for 128-k block b."""
         ru = tl.arange(0, 32)                                                     # 32 int16 units
         rk = tl.arange(0, 128)
-        u = tl.load(u_ptr + rnl[:, None] * KU + (b * 32 + ru)[None, :])              # [BN, 32] int16
+        u = tl.load(u_ptr + rowoff[:, None] + (b * BSTRIDE + ru)[None, :])         # [BN, 32] int16
         s = tl.load(s_ptr + b * N + rnl).to(tl.float32)                               # [BN]
         z = tl.load(z_ptr + b * N + rnl).to(tl.float32)
         nz = (-(z + (1024.0 if FP16 else 128.0))).to(x_ptr.dtype.element_ty)
@@ -261,19 +280,23 @@ if HAS_TRITON:
     @triton.jit(do_not_specialize=["M", "PER", "SPLIT"])
     def _w4a16_kernel(x_ptr, u_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, lock_ptr, M, N, KU, PER, SPLIT, sxm, sym,
                       BM: tl.constexpr, BN: tl.constexpr, R: tl.constexpr, SPLITK: tl.constexpr,
-                      SLICES: tl.constexpr, PRESCALE: tl.constexpr, USE_ASM: tl.constexpr, FP16: tl.constexpr, F32DOT: tl.constexpr):
+                      SLICES: tl.constexpr, PRESCALE: tl.constexpr, USE_ASM: tl.constexpr, FP16: tl.constexpr,
+                      F32DOT: tl.constexpr, TILED: tl.constexpr):
         pid_m = tl.program_id(0)          # m fastest: programs sharing a weight tile run together
         pid_n = tl.program_id(1)
         pid_k = tl.program_id(2)
         rn = pid_n * BN + tl.arange(0, BN)
         rnl = rn % N                      # in-bounds rows for loads; stores are masked
+        # tile_major: block b of row n at ((n // 64) * K/128 + b) * 64 + n % 64 (2048 int16 units per block)
+        BSTRIDE: tl.constexpr = 2048 if TILED else 32
+        rowoff = (rnl // 64) * (KU * 64) + (rnl % 64) * 32 if TILED else rnl * KU
         rm = pid_m * BM + tl.arange(0, BM)
         mmask = rm < M
         acc = tl.zeros([BN, BM], dtype=tl.float32)
         for i in range(0, PER, R):        # PER = 128-k blocks of this split, a multiple of R
             b = pid_k * PER + i
             for r in tl.static_range(R):
-                acc = _block(acc, u_ptr, s_ptr, z_ptr, x_ptr, b + r, rnl, rm, mmask, N, KU, sxm,
+                acc = _block(acc, u_ptr, s_ptr, z_ptr, x_ptr, b + r, rowoff, BSTRIDE, rnl, rm, mmask, N, sxm,
                              SLICES, PRESCALE, USE_ASM, FP16, F32DOT)
         omask = (rn < N)[:, None] & mmask[None, :]
         if not SPLITK:

@@ -26,6 +26,20 @@ def test_repack_layouts():
                 assert torch.equal(p[:, w, h, j], q[:, 8 * w + 2 * j + h])
 
 
+def test_tile_major_layout():
+    """tile_major stores block b of row n (16 words) at tile (n // 64, b), row n % 64: one contiguous 4 KB run."""
+    from specq.kernels.w4a16 import tile_major
+    w = torch.arange(128 * 64, dtype=torch.int32).view(128, 64)          # N=128 rows, K=512 (4 blocks)
+    t = tile_major(w).view(-1)
+    for n, b in ((0, 0), (5, 1), (63, 3), (64, 0), (127, 2)):
+        o = ((n // 64) * 4 + b) * 64 * 16 + (n % 64) * 16
+        assert torch.equal(t[o:o + 16], w[n, 16 * b:16 * b + 16])
+    q, s, z = ref.random_w4a16(128, 512, 128, sym=True, dtype=torch.bfloat16)
+    assert prepare_w4a16(q, s, z, 128).tiled and not prepare_w4a16(q, s, z, 128, tiled=False).tiled
+    q, s, z = ref.random_w4a16(96, 512, 128, sym=True, dtype=torch.bfloat16)
+    assert not prepare_w4a16(q, s, z, 128).tiled                         # N % 64 != 0: row-major words
+
+
 def test_prepare_scales_per_block_and_fallback():
     q, s, z = ref.random_w4a16(8, 512, 256, sym=False, dtype=torch.bfloat16)
     w = prepare_w4a16(q, s, z, 256)
@@ -70,10 +84,11 @@ for sl in (True, False):
                                      (40, 64, 768, 256, False, torch.bfloat16, (32, 32, 3, 1, 4, 1, True))]:
         q, s, z = ref.random_w4a16(N, K, G, sym, dt)
         x = torch.randn(M, K).to(dt)
-        w = prepare_w4a16(q, s, z, G, dt, slices=sl)
-        e = rel(w4a16_linear(x, w, cfg=cfg), ref.ref_w4a16(x, q, s, z))
-        if not e < 1e-2 or int(w.locks.abs().sum()):
-            bad.append((sl, M, N, K, e))
+        for tiled in ((True, False) if N % 64 == 0 else (False,)):
+            w = prepare_w4a16(q, s, z, G, dt, slices=sl, tiled=tiled)
+            e = rel(w4a16_linear(x, w, cfg=cfg), ref.ref_w4a16(x, q, s, z))
+            if not e < 1e-2 or int(w.locks.abs().sum()) or w.tiled != tiled:
+                bad.append((sl, tiled, M, N, K, e))
 q, s, z = ref.random_w4a16(32, 256, 128, False, torch.float32)   # fp32 x: the exact torch path
 x = torch.randn(2, 256)
 if not torch.allclose(w4a16_linear(x, q, s, z, 128), x @ ref.dequant_w4(q, s, z).T, rtol=1e-5, atol=1e-5):
