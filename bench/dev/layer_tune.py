@@ -26,10 +26,12 @@ def candidates(m):
     out = []
     if m <= 16:
         for sp in (2, 4, 8, 16):
-            for r in (1, 2):
-                for ns in (2, 3):
+            for r in (1, 2, 4):
+                for ns in (2, 3, 4):
                     out.append((BM, 64, sp, r, 4, ns, False))
             out.append((BM, 128, sp, 1, 8, 3, False))
+            out.append((BM, 128, sp, 2, 8, 2, False))
+            out.append((BM, 32, sp, 2, 2, 3, False))
     else:
         for sp in (1, 2, 4, 8):
             for bn, nw in ((64, 4), (128, 8)):
