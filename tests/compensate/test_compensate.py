@@ -299,3 +299,109 @@ def test_cuda_forward_matches_reference():
         single = torch.cat([cl(x[i:i + 1].cuda()).cpu() for i in range(5)])
         assert torch.allclose(single, y, atol=1e-4)
         cl.cpu()
+
+
+def test_fused_w4a16_compensation_interpreted():
+    """The W4A16 launch with the compensation inside (Triton interpreter on CPU) equals base + x[S] @ R[S]
+    with the reference selection, for several token counts, split-K settings and column groupings; the
+    split-K counters are left at zero; the fused path is refused where it does not apply."""
+    pytest.importorskip("triton")
+    import os
+    import subprocess
+    import sys
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from triton_interp import PATCH
+    code = PATCH + (
+        "import torch, torch.nn as nn\n"
+        "from specq.compensate import kernel as KK, select as SEL, CompensatedLinear, Residual\n"
+        "from specq.kernels.w4a16 import Comp, w4a16_linear\n"
+        "import specq.kernels.w4a16 as W4\n"
+        "from specq.quant.wq import WQLinear\n"
+        "torch.manual_seed(0); K, N = 2048, 96\n"
+        "lin = nn.Linear(K, N, bias=True); wq = WQLinear.from_linear(lin, 4, 128)\n"
+        "wq = wq.to(torch.bfloat16)\n"
+        "res = Residual.from_weights(lin.weight.data, wq.dequantize().float())\n"
+        "ch = torch.exp(torch.randn(K))\n"
+        "cl = CompensatedLinear(wq, res, k_chunk=5, selector='approx', stats=SEL.calib_stats(torch.randn(256, K) * ch))\n"
+        "Wd = wq.dequantize().float()\n"
+        "def rel(a, b): return ((a.float() - b.float()).norm() / b.float().norm()).item()\n"
+        "bad = []\n"
+        "for M in (1, 3):\n"
+        "    x = (torch.randn(M, K) * ch).to(torch.bfloat16)\n"
+        "    idx = SEL.approx_topk(x.float(), cl.thr, 5)\n"
+        "    corr = cl.correction(x.float(), idx)\n"
+        "    ref = x.float() @ Wd.T + corr + lin.bias.data.to(torch.bfloat16).float()\n"
+        "    base = x.float() @ Wd.T + lin.bias.data.to(torch.bfloat16).float()\n"
+        "    y = KK.fused(cl, x)\n"
+        "    e, e0 = rel(y, ref), rel(base, ref)\n"
+        "    if not (e < 6e-3 and e0 > 5 * e): bad.append(('fused', M, e, e0))\n"
+        "    w = wq.w4a16_weight(torch.bfloat16)\n"
+        "    comp = Comp(x, cl.thr.float(), res.codes, res.scales, cl.chunk, 5)\n"
+        "    for cfg, first in (((16, 32, 1, 1, 4, 1), True), ((16, 32, 4, 2, 4, 1), False), ((16, 64, 2, 1, 4, 1, True), True)):\n"
+        "        W4.INTERP_COMP_FIRST = first\n"
+        "        y2 = w4a16_linear(x, w, cfg=cfg, comp=comp) + lin.bias.data.to(torch.bfloat16)\n"
+                "        plain = w4a16_linear(x, w, cfg=cfg).float() + corr + lin.bias.data.to(torch.bfloat16).float()\n"
+        "        e2, e3 = rel(y2, ref), rel(y2, plain)\n"
+        "        if not (e2 < 8e-3 and e3 < 4e-3) or int(w.locks.abs().sum()): bad.append((cfg, M, e2, e3))\n"
+        "x9 = (torch.randn(9, K) * ch).to(torch.bfloat16)\n"
+        "if KK.fused(cl, x9) is not None: bad.append('M=9 fused')\n"
+        "cl.set_k(40)\n"
+        "if KK.fused(cl, x9[:1]) is not None: bad.append('k_chunk 40 fused')\n"
+        "print('bad', bad)\n"
+        "print('ok' if not bad else 'FAIL')\n")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600,
+                       cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    assert p.returncode == 0 and "ok" in p.stdout, (p.stdout[-2000:], p.stderr[-3000:])
+
+
+def test_kernel_selector_matches_reference_interpreted(tmp_path):
+    """The comp kernel's in-register selector (_pick: binary-search buckets, histogram, scans) chooses exactly
+    select.approx_topk's channels, on heavy-tailed rows and on rows with ties and all-zero chunks."""
+    pytest.importorskip("triton")
+    import os
+    import subprocess
+    import sys
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from triton_interp import PATCH
+    script = tmp_path / "pick.py"
+    script.write_text(PATCH + '''
+import torch, triton, triton.language as tl
+import specq.kernels.w4a16 as W4
+from specq.compensate import select as SEL
+
+@triton.jit
+def pick(x_ptr, thr_ptr, idx_ptr, C: tl.constexpr, KC: tl.constexpr, KCP: tl.constexpr, NB: tl.constexpr,
+         BLOCK_C: tl.constexpr):
+    c = tl.program_id(0)
+    offs = tl.arange(0, BLOCK_C)
+    xv = tl.load(x_ptr + c * C + offs, mask=offs < C, other=0.0).to(tl.float32)
+    idx, xs = W4._pick(xv, thr_ptr, c, C, KC, KCP, NB, BLOCK_C)
+    tl.store(idx_ptr + c * KCP + tl.arange(0, KCP), idx + c * C)
+
+torch.manual_seed(0)
+bad = []
+for K, kc in ((2048, 5), (3072, 3), (1536, 16)):
+    n, C = SEL.chunking(K)
+    ch = torch.exp(2 * torch.randn(K))
+    thr = SEL.thresholds(SEL.calib_stats(torch.randn(256, K) * ch), kc).float().contiguous()
+    rows = [torch.randn(K) * ch, (torch.randn(K) * ch).round().clamp(-3, 3), torch.zeros(K)]
+    rows[2][:C] = torch.randn(C)
+    t0, t1 = thr[:, 0].repeat_interleave(C), thr[:, 1].repeat_interleave(C)
+    odd = torch.arange(K) % 2 == 1                     # the two top buckets interleaved: the boundary is bucket 0
+    rows.append(torch.where(odd, 2 * t0, (t0 + t1) / 2) * torch.where(torch.arange(K) % 4 < 2, 1.0, -1.0))
+    for x in rows:
+        KCP = triton.next_power_of_2(kc)
+        out = torch.zeros(n * KCP, dtype=torch.int32)
+        pick[(n,)](x.contiguous(), thr, out, C=C, KC=kc, KCP=KCP, NB=thr.shape[1], BLOCK_C=triton.next_power_of_2(C))
+        got = out.view(n, KCP)[:, :kc].reshape(1, -1).long()
+        want = SEL.approx_topk(x[None], thr, kc)
+        if not torch.equal(got, want):
+            bad.append((K, kc, (got != want).sum().item()))
+print("bad", bad)
+print("ok" if not bad else "FAIL")
+''')
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=root)
+    p = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600, cwd=root)
+    assert p.returncode == 0 and "ok" in p.stdout, (p.stdout[-2000:], p.stderr[-3000:])
