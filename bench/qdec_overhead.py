@@ -6,8 +6,7 @@ random weights (timings do not depend on values), batch 1, bf16 activations.
 Bases, each timed alone and with QDEC: specq's W4A16 Triton GEMV (specq.kernels.w4a16_linear), torch's
 int4 tinygemm (aten._weight_int4pack_mm, g128), and bf16 cuBLAS for scale; 3 bit only when a 3-bit GPU
 kernel is registered with specq.quant.wq. Compensation: 4-bit residual rows read zero-copy from pinned host memory,
-either fused into the W4A16 launch (path "fused": selection, fetch and add inside the kernel) or, for every
-base, selection + fetch on a side stream joined with one add (path "side"). Both paths are CUDA graphs over --layers
+selection + fetch on a side stream, joined with one add. Both paths are CUDA graphs over --layers
 distinct layers; x is refilled with fresh random activations before every replay (so the chosen rows
 change), each replay timed with CUDA events; median per layer. Also checks the kernel against the
 reference math before timing.
@@ -60,9 +59,6 @@ class SpecqW4(nn.Module):
         q = torch.randint(-2**31, 2**31 - 1, (N, K // 8), dtype=torch.int32, device=dev)
         self.scales = torch.empty(N, K // 128, dtype=torch.bfloat16, device=dev).uniform_(0.001, 0.01)
         self.w = prepare(q, self.scales, torch.full_like(self.scales, 8.0), 128, torch.bfloat16)
-
-    def w4a16_weight(self, dtype):   # lets CompensatedLinear fuse the compensation into this launch
-        return self.w
 
     def forward(self, x):
         return self.fn(x, self.w)
@@ -120,21 +116,6 @@ def check(dev, log):
         out[sel] = dict(max_rel_err=err, select_matches_reference=same,
                         rows_equal_single=bool(torch.allclose(rows, y, atol=1e-2, rtol=1e-2)))
         log(f"check {sel}: {out[sel]}")
-    try:                                                 # the fused W4A16 + compensation launch
-        from specq.kernels import prepare_w4a16, w4a16_linear
-        sb = SpecqW4(K, N, dev, prepare_w4a16, w4a16_linear)
-        cl = CompensatedLinear(sb, res, k_chunk=8, selector="approx", stats=stats)
-        for M in (1, 4):
-            x = acts(M, K, ch, dev)
-            y = KK.fused(cl, x)
-            xc = x.float().cpu()
-            ref = sb(x).float().cpu() + cl.correction(xc, cl.select(xc))
-            out[f"fused_M{M}"] = dict(ran=y is not None, max_rel_err=None if y is None else
-                                      ((y.float().cpu() - ref).abs().max() / ref.abs().max()).item(),
-                                      locks_zero=int(sb.w.locks.abs().sum()) == 0)
-            log(f"check fused M={M}: {out[f'fused_M{M}']}")
-    except Exception as e:  # noqa: BLE001 - reported, the timing below still runs
-        log(f"check fused failed: {type(e).__name__}: {e}")
     hp = KK.mapped(res.codes)
     out["residual_on_host_pinned"] = bool(res.codes.device.type == "cpu" and res.codes.is_pinned())
     out["mapped_ptr_equals_host_ptr"] = hp.data_ptr() == res.codes.data_ptr()
@@ -224,15 +205,12 @@ def main():
                     for p, cl in mods.items():
                         cl(xs[p])
 
-            def set_all(kf, sel, path="side"):
-                KK.FUSED = path == "fused"
+            def set_all(kf, sel):
                 for mods in layers:
                     for cl in mods.values():
                         cl.set_k(SEL.k_chunk_for(cl.in_features, kf), selector=sel)
 
-            fusable = hasattr(one, "w4a16_weight")
-            runs = ([(kf, "approx", "fused") for kf in ks] if fusable else []) + \
-                [(kf, "approx", "side") for kf in ks] + [(0.005, "exact", "side")]
+            runs = [(kf, "approx") for kf in ks] + [(0.005, "exact")]
             base_t, q_t = [], {r: [] for r in runs}
             for _ in range(3):                       # interleaved rounds against drift
                 set_all(0, "approx")
@@ -242,12 +220,11 @@ def main():
                     q_t[r].append(graph_time(step, xs_flat, pool, a.reps) / a.layers)
             base_us = statistics.median(base_t)
             log(f"[{base_name}] base {base_us:.1f} us per layer")
-            for (kf, sel, path), v in q_t.items():
+            for (kf, sel), v in q_t.items():
                 q_us = statistics.median(v)
-                result["rows"].append(dict(bits=bits, k_fraction=kf, selector=sel, path=path, base_us=round(base_us, 2),
+                result["rows"].append(dict(bits=bits, k_fraction=kf, selector=sel, base_us=round(base_us, 2),
                                            qdec_us=round(q_us, 2), slowdown=round(q_us / base_us - 1, 4), base=base_name))
-                log(f"[{base_name}] k={kf} {sel} {path}: {q_us:.1f} us per layer, slowdown {100 * (q_us / base_us - 1):.2f}%")
-            KK.FUSED = True
+                log(f"[{base_name}] k={kf} {sel}: {q_us:.1f} us per layer, slowdown {100 * (q_us / base_us - 1):.2f}%")
             del layers
         except Exception as e:
             log(f"[{base_name}] failed: {type(e).__name__}: {e}")

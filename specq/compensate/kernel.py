@@ -1,10 +1,4 @@
-"""GPU path of CompensatedLinear.
-
-Fused (default where it applies: a 4-bit WQLinear base on the W4A16 kernel, approx selector, <= FUSE_MAX_M
-token rows, k per chunk <= FUSE_MAX_KC): the W4A16 launch itself selects, fetches and adds the compensation
-(specq.kernels.w4a16, COMP): one kernel, no stream switch, no add. fused() returns None where it does not apply.
-
-Otherwise two small Triton kernels on a side stream, beside the quantized GEMV:
+"""GPU path of CompensatedLinear: two small Triton kernels on a side stream, beside the quantized GEMV.
 
     main:  record ready ──────────── base GEMV y = Q(W) x ───────── wait done; y += r
     side:  wait ready; select (idx, x[S]) [M, k]; fetch r = x[S] @ R[S] [M, N]; record done
@@ -117,38 +111,6 @@ if HAS_TRITON:
         cm = cols < N
         sc = tl.load(scales_ptr + cols, mask=cm, other=0.0)
         tl.store(out_ptr + m * N + cols, acc * sc, mask=cm)
-
-
-FUSED = True               # False: always the side-stream path (tests, comparisons)
-FUSE_MAX_KC = 16           # the fused selector holds a [chunk, k_chunk] one-hot in registers
-
-
-def host_codes(res, x: torch.Tensor):
-    """The residual codes as the kernels read them for input x: the mapped pointer wrapper (CUDA), or the
-    tensor itself (pinned fallback, or CPU tensors under the interpreter)."""
-    if x.is_cuda and res.codes.is_pinned() and HOST_ARG == "mapped":
-        return mapped(res.codes)
-    return res.codes
-
-
-def fused(cl, x2: torch.Tensor):
-    """y2 [M, N] = base(x2) + x2[S] @ R[S] in one W4A16 launch, or None where the fused kernel does not apply."""
-    from ..kernels.w4a16 import Comp, fused_ok, w4a16_linear
-    getw = getattr(cl.base, "w4a16_weight", None)
-    if (not FUSED or getw is None or cl.selector != "approx" or cl.residual.dense is not None
-            or not 0 < cl.k_chunk <= FUSE_MAX_KC):
-        return None
-    nb = cl.thr.shape[1]
-    w = getw(x2.dtype)
-    if w is None or not fused_ok(x2, w) or nb & (nb - 1):    # the kernel's histogram wants 2^n buckets
-        return None
-    perm = getattr(cl.base, "perm", None)
-    xp = x2[:, perm] if perm is not None else x2
-    thr = cl.thr.to(device=x2.device, dtype=torch.float32).contiguous()
-    comp = Comp(x2.contiguous(), thr, host_codes(cl.residual, x2), cl.residual.scales_on(x2.device), cl.chunk, cl.k_chunk)
-    y = w4a16_linear(xp, w, comp=comp)
-    bias = getattr(cl.base, "bias", None)
-    return y + bias.to(y.dtype) if bias is not None else y
 
 
 def select(cl, x2: torch.Tensor):

@@ -15,14 +15,6 @@ word and joins the four results into one 128-k operand (slower on H100: kept for
 Scales and zeros are stored per 128-k block, transposed: [K // 128, N] (per-channel is repeated). The words
 are stored tile-major (tile_major, N % 64 == 0): each [64 rows, 128 k] block one contiguous 4 KB run, which
 the H100 streams 3-14% faster than 64-byte pieces of 64 rows (bench/results/h100/kernels_w4a16_dev.txt).
-
-Dynamic error compensation beside it (comp=Comp(...), specq.compensate): a second, small kernel on a side
-stream, launched just before the GEMV, one program per (1024-channel chunk, CT output tiles, token tile):
-it chooses each token row's salient channels of its chunk with the bucket top-k (the math of
-specq.compensate.select.approx_topk), reads those rows of the 4-bit residual straight from pinned host memory
-(mapped pointer, zero-copy) and writes x[S] @ R[S, cols] as one more fp32 split-K partial per chunk: each
-counts as one more arrival on the output tile, so whichever program arrives last writes y = base +
-compensation. No add kernel; its own launch keeps its registers off the GEMV's occupancy.
 """
 from __future__ import annotations
 
@@ -51,21 +43,6 @@ class W4A16Weight(NamedTuple):
     raw: tuple              # canonical (qweight, scales, zeros) kept for the fallback path
     slices: bool            # word layout (repack_int4): 4 dots of 32 k per block, else 1 dot of 128 k
     tiled: bool = False     # tile-major storage (tile_major): each [64 rows, 128 k] block is 4 KB contiguous
-
-
-class Comp(NamedTuple):
-    """Compensation operands for one launch (built by specq.compensate.kernel.fused)."""
-    x: torch.Tensor         # [M, K] activations in the residual's channel order (before any column perm)
-    thr: torch.Tensor       # float32 [n_chunks, NB] descending bucket thresholds per chunk (device)
-    codes: object           # int32 [K, N // 8] residual codes in pinned host memory (or its mapped pointer)
-    scales: torch.Tensor    # float32 [N] residual scales (device)
-    chunk: int              # C channels per chunk (K = n_chunks * C)
-    k_chunk: int            # channels chosen per chunk and token row
-
-
-FUSE_MAX_M = 8             # compensation in the launch up to this many token rows (each row is selected in turn)
-_SIDE: dict = {}
-INTERP_COMP_FIRST = True   # interpreter only: which of the two kernels runs first (tests cover both)
 
 
 def repack_int4(qweight: torch.Tensor, slices: bool) -> torch.Tensor:
@@ -156,11 +133,10 @@ def default_config(M: int, N: int, K: int):
     return (BM, BN, split, R, nw, ns, pre)
 
 
-def w4a16_linear(x, qweight, scales=None, zeros=None, group_size=None, cfg=None, asm=None, comp: Comp | None = None):
+def w4a16_linear(x, qweight, scales=None, zeros=None, group_size=None, cfg=None, asm=None):
     """y [..., N] = x [..., K] @ W^T. qweight is either a W4A16Weight (from prepare_w4a16) or the
     canonical int32 [N, K//8] tensor with scales / zeros [N, K//G] (repacked once and cached).
-    float32 x (calibration, perplexity) takes the exact torch path: the kernels take 16-bit activations.
-    comp: add the dynamic error compensation in the same launch (kernel path only; callers check fused_ok)."""
+    float32 x (calibration, perplexity) takes the exact torch path: the kernels take 16-bit activations."""
     w = qweight if isinstance(qweight, W4A16Weight) else _prepared(qweight, scales, zeros, group_size, x.dtype)
     if x.shape[-1] != w.K:
         raise SpecqError(f"w4a16_linear: x has K={x.shape[-1]}, weight has K={w.K}")
@@ -172,24 +148,11 @@ def w4a16_linear(x, qweight, scales=None, zeros=None, group_size=None, cfg=None,
         q, s, z = w.raw
         y = x2 @ dequant_w4(q, s, z).to(x2.dtype).T
         return y.to(x.dtype).reshape(*lead, w.N)
-    y = _launch(x2.contiguous(), w, cfg, use_asm(x2) if asm is None else asm, comp)
+    y = _launch(x2.contiguous(), w, cfg, use_asm(x2) if asm is None else asm)
     return y.to(x.dtype).reshape(*lead, w.N)
 
 
-def fused_ok(x2: torch.Tensor, w: W4A16Weight) -> bool:
-    """Can w4a16_linear(x2, w, comp=...) add the compensation in its launch for this input?"""
-    return (w.group_size > 0 and use_triton(x2) and 0 < x2.shape[0] <= FUSE_MAX_M and w.N % 8 == 0
-            and x2.dtype in (torch.float16, torch.bfloat16))
-
-
-def _side(device):
-    key = str(device)
-    if key not in _SIDE:
-        _SIDE[key] = torch.cuda.Stream(device=device)
-    return _SIDE[key]
-
-
-def _launch(x, w: W4A16Weight, cfg, asm, comp: Comp | None = None):
+def _launch(x, w: W4A16Weight, cfg, asm):
     M, K = x.shape
     N = w.N
     c = tuple(cfg or default_config(M, N, K))
@@ -200,44 +163,16 @@ def _launch(x, w: W4A16Weight, cfg, asm, comp: Comp | None = None):
         split -= 1
         if split == 0:
             split, R = 1, 1
-    nch = K // comp.chunk if comp is not None else 0
-    nslot = split + nch                                # fp32 partials per tile: K splits (+ one per chunk)
     grid = (triton.cdiv(M, BM), triton.cdiv(N, BN), split)
-    if nslot > 1 and grid[0] * grid[1] > w.locks.numel():
+    if split > 1 and grid[0] * grid[1] > w.locks.numel():
         raise SpecqError(f"w4a16: {grid[0] * grid[1]} split-K tiles exceed the lock table ({w.locks.numel()})")
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    ws = torch.empty(nslot, M, N, dtype=torch.float32, device=x.device) if nslot > 1 else y
-    gemv = lambda: _w4a16_kernel[grid](  # noqa: E731
-        x, w.qweight.view(torch.int16), w.scales, w.zeros, y, ws, w.locks, M, N, K // 4, nblk // split, nslot,
-        x.stride(0), y.stride(0), BM=BM, BN=BN, R=R, SPLITK=nslot > 1, SLICES=w.slices,
-        TILED=w.tiled,
-        PRESCALE=bool(pre) and w.slices, USE_ASM=asm, FP16=x.dtype == torch.float16, F32DOT=INTERPRET,
-        num_warps=nw, num_stages=ns)
-    if comp is None:
-        gemv()
-        return y
-    C, KC = comp.chunk, comp.k_chunk
-    CT = max(1, min(256, 4096 // triton.next_power_of_2(KC)) // BN)          # output tiles per comp program
-    cgrid = (grid[0], triton.cdiv(grid[1], CT), nch)
-    cx = comp.x
-    launch_comp = lambda: _comp_kernel[cgrid](  # noqa: E731
-        cx, cx.stride(0), comp.thr, comp.codes, comp.scales, ws, y, w.locks, M, N, split, nslot, y.stride(0),
-        grid[0], grid[1], BM=BM, BN=BN, C=C, KC=KC, KCP=triton.next_power_of_2(KC), NB=comp.thr.shape[1], CT=CT,
-        BLOCK_C=triton.next_power_of_2(C), num_warps=4)
-    if not x.is_cuda:                                  # interpreter: one after the other (either order is valid)
-        for f in ((launch_comp, gemv) if INTERP_COMP_FIRST else (gemv, launch_comp)):
-            f()
-        return y
-    main = torch.cuda.current_stream(x.device)
-    side = _side(x.device)
-    side.wait_stream(main)
-    with torch.cuda.stream(side):
-        launch_comp()
-    gemv()
-    main.wait_stream(side)                             # y is complete once both kernels have arrived
-    if not torch.cuda.is_current_stream_capturing():
-        for t in (ws, y, cx, comp.thr, comp.scales):
-            t.record_stream(side)
+    ws = torch.empty(split, M, N, dtype=torch.float32, device=x.device) if split > 1 else y
+    _w4a16_kernel[grid](x, w.qweight.view(torch.int16), w.scales, w.zeros, y, ws, w.locks, M, N, K // 4,
+                        nblk // split, split, x.stride(0), y.stride(0),
+                        BM=BM, BN=BN, R=R, SPLITK=split > 1, SLICES=w.slices, TILED=w.tiled,
+                        PRESCALE=bool(pre) and w.slices, USE_ASM=asm, FP16=x.dtype == torch.float16,
+                        F32DOT=INTERPRET, num_warps=nw, num_stages=ns)
     return y
 
 
@@ -342,93 +277,8 @@ if HAS_TRITON:
             part = _dot(wt, tl.load(xb + rk[:, None], mask=mmask[None, :], other=0.0), None, F32DOT)
         return acc + part * s[:, None]
 
-    @triton.jit
-    def _finish(ws_ptr, y_ptr, rm, rn, omask, M, N, sym, NSLOT):
-        """y[rm, rn] = sum of the NSLOT fp32 partials of this tile (cast to y's dtype)."""
-        tot = tl.load(ws_ptr + rm[None, :] * N + rn[:, None], mask=omask, other=0.0, cache_modifier=".cg")
-        for sp in range(1, NSLOT):
-            tot += tl.load(ws_ptr + (sp * M + rm[None, :]) * N + rn[:, None], mask=omask, other=0.0,
-                           cache_modifier=".cg")
-        tl.store(y_ptr + rm[None, :] * sym + rn[:, None], tot.to(y_ptr.dtype.element_ty), mask=omask)
-
-    @triton.jit
-    def _pick(xv, thr_ptr, c, C: tl.constexpr, KC: tl.constexpr, KCP: tl.constexpr, NB: tl.constexpr,
-              BLOCK_C: tl.constexpr):
-        """Chunk c of one token row, xv float32 [BLOCK_C] -> (channel offsets [KCP] in the chunk, x there [KCP]):
-        exactly KC channels by bucket top-k (select.approx_topk's math), in channel order; slots >= KC are 0.
-        Few block-wide steps (latency is what counts here): one histogram, one scan, two 2-D reductions."""
-        offs = tl.arange(0, BLOCK_C)
-        valid = offs < C
-        a = tl.abs(xv)
-        lo = tl.zeros([BLOCK_C], dtype=tl.int32)                     # bucket = number of thresholds above |x|:
-        hi = tl.full([BLOCK_C], NB, tl.int32)                        # binary search in the descending row
-        for _ in tl.static_range(8):                                 # enough for NB < 256
-            mid = (lo + hi) // 2
-            t = tl.load(thr_ptr + c * NB + tl.minimum(mid, NB - 1))  # gathers from one 128-byte row (L1)
-            gt = (a < t) & (mid < hi)
-            lo = tl.where(gt, mid + 1, lo)
-            hi = tl.where(gt | (mid >= hi), hi, mid)
-        bucket = lo
-        NBP: tl.constexpr = 2 * NB                                   # bins 0..NB used (NB a power of 2)
-        hist = tl.histogram(bucket, NBP, mask=valid)                 # [NBP]
-        le = tl.cumsum(hist, axis=0)                                 # channels in buckets <= b
-        bb = tl.arange(0, NBP)
-        bstar = tl.sum((le < KC).to(tl.int32), axis=0)               # first bucket where the count reaches KC
-        above = tl.sum(tl.where(bb < bstar, hist, 0), axis=0)        # taken whole
-        top = (bucket < bstar) & valid
-        inb = (bucket == bstar) & valid
-        cs = tl.cumsum(top.to(tl.int32) * 65536 + inb.to(tl.int32), axis=0)
-        rank = cs & 65535                                            # 1-based rank in the boundary bucket
-        need = KC - above
-        sel = top | (inb & (rank <= need))
-        slot = (cs >> 16) + tl.minimum(rank, need) - 1               # chosen channels before this one
-        hit = sel[:, None] & (slot[:, None] == tl.arange(0, KCP)[None, :])     # [BLOCK_C, KCP]
-        idx = tl.sum(tl.where(hit, offs[:, None], 0), axis=0)
-        xs = tl.sum(tl.where(hit, xv[:, None], 0.0), axis=0)
-        return idx, xs
-
-    @triton.jit
-    def _comp_kernel(cx_ptr, sxc, thr_ptr, codes_ptr, rs_ptr, ws_ptr, y_ptr, lock_ptr, M, N, SLOT0, NSLOT, sym,
-                     M_TILES, N_TILES, BM: tl.constexpr, BN: tl.constexpr, C: tl.constexpr, KC: tl.constexpr,
-                     KCP: tl.constexpr, NB: tl.constexpr, CT: tl.constexpr, BLOCK_C: tl.constexpr):
-        """Chunk c = program_id(2), output tiles CT*pid .. CT*pid + CT - 1, token tile pid_m: ws slot SLOT0 + c =
-        x[S_c] @ R[S_c, cols] per token row (S_c: the row's KC channels of chunk c), then one arrival on each tile
-        (the last arrival writes y)."""
-        pid_m = tl.program_id(0)
-        pid_n = tl.program_id(1) * CT
-        c = tl.program_id(2)
-        CW8: tl.constexpr = CT * BN // 8
-        cols = pid_n * BN + tl.arange(0, CT * BN)
-        cm = cols < N
-        wv = pid_n * (BN // 8) + tl.arange(0, CW8)         # residual words of these columns (8 columns each)
-        rs = tl.load(rs_ptr + cols, mask=cm, other=0.0)
-        jv = tl.arange(0, KCP) < KC
-        offs = tl.arange(0, BLOCK_C)
-        sh = tl.arange(0, 8) * 4
-        m0 = pid_m * BM
-        for m in range(m0, tl.minimum(m0 + BM, M)):
-            xv = tl.load(cx_ptr + m * sxc + c * C + offs, mask=offs < C, other=0.0).to(tl.float32)
-            idx, xs = _pick(xv, thr_ptr, c, C, KC, KCP, NB, BLOCK_C)
-            rows = (c * C + idx).to(tl.int64)
-            words = tl.load(codes_ptr + rows[:, None] * (N // 8) + wv[None, :],
-                            mask=jv[:, None] & (wv < N // 8)[None, :], other=0)   # [KCP, CW8]: each word once
-            q = ((words[:, :, None] >> sh[None, None, :]) & 15).to(tl.float32) - 8.0  # [KCP, CW8, 8]
-            part = tl.reshape(tl.sum(xs[:, None, None] * q, axis=0), [CT * BN])      # column 8w + j
-            tl.store(ws_ptr + ((SLOT0 + c) * M + m) * N + cols, part * rs, mask=cm)
-        tl.debug_barrier()                                 # every thread's partial is written before the counts
-        for t in range(0, CT):
-            tn = pid_n + t
-            if tn < N_TILES:
-                lock = lock_ptr + tn * M_TILES + pid_m
-                if tl.atomic_add(lock, 1, sem="acq_rel", scope="gpu") == NSLOT - 1:
-                    rn = tn * BN + tl.arange(0, BN)
-                    rm = m0 + tl.arange(0, BM)
-                    _finish(ws_ptr, y_ptr, rm, rn, (rn < N)[:, None] & (rm < M)[None, :], M, N, sym, NSLOT)
-                    tl.atomic_xchg(lock, 0)
-
     @triton.jit(do_not_specialize=["M", "PER", "SPLIT"])
     def _w4a16_kernel(x_ptr, u_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, lock_ptr, M, N, KU, PER, SPLIT, sxm, sym,
-                      # SPLIT: fp32 partials per tile (K splits pid_k < grid z, + one per chunk of the compensation)
                       BM: tl.constexpr, BN: tl.constexpr, R: tl.constexpr, SPLITK: tl.constexpr,
                       SLICES: tl.constexpr, PRESCALE: tl.constexpr, USE_ASM: tl.constexpr, FP16: tl.constexpr,
                       F32DOT: tl.constexpr, TILED: tl.constexpr):
@@ -456,5 +306,9 @@ if HAS_TRITON:
             tl.debug_barrier()            # every thread's partial is written before the count
             lock = lock_ptr + pid_n * tl.num_programs(0) + pid_m
             if tl.atomic_add(lock, 1, sem="acq_rel", scope="gpu") == SPLIT - 1:
-                _finish(ws_ptr, y_ptr, rm, rn, omask, M, N, sym, SPLIT)
+                tot = tl.load(ws_ptr + rm[None, :] * N + rn[:, None], mask=omask, other=0.0, cache_modifier=".cg")
+                for sp in range(1, SPLIT):
+                    tot += tl.load(ws_ptr + (sp * M + rm[None, :]) * N + rn[:, None], mask=omask, other=0.0,
+                                   cache_modifier=".cg")
+                tl.store(y_ptr + rm[None, :] * sym + rn[:, None], tot.to(y_ptr.dtype.element_ty), mask=omask)
                 tl.atomic_xchg(lock, 0)

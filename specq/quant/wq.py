@@ -78,13 +78,6 @@ class WQLinear(nn.Module):
                 return self.kernel(x2[:, self.perm] if self.perm is not None else x2, self)
         return x2 @ self.dequantize().to(x2.dtype).t()
 
-    def w4a16_weight(self, dtype):
-        """Kernel-layout weights for fused compensation (specq.compensate.kernel.fused), or None (not 4-bit)."""
-        if self.bits != 4:
-            return None
-        from specq.kernels import w4a16_weight_of
-        return w4a16_weight_of(self, dtype)
-
     def forward(self, x):  # x [..., K] -> [..., N]
         shp = x.shape
         y = opaque.matmul(self, x.reshape(-1, shp[-1])).reshape(*shp[:-1], self.out_features)
