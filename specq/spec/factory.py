@@ -9,6 +9,8 @@ from ..errors import SpecqError
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 BUNDLED_EAGLE = {"smollm2": ASSETS / "eagle_smollm2"}
+
+
 def bundled_head(model: str):
     """The bundled EAGLE head for `model`: the "smollm2" alias or a SmolLM2-135M-Instruct file (any quant of the
     GGUF the alias loads), else None."""

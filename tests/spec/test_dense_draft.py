@@ -31,4 +31,4 @@ def test_bundled_head_for_smollm2_alias_and_files():
     assert bundled_head("/x/smollm2-135m-instruct-f16.gguf") == want
     assert bundled_head("/x/SmolLM2-360M-Instruct.gguf") is None                     # another model: no head
     assert bundled_head("/tmp/tiny-llama") is None
-    assert (want / "config.json").exists() or any(want.iterdir())
+    assert (want / "config.json").is_file() and (want / "model.safetensors").is_file()
