@@ -30,6 +30,7 @@ from .ref import SHIFTS, dequant_w4, unpack_int4
 
 
 SLICES = True          # default word layout (see repack_int4)
+OPTIONS = {"regpipe": False}   # experiment: register double-buffered kernel (no Triton pipeliner) for M <= 16
 # Hopper launch options (set_launch_options; measured in bench/results/h100/kernels_w4a16_dev.txt run 9):
 # PREFETCH: each program first asks the L2 for its whole weight range with one bulk prefetch (tile-major
 # words: a program's blocks are one contiguous run); PDL: programmatic dependent launch: the kernel starts
@@ -202,6 +203,12 @@ def _launch(x, w: W4A16Weight, cfg, asm):
                                 y.stride(0), BM=BM, R=R, SPLITK=split > 1, PRESCALE=bool(pre), USE_ASM=asm,
                                 FP16=x.dtype == torch.float16, PDL=pdl, num_warps=nw, num_stages=ns, **extra)
         return y
+    if OPTIONS["regpipe"] and w.slices and not pre and BM == 16 and x.is_cuda:
+        _w4a16_reg_kernel[grid](x, w.qweight.view(torch.int16), w.scales, w.zeros, y, ws, w.locks, M, N, K // 4,
+                                nblk // split, split, x.stride(0), y.stride(0), BM=BM, BN=BN, SPLITK=split > 1,
+                                USE_ASM=asm, FP16=x.dtype == torch.float16, TILED=w.tiled, num_warps=nw,
+                                num_stages=1)
+        return y
     _w4a16_kernel[grid](x, w.qweight.view(torch.int16), w.scales, w.zeros, y, ws, w.locks, M, N, K // 4,
                         nblk // split, split, x.stride(0), y.stride(0),
                         BM=BM, BN=BN, R=R, SPLITK=split > 1, SLICES=w.slices, TILED=w.tiled,
@@ -357,6 +364,12 @@ if HAS_TRITON:
     def _epilogue(acc, y_ptr, ws_ptr, lock_ptr, rn, rm, mmask, M, N, SPLIT, sym, pid_m, pid_n, pid_k,
                   SPLITK: tl.constexpr):
         """acc [BN, BM] fp32 -> y; split K: store the partial, the last split of the tile adds them all up."""
+        _epilogue(acc, y_ptr, ws_ptr, lock_ptr, rn, rm, mmask, M, N, SPLIT, sym, pid_m, pid_n, pid_k, SPLITK)
+
+    @triton.jit
+    def _epilogue(acc, y_ptr, ws_ptr, lock_ptr, rn, rm, mmask, M, N, SPLIT, sym, pid_m, pid_n, pid_k,
+                  SPLITK: tl.constexpr):
+        """acc [BN, BM] fp32 -> y; split K: store the partial, the last split of the tile adds them all up."""
         omask = (rn < N)[:, None] & mmask[None, :]
         if not SPLITK:
             tl.store(y_ptr + rm[None, :] * sym + rn[:, None], acc.to(y_ptr.dtype.element_ty), mask=omask)
@@ -410,4 +423,50 @@ if HAS_TRITON:
                     part = tl.dot(o2, tl.trans(xd.load([pid_m * BM, k0 + 64])), part)
                     part = tl.dot(o3, tl.trans(xd.load([pid_m * BM, k0 + 96])), part)
                     acc = acc + part * s[:, None]
+        _epilogue(acc, y_ptr, ws_ptr, lock_ptr, rn, rm, mmask, M, N, SPLIT, sym, pid_m, pid_n, pid_k, SPLITK)
+
+    @triton.jit
+    def _loads(u_ptr, s_ptr, z_ptr, x_ptr, b, rowoff, BSTRIDE: tl.constexpr, rnl, rm, mmask, N, sxm):
+        """Everything block b needs, as plain loads (results used one loop step later)."""
+        ru = tl.arange(0, 32)
+        u = tl.load(u_ptr + rowoff[:, None] + (b * BSTRIDE + ru)[None, :])
+        s = tl.load(s_ptr + b * N + rnl)
+        z = tl.load(z_ptr + b * N + rnl)
+        xb = x_ptr + rm[None, :] * sxm + b * 128
+        x0 = tl.load(xb + ru[:, None], mask=mmask[None, :], other=0.0)
+        x1 = tl.load(xb + (32 + ru)[:, None], mask=mmask[None, :], other=0.0)
+        x2 = tl.load(xb + (64 + ru)[:, None], mask=mmask[None, :], other=0.0)
+        x3 = tl.load(xb + (96 + ru)[:, None], mask=mmask[None, :], other=0.0)
+        return u, s, z, x0, x1, x2, x3
+
+    @triton.jit(do_not_specialize=["M", "PER", "SPLIT"])
+    def _w4a16_reg_kernel(x_ptr, u_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, lock_ptr, M, N, KU, PER, SPLIT, sxm, sym,
+                          BM: tl.constexpr, BN: tl.constexpr, SPLITK: tl.constexpr, USE_ASM: tl.constexpr,
+                          FP16: tl.constexpr, TILED: tl.constexpr):
+        """Experiment: the slices kernel with its own software pipeline: block b + 1 is loaded into
+        registers while block b is computed (num_stages=1: no shared-memory stage buffers)."""
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        pid_k = tl.program_id(2)
+        rn = pid_n * BN + tl.arange(0, BN)
+        rnl = rn % N
+        BSTRIDE: tl.constexpr = 2048 if TILED else 32
+        rowoff = (rnl // 64) * (KU * 64) + (rnl % 64) * 32 if TILED else rnl * KU
+        rm = pid_m * BM + tl.arange(0, BM)
+        mmask = rm < M
+        acc = tl.zeros([BN, BM], dtype=tl.float32)
+        b0 = pid_k * PER
+        last = b0 + PER - 1
+        u, s, z, x0, x1, x2, x3 = _loads(u_ptr, s_ptr, z_ptr, x_ptr, b0, rowoff, BSTRIDE, rnl, rm, mmask, N, sxm)
+        for i in range(0, PER):
+            nu, ns_, nz_, n0, n1, n2, n3 = _loads(u_ptr, s_ptr, z_ptr, x_ptr, tl.minimum(b0 + i + 1, last), rowoff,
+                                                  BSTRIDE, rnl, rm, mmask, N, sxm)
+            nz = (-(z.to(tl.float32) + (1024.0 if FP16 else 128.0))).to(x_ptr.dtype.element_ty)
+            o0, o1, o2, o3 = _dq4(u, nz, s, USE_ASM, FP16, False)
+            part = tl.dot(o0, x0)
+            part = tl.dot(o1, x1, part)
+            part = tl.dot(o2, x2, part)
+            part = tl.dot(o3, x3, part)
+            acc += part * s.to(tl.float32)[:, None]
+            u, s, z, x0, x1, x2, x3 = nu, ns_, nz_, n0, n1, n2, n3
         _epilogue(acc, y_ptr, ws_ptr, lock_ptr, rn, rm, mmask, M, N, SPLIT, sym, pid_m, pid_n, pid_k, SPLITK)
