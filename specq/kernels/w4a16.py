@@ -30,28 +30,6 @@ from .ref import SHIFTS, dequant_w4, unpack_int4
 
 
 SLICES = True          # default word layout (see repack_int4)
-OPTIONS = {"regpipe": False}   # experiment: register double-buffered kernel (no Triton pipeliner) for M <= 16
-# Hopper launch options (set_launch_options; measured in bench/results/h100/kernels_w4a16_dev.txt run 9):
-# PREFETCH: each program first asks the L2 for its whole weight range with one bulk prefetch (tile-major
-# words: a program's blocks are one contiguous run); PDL: programmatic dependent launch: the kernel starts
-# while the previous one drains, prefetches its weights (they never depend on earlier kernels), and waits
-# (griddepcontrol.wait) before it reads activations or writes anything.
-# TMA: weights (and x) reach shared memory through tensor-memory-accelerator bulk copies (host tensor
-# descriptors), pipelined over num_stages buffers, instead of per-thread 16-bit loads in the MMA layout.
-OPTIONS = {"prefetch": False, "pdl": False, "tma": False}
-
-
-def set_launch_options(prefetch: bool | None = None, pdl: bool | None = None, tma: bool | None = None) -> dict:
-    """Change the W4A16 launch options (see OPTIONS); returns the previous ones."""
-    old = dict(OPTIONS)
-    for k, v in (("prefetch", prefetch), ("pdl", pdl), ("tma", tma)):
-        if v is not None:
-            OPTIONS[k] = bool(v)
-    return old
-
-
-def _hopper(x: torch.Tensor) -> bool:
-    return x.is_cuda and not INTERPRET and torch.cuda.get_device_capability(x.device)[0] >= 9
 
 
 class W4A16Weight(NamedTuple):
@@ -190,30 +168,11 @@ def _launch(x, w: W4A16Weight, cfg, asm):
         raise SpecqError(f"w4a16: {grid[0] * grid[1]} split-K tiles exceed the lock table ({w.locks.numel()})")
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     ws = torch.empty(split, M, N, dtype=torch.float32, device=x.device) if split > 1 else y
-    hop = _hopper(x)
-    pf = OPTIONS["prefetch"] and hop and w.tiled and BN % TILE_ROWS == 0
-    pdl = OPTIONS["pdl"] and hop
-    extra = {"launch_pdl": True} if pdl else {}
-    if (OPTIONS["tma"] and hop and w.tiled and w.slices and BN == TILE_ROWS and x.data_ptr() % 16 == 0
-            and (x.stride(0) * x.element_size()) % 16 == 0):
-        from triton.tools.tensor_descriptor import TensorDescriptor
-        wd = TensorDescriptor.from_tensor(w.qweight.view(torch.int16).view(-1, 32), [TILE_ROWS, 32])
-        xd = TensorDescriptor(x, [M, K], [x.stride(0), 1], [BM, 32])
-        _w4a16_tma_kernel[grid](xd, wd, w.scales, w.zeros, y, ws, w.locks, M, N, nblk, nblk // split, split,
-                                y.stride(0), BM=BM, R=R, SPLITK=split > 1, PRESCALE=bool(pre), USE_ASM=asm,
-                                FP16=x.dtype == torch.float16, PDL=pdl, num_warps=nw, num_stages=ns, **extra)
-        return y
-    if OPTIONS["regpipe"] and w.slices and not pre and BM == 16 and x.is_cuda:
-        _w4a16_reg_kernel[grid](x, w.qweight.view(torch.int16), w.scales, w.zeros, y, ws, w.locks, M, N, K // 4,
-                                nblk // split, split, x.stride(0), y.stride(0), BM=BM, BN=BN, SPLITK=split > 1,
-                                USE_ASM=asm, FP16=x.dtype == torch.float16, TILED=w.tiled, num_warps=nw,
-                                num_stages=1)
-        return y
     _w4a16_kernel[grid](x, w.qweight.view(torch.int16), w.scales, w.zeros, y, ws, w.locks, M, N, K // 4,
                         nblk // split, split, x.stride(0), y.stride(0),
                         BM=BM, BN=BN, R=R, SPLITK=split > 1, SLICES=w.slices, TILED=w.tiled,
                         PRESCALE=bool(pre) and w.slices, USE_ASM=asm, FP16=x.dtype == torch.float16,
-                        F32DOT=INTERPRET, PREFETCH=pf, PDL=pdl, num_warps=nw, num_stages=ns, **extra)
+                        F32DOT=INTERPRET, num_warps=nw, num_stages=ns)
     return y
 
 
@@ -242,15 +201,6 @@ if HAS_TRITON:
     W4P_FP16 = tl.constexpr(_w4_pairs_asm(True))
     W4PS_BF16 = tl.constexpr(_w4_pairs_asm(False, True))
     W4PS_FP16 = tl.constexpr(_w4_pairs_asm(True, True))
-
-    PREFETCH_ASM = tl.constexpr("{ .reg .pred p; .reg .b32 t; mov.u32 t, %tid.x; setp.eq.u32 p, t, 0; "
-                                "@p cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }")
-
-    @triton.jit
-    def _l2_prefetch(ptr, nbytes):
-        """One bulk L2 prefetch of nbytes (a multiple of 16) at ptr (16-byte aligned), by thread 0 (sm_90+)."""
-        tl.inline_asm_elementwise(PREFETCH_ASM, "=r,l,r", [ptr.to(tl.int64), nbytes], dtype=tl.int32,
-                                  is_pure=False, pack=1)
 
     @triton.jit
     def _dq4(u, nz, sc, USE_ASM: tl.constexpr, FP16: tl.constexpr, PRESCALE: tl.constexpr):
@@ -331,25 +281,15 @@ if HAS_TRITON:
     def _w4a16_kernel(x_ptr, u_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, lock_ptr, M, N, KU, PER, SPLIT, sxm, sym,
                       BM: tl.constexpr, BN: tl.constexpr, R: tl.constexpr, SPLITK: tl.constexpr,
                       SLICES: tl.constexpr, PRESCALE: tl.constexpr, USE_ASM: tl.constexpr, FP16: tl.constexpr,
-                      F32DOT: tl.constexpr, TILED: tl.constexpr, PREFETCH: tl.constexpr = False,
-                      PDL: tl.constexpr = False):
+                      F32DOT: tl.constexpr, TILED: tl.constexpr):
         pid_m = tl.program_id(0)          # m fastest: programs sharing a weight tile run together
         pid_n = tl.program_id(1)
         pid_k = tl.program_id(2)
-        if PREFETCH:                      # tile-major: this program's blocks of each 64-row tile are contiguous
-            for t in tl.static_range(BN // 64):
-                tile = pid_n * (BN // 64) + t
-                if tile * 64 < N:
-                    _l2_prefetch(u_ptr + (tile * (KU // 32) + pid_k * PER) * 2048, PER * 4096)
-        if PDL:                           # weights are ours; activations and outputs wait for the previous kernel
-            tl.extra.cuda.gdc_launch_dependents()
-            tl.extra.cuda.gdc_wait()
         rn = pid_n * BN + tl.arange(0, BN)
         rnl = rn % N                      # in-bounds rows for loads; stores are masked
         # tile_major: block b of row n at ((n // 64) * K/128 + b) * 64 + n % 64 (2048 int16 units per block)
         BSTRIDE: tl.constexpr = 2048 if TILED else 32
         rowoff = (rnl // 64) * (KU * 64) + (rnl % 64) * 32 if TILED else rnl * KU
-        rowoff = tl.multiple_of(rowoff, 32)   # every row starts a 64-byte run: lets the loads vectorize
         rm = pid_m * BM + tl.arange(0, BM)
         mmask = rm < M
         acc = tl.zeros([BN, BM], dtype=tl.float32)
@@ -358,18 +298,6 @@ if HAS_TRITON:
             for r in tl.static_range(R):
                 acc = _block(acc, u_ptr, s_ptr, z_ptr, x_ptr, b + r, rowoff, BSTRIDE, rnl, rm, mmask, N, sxm,
                              SLICES, PRESCALE, USE_ASM, FP16, F32DOT)
-        _epilogue(acc, y_ptr, ws_ptr, lock_ptr, rn, rm, mmask, M, N, SPLIT, sym, pid_m, pid_n, pid_k, SPLITK)
-
-    @triton.jit
-    def _epilogue(acc, y_ptr, ws_ptr, lock_ptr, rn, rm, mmask, M, N, SPLIT, sym, pid_m, pid_n, pid_k,
-                  SPLITK: tl.constexpr):
-        """acc [BN, BM] fp32 -> y; split K: store the partial, the last split of the tile adds them all up."""
-        _epilogue(acc, y_ptr, ws_ptr, lock_ptr, rn, rm, mmask, M, N, SPLIT, sym, pid_m, pid_n, pid_k, SPLITK)
-
-    @triton.jit
-    def _epilogue(acc, y_ptr, ws_ptr, lock_ptr, rn, rm, mmask, M, N, SPLIT, sym, pid_m, pid_n, pid_k,
-                  SPLITK: tl.constexpr):
-        """acc [BN, BM] fp32 -> y; split K: store the partial, the last split of the tile adds them all up."""
         omask = (rn < N)[:, None] & mmask[None, :]
         if not SPLITK:
             tl.store(y_ptr + rm[None, :] * sym + rn[:, None], acc.to(y_ptr.dtype.element_ty), mask=omask)
@@ -384,89 +312,3 @@ if HAS_TRITON:
                                    cache_modifier=".cg")
                 tl.store(y_ptr + rm[None, :] * sym + rn[:, None], tot.to(y_ptr.dtype.element_ty), mask=omask)
                 tl.atomic_xchg(lock, 0)
-
-    @triton.jit(do_not_specialize=["M", "PER", "SPLIT"])
-    def _w4a16_tma_kernel(xd, wd, s_ptr, z_ptr, y_ptr, ws_ptr, lock_ptr, M, N, KB, PER, SPLIT, sym,
-                          BM: tl.constexpr, R: tl.constexpr, SPLITK: tl.constexpr, PRESCALE: tl.constexpr,
-                          USE_ASM: tl.constexpr, FP16: tl.constexpr, PDL: tl.constexpr):
-        """_w4a16_kernel with 64-row tiles (tile-major, slices) whose words and x come through TMA
-        descriptors: wd over the words seen as [N * K/128, 32] int16 (block (tile, b) = rows (tile * KB + b)
-        * 64 ..+64), xd over x [M, K] with [BM, 32] boxes (rows past M read as zeros)."""
-        pid_m = tl.program_id(0)
-        pid_n = tl.program_id(1)
-        pid_k = tl.program_id(2)
-        rn = pid_n * 64 + tl.arange(0, 64)
-        rnl = rn % N
-        rm = pid_m * BM + tl.arange(0, BM)
-        mmask = rm < M
-        if PDL:
-            tl.extra.cuda.gdc_launch_dependents()
-            tl.extra.cuda.gdc_wait()
-        acc = tl.zeros([64, BM], dtype=tl.float32)
-        for i in range(0, PER, R):
-            for r in tl.static_range(R):
-                b = pid_k * PER + i + r
-                u = wd.load([(pid_n * KB + b) * 64, 0])                                  # [64, 32] int16
-                s = tl.load(s_ptr + b * N + rnl).to(tl.float32)
-                z = tl.load(z_ptr + b * N + rnl).to(tl.float32)
-                nz = (-(z + (1024.0 if FP16 else 128.0))).to(tl.float16 if FP16 else tl.bfloat16)
-                o0, o1, o2, o3 = _dq4(u, nz, s, USE_ASM, FP16, PRESCALE)
-                k0 = b * 128
-                if PRESCALE:
-                    acc = tl.dot(o0, tl.trans(xd.load([pid_m * BM, k0])), acc)
-                    acc = tl.dot(o1, tl.trans(xd.load([pid_m * BM, k0 + 32])), acc)
-                    acc = tl.dot(o2, tl.trans(xd.load([pid_m * BM, k0 + 64])), acc)
-                    acc = tl.dot(o3, tl.trans(xd.load([pid_m * BM, k0 + 96])), acc)
-                else:
-                    part = tl.dot(o0, tl.trans(xd.load([pid_m * BM, k0])))
-                    part = tl.dot(o1, tl.trans(xd.load([pid_m * BM, k0 + 32])), part)
-                    part = tl.dot(o2, tl.trans(xd.load([pid_m * BM, k0 + 64])), part)
-                    part = tl.dot(o3, tl.trans(xd.load([pid_m * BM, k0 + 96])), part)
-                    acc = acc + part * s[:, None]
-        _epilogue(acc, y_ptr, ws_ptr, lock_ptr, rn, rm, mmask, M, N, SPLIT, sym, pid_m, pid_n, pid_k, SPLITK)
-
-    @triton.jit
-    def _loads(u_ptr, s_ptr, z_ptr, x_ptr, b, rowoff, BSTRIDE: tl.constexpr, rnl, rm, mmask, N, sxm):
-        """Everything block b needs, as plain loads (results used one loop step later)."""
-        ru = tl.arange(0, 32)
-        u = tl.load(u_ptr + rowoff[:, None] + (b * BSTRIDE + ru)[None, :])
-        s = tl.load(s_ptr + b * N + rnl)
-        z = tl.load(z_ptr + b * N + rnl)
-        xb = x_ptr + rm[None, :] * sxm + b * 128
-        x0 = tl.load(xb + ru[:, None], mask=mmask[None, :], other=0.0)
-        x1 = tl.load(xb + (32 + ru)[:, None], mask=mmask[None, :], other=0.0)
-        x2 = tl.load(xb + (64 + ru)[:, None], mask=mmask[None, :], other=0.0)
-        x3 = tl.load(xb + (96 + ru)[:, None], mask=mmask[None, :], other=0.0)
-        return u, s, z, x0, x1, x2, x3
-
-    @triton.jit(do_not_specialize=["M", "PER", "SPLIT"])
-    def _w4a16_reg_kernel(x_ptr, u_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, lock_ptr, M, N, KU, PER, SPLIT, sxm, sym,
-                          BM: tl.constexpr, BN: tl.constexpr, SPLITK: tl.constexpr, USE_ASM: tl.constexpr,
-                          FP16: tl.constexpr, TILED: tl.constexpr):
-        """Experiment: the slices kernel with its own software pipeline: block b + 1 is loaded into
-        registers while block b is computed (num_stages=1: no shared-memory stage buffers)."""
-        pid_m = tl.program_id(0)
-        pid_n = tl.program_id(1)
-        pid_k = tl.program_id(2)
-        rn = pid_n * BN + tl.arange(0, BN)
-        rnl = rn % N
-        BSTRIDE: tl.constexpr = 2048 if TILED else 32
-        rowoff = (rnl // 64) * (KU * 64) + (rnl % 64) * 32 if TILED else rnl * KU
-        rm = pid_m * BM + tl.arange(0, BM)
-        mmask = rm < M
-        acc = tl.zeros([BN, BM], dtype=tl.float32)
-        b0 = pid_k * PER
-        last = b0 + PER - 1
-        u, s, z, x0, x1, x2, x3 = _loads(u_ptr, s_ptr, z_ptr, x_ptr, b0, rowoff, BSTRIDE, rnl, rm, mmask, N, sxm)
-        for i in range(0, PER):
-            nu, ns_, nz_, n0, n1, n2, n3 = _loads(u_ptr, s_ptr, z_ptr, x_ptr, tl.minimum(b0 + i + 1, last), rowoff,
-                                                  BSTRIDE, rnl, rm, mmask, N, sxm)
-            nz = (-(z.to(tl.float32) + (1024.0 if FP16 else 128.0))).to(x_ptr.dtype.element_ty)
-            o0, o1, o2, o3 = _dq4(u, nz, s, USE_ASM, FP16, False)
-            part = tl.dot(o0, x0)
-            part = tl.dot(o1, x1, part)
-            part = tl.dot(o2, x2, part)
-            part = tl.dot(o3, x3, part)
-            acc += part * s.to(tl.float32)[:, None]
-            u, s, z, x0, x1, x2, x3 = nu, ns_, nz_, n0, n1, n2, n3
-        _epilogue(acc, y_ptr, ws_ptr, lock_ptr, rn, rm, mmask, M, N, SPLIT, sym, pid_m, pid_n, pid_k, SPLITK)

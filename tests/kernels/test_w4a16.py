@@ -81,6 +81,8 @@ for sl in (True, False):
     for M, N, K, G, sym, dt, cfg in [(1, 32, 1024, 128, True, torch.bfloat16, (16, 32, 4, 2, 4, 1)),
                                      (3, 48, 2048, None, False, torch.float16, (16, 32, 4, 2, 4, 1, True)),
                                      (17, 32, 256, 128, False, torch.bfloat16, None),
+                                     (2, 64, 2048, 128, False, torch.bfloat16, (16, 64, 2, 2, 4, 1)),
+                                     (5, 64, 1024, 128, False, torch.bfloat16, (16, 64, 1, 1, 4, 1)),
                                      (40, 64, 768, 256, False, torch.bfloat16, (32, 32, 3, 1, 4, 1, True))]:
         q, s, z = ref.random_w4a16(N, K, G, sym, dt)
         x = torch.randn(M, K).to(dt)
