@@ -1,7 +1,8 @@
-"""A/B of two versions (or of new options: opt:NAME) of the W4A16 kernel module on the GPU (specq/kernels/_w4a16_old.py = the previous commit's
+"""A/B of two versions of the W4A16 kernel module on the GPU (specq/kernels/_w4a16_old.py = the previous commit's
 w4a16.py, copied there for the run) with default configs, whole layer in one CUDA graph (10 layers per replay),
 correctness of both against the reference first, torch int4 in the same run.
-PYTHONPATH=$PWD python bench/dev/ab_old_new.py"""
+git show REV:specq/kernels/w4a16.py > specq/kernels/_w4a16_old.py
+PYTHONPATH=$PWD python bench/dev/ab_old_new.py [llama3-8b] [llama3-70b]"""
 import sys
 from pathlib import Path
 
@@ -18,10 +19,7 @@ from specq.kernels import w4a16 as NEW  # noqa: E402
 @torch.inference_mode()
 def main():
     g = torch.Generator().manual_seed(1)
-    models = [a for a in sys.argv[1:] if not a.startswith("opt:")] or ["llama3-8b", "llama3-70b"]
-    for a in sys.argv[1:]:                 # opt:NAME turns NEW.OPTIONS[NAME] on (experiments)
-        if a.startswith("opt:"):
-            NEW.OPTIONS[a[4:]] = True
+    models = sys.argv[1:] or ["llama3-8b", "llama3-70b"]
     for model in models:
         ws = []
         for name, K, N in MODELS[model]:
