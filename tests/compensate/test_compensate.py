@@ -270,9 +270,9 @@ def test_triton_kernels_interpreted():
         "ch = torch.exp(torch.randn(K))\n"
         "cl = CompensatedLinear(wq, res, k_chunk=5, selector='approx', stats=SEL.calib_stats(torch.randn(256, K) * ch))\n"
         "x = torch.randn(3, K) * ch\n"
-        "idx, xs = KK.select(cl, x)\n"
-        "ref = SEL.approx_topk(x, cl.thr, 5)\n"
-        "assert torch.equal(idx.long(), ref), (idx, ref)\n"
+        "for kc in (1, 40, 5):\n"             # boundary bucket at the top, deep, and in between
+        "    cl.set_k(kc); idx, xs = KK.select(cl, x); ref = SEL.approx_topk(x, cl.thr, kc)\n"
+        "    assert torch.equal(idx.long(), ref), (kc, idx, ref)\n"
         "r = KK.fetch(res, idx, xs)\n"
         "assert torch.allclose(r, cl.correction(x, ref), atol=1e-5), (r - cl.correction(x, ref)).abs().max()\n"
         "print('ok')\n")
