@@ -1,3 +1,5 @@
+# Nsight Compute view of the W4A16 kernel on the GPU machine (speed-of-light, occupancy, launch stats) for
+# gate_up / qkv / down of a Llama-3-8B layer at M=1 (bench/dev/ncu_one.py); findings in kernels_w4a16_dev.txt run 9.
 set -e
 export PYTHONPATH=$PWD
 for s in "gate_up 1" "qkv 1" "down 1"; do
