@@ -25,6 +25,9 @@ except Exception:  # pragma: no cover - machines without triton
 
 _SIDE: dict = {}
 _DEVPTR: dict = {}
+# int32 words (8 columns each) of a residual row per fetch program: 16 was 1-5% faster than 32 / 64 / 128 and
+# much faster than 8 / 4 on the H100 (bench/dev/qdec_variants.py, qdec_fused_dev.txt session 5)
+FETCH_BLOCK_W = 16
 HOST_ARG = "mapped"          # how the host residual reaches Triton: "mapped" pointer wrapper or "pinned-tensor"
 
 
@@ -129,7 +132,7 @@ def select(cl, x2: torch.Tensor):
     return idx, xs
 
 
-def fetch(res, idx: torch.Tensor, xs: torch.Tensor, codes=None, block_w: int = 32) -> torch.Tensor:
+def fetch(res, idx: torch.Tensor, xs: torch.Tensor, codes=None, block_w: int | None = None) -> torch.Tensor:
     """r [M, N] float32 = sum_s xs[m, s] * R[idx[m, s], :] with R's 4-bit rows read from `codes`."""
     M, ksel = idx.shape
     N, W = res.N, res.N // 8
@@ -137,6 +140,7 @@ def fetch(res, idx: torch.Tensor, xs: torch.Tensor, codes=None, block_w: int = 3
     global HOST_ARG
     scales = res.scales_on(xs.device)
     bs = min(32, max(16, triton.next_power_of_2(ksel)))
+    block_w = block_w or FETCH_BLOCK_W
     grid = (triton.cdiv(W, block_w), M)
     if codes is None and xs.is_cuda and HOST_ARG == "mapped":
         try:
