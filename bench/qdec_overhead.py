@@ -122,6 +122,20 @@ def check(dev, log):
     return out
 
 
+def layer_inputs(dev):
+    """Per projection: heavy-tailed channel scales, calibration stats for the approx selector, and one flat
+    activation buffer (xs_flat [1, sum K], viewed per projection as xs[p]) refilled from `pool` per replay."""
+    chs = {p: torch.exp(torch.randn(K, device=dev)) for p, (K, N) in SHAPES.items()}
+    stats = {p: SEL.calib_stats(acts(256, K, chs[p], dev).float().cpu()) for p, (K, N) in SHAPES.items()}
+    xs_flat = torch.empty(1, sum(K for K, N in SHAPES.values()), dtype=torch.bfloat16, device=dev)
+    xs, o = {}, 0
+    for p, (K, N) in SHAPES.items():
+        xs[p] = xs_flat[:, o:o + K]
+        o += K
+    pool = torch.cat([acts(64, K, chs[p], dev) for p, (K, N) in SHAPES.items()], 1)
+    return stats, xs_flat, xs, pool
+
+
 def graph_time(fn, x, pool, reps):
     """Capture fn() into a CUDA graph; median seconds of a replay, x refilled from pool before each."""
     s = torch.cuda.Stream()
@@ -184,14 +198,7 @@ def main():
     bases.append((16, "bf16 cuBLAS (F.linear): reference scale only", lambda K, N: BF16(K, N, dev)))
     ks = [float(k) for k in a.k.split(",")]
     resid = [{p: rand_residual(K, N) for p, (K, N) in SHAPES.items()} for _ in range(a.layers)]
-    chs = {p: torch.exp(torch.randn(K, device=dev)) for p, (K, N) in SHAPES.items()}
-    stats = {p: SEL.calib_stats(acts(256, K, chs[p], dev).float().cpu()) for p, (K, N) in SHAPES.items()}
-    xs_flat = torch.empty(1, sum(K for K, N in SHAPES.values()), dtype=torch.bfloat16, device=dev)
-    xs, o = {}, 0
-    for p, (K, N) in SHAPES.items():
-        xs[p] = xs_flat[:, o:o + K]
-        o += K
-    pool = torch.cat([acts(64, K, chs[p], dev) for p, (K, N) in SHAPES.items()], 1)
+    stats, xs_flat, xs, pool = layer_inputs(dev)
     for bits, base_name, make in bases:
         try:
             layers = [{p: CompensatedLinear(make(K, N), resid[i][p], k_chunk=0, selector="approx", stats=stats[p])

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from bench.qdec_overhead import SHAPES, SpecqW4, acts, graph_time, rand_residual  # noqa: E402
+from bench.qdec_overhead import SHAPES, SpecqW4, graph_time, layer_inputs, rand_residual  # noqa: E402
 from specq.compensate import CompensatedLinear  # noqa: E402
 from specq.compensate import kernel as KK  # noqa: E402
 from specq.compensate import select as SEL  # noqa: E402
@@ -20,16 +20,9 @@ def main():
     dev = torch.device("cuda")
     torch.manual_seed(0)
     L = 4
-    chs = {p: torch.exp(torch.randn(K, device=dev)) for p, (K, N) in SHAPES.items()}
-    stats = {p: SEL.calib_stats(acts(256, K, chs[p], dev).float().cpu()) for p, (K, N) in SHAPES.items()}
+    stats, xs_flat, xs, pool = layer_inputs(dev)
     layers = [{p: CompensatedLinear(SpecqW4(K, N, dev, prepare_w4a16, w4a16_linear), rand_residual(K, N), k_chunk=0,
                                     selector="approx", stats=stats[p]) for p, (K, N) in SHAPES.items()} for _ in range(L)]
-    xs_flat = torch.empty(1, sum(K for K, N in SHAPES.values()), dtype=torch.bfloat16, device=dev)
-    xs, o = {}, 0
-    for p, (K, N) in SHAPES.items():
-        xs[p] = xs_flat[:, o:o + K]
-        o += K
-    pool = torch.cat([acts(64, K, chs[p], dev) for p, (K, N) in SHAPES.items()], 1)
 
     def step():
         for mods in layers:
