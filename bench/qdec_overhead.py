@@ -6,7 +6,8 @@ random weights (timings do not depend on values), batch 1, bf16 activations.
 Bases, each timed alone and with QDEC: specq's W4A16 Triton GEMV (specq.kernels.w4a16_linear), torch's
 int4 tinygemm (aten._weight_int4pack_mm, g128), and bf16 cuBLAS for scale; 3 bit only when a 3-bit GPU
 kernel is registered with specq.quant.wq. Compensation: 4-bit residual rows read zero-copy from pinned host memory,
-selection + fetch on a side stream, joined with one add. Both paths are CUDA graphs over --layers
+selection + fetch on a side stream, joined with one add (on specq's W4A16 base: no add, the fetch writes one
+more split-K partial of the GEMV's launch). Both paths are CUDA graphs over --layers
 distinct layers; x is refilled with fresh random activations before every replay (so the chosen rows
 change), each replay timed with CUDA events; median per layer. Also checks the kernel against the
 reference math before timing.
@@ -63,6 +64,9 @@ class SpecqW4(nn.Module):
     def forward(self, x):
         return self.fn(x, self.w)
 
+    def w4a16_for(self, dtype):      # CompensatedLinear's fused path (no add kernel) uses this weight
+        return self.w if dtype == torch.bfloat16 else None
+
 
 class BF16(nn.Module):
     def __init__(self, K, N, dev):
@@ -116,6 +120,18 @@ def check(dev, log):
         out[sel] = dict(max_rel_err=err, select_matches_reference=same,
                         rows_equal_single=bool(torch.allclose(rows, y, atol=1e-2, rtol=1e-2)))
         log(f"check {sel}: {out[sel]}")
+    from specq.kernels import prepare_w4a16, w4a16_linear
+    cl = CompensatedLinear(SpecqW4(K, N, dev, prepare_w4a16, w4a16_linear), res, k_chunk=8, selector="approx",
+                           stats=stats)
+    for M in (1, 4):
+        x = acts(M, K, ch, dev)
+        cl.use_fused = False
+        y_side = cl(x).float()
+        cl.use_fused = True
+        y_fused = cl(x).float()
+        err = ((y_fused - y_side).abs().max() / y_side.abs().max()).item()
+        out[f"fused_vs_side_M{M}"] = dict(max_rel_err=err, locks_zero=int(cl.base.w.locks.abs().sum()) == 0)
+        log(f"check fused (no add kernel) vs side path, M={M}: {out[f'fused_vs_side_M{M}']}")
     hp = KK.mapped(res.codes)
     out["residual_on_host_pinned"] = bool(res.codes.device.type == "cpu" and res.codes.is_pinned())
     out["mapped_ptr_equals_host_ptr"] = hp.data_ptr() == res.codes.data_ptr()
@@ -212,26 +228,32 @@ def main():
                     for p, cl in mods.items():
                         cl(xs[p])
 
-            def set_all(kf, sel):
+            def set_all(kf, sel, fused=True):
                 for mods in layers:
                     for cl in mods.values():
                         cl.set_k(SEL.k_chunk_for(cl.in_features, kf), selector=sel)
+                        cl.use_fused = fused
 
-            runs = [(kf, "approx") for kf in ks] + [(0.005, "exact")]
+            fusable = hasattr(one, "w4a16_for")
+            runs = [(kf, "approx", True) for kf in ks] + [(0.005, "exact", True)]
+            runs += [(kf, "approx", False) for kf in ks] if fusable else []
             base_t, q_t = [], {r: [] for r in runs}
             for _ in range(3):                       # interleaved rounds against drift
-                set_all(0, "approx")
+                set_all(0, "approx", True)
                 base_t.append(graph_time(step, xs_flat, pool, a.reps) / a.layers)
                 for r in runs:
                     set_all(*r)
                     q_t[r].append(graph_time(step, xs_flat, pool, a.reps) / a.layers)
             base_us = statistics.median(base_t)
             log(f"[{base_name}] base {base_us:.1f} us per layer")
-            for (kf, sel), v in q_t.items():
+            for (kf, sel, fused), v in q_t.items():
                 q_us = statistics.median(v)
+                path = ("fused" if fused else "side+add") if fusable else "side+add"
                 result["rows"].append(dict(bits=bits, k_fraction=kf, selector=sel, base_us=round(base_us, 2),
-                                           qdec_us=round(q_us, 2), slowdown=round(q_us / base_us - 1, 4), base=base_name))
-                log(f"[{base_name}] k={kf} {sel}: {q_us:.1f} us per layer, slowdown {100 * (q_us / base_us - 1):.2f}%")
+                                           qdec_us=round(q_us, 2), slowdown=round(q_us / base_us - 1, 4), base=base_name,
+                                           path=path))
+                log(f"[{base_name}] k={kf} {sel} {path}: {q_us:.1f} us per layer, slowdown "
+                    f"{100 * (q_us / base_us - 1):.2f}%")
             del layers
         except Exception as e:
             log(f"[{base_name}] failed: {type(e).__name__}: {e}")

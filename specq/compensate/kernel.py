@@ -117,6 +117,52 @@ if HAS_TRITON:
         tl.store(out_ptr + m * N + cols, acc * sc, mask=cm)
 
 
+if HAS_TRITON:
+    @triton.jit
+    def _fetch_partial_kernel(idx_ptr, xs_ptr, codes_ptr, scales_ptr, ws_ptr, y_ptr, lock_ptr, M, N, W, KSEL, SLOT,
+                              NPART, MT, BLOCK_S: tl.constexpr, BLOCK_W: tl.constexpr, BM: tl.constexpr,
+                              BN: tl.constexpr):
+        """_fetch_kernel writing partial SLOT of a split-K W4A16 launch (specq.kernels.w4a16.Partial) for all
+        M rows of its 8 * BLOCK_W columns, then counting itself on the tiles it covers (8 * BLOCK_W % BN == 0);
+        the last arrival on a tile sums the NPART partials in slot order into y, as the GEMV's own epilogue
+        does, and resets the tile's lock."""
+        pid = tl.program_id(0)
+        w = pid * BLOCK_W + tl.arange(0, BLOCK_W)
+        wm = w < W
+        sh = tl.arange(0, 8) * 4
+        cols = w[:, None] * 8 + tl.arange(0, 8)[None, :]
+        cm = cols < N
+        sc = tl.load(scales_ptr + cols, mask=cm, other=0.0)
+        for m in range(M):
+            acc = tl.zeros([BLOCK_W, 8], dtype=tl.float32)
+            for s0 in range(0, KSEL, BLOCK_S):
+                s = s0 + tl.arange(0, BLOCK_S)
+                sm = s < KSEL
+                rows = tl.load(idx_ptr + m * KSEL + s, mask=sm, other=0).to(tl.int64)
+                xv = tl.load(xs_ptr + m * KSEL + s, mask=sm, other=0.0).to(tl.float32)
+                words = tl.load(codes_ptr + rows[:, None] * W + w[None, :], mask=sm[:, None] & wm[None, :], other=0)
+                q = ((words[:, :, None] >> sh[None, None, :]) & 15).to(tl.float32) - 8.0    # [S, BW, 8]
+                acc += tl.sum(xv[:, None, None] * q, axis=0)
+            tl.store(ws_ptr + (SLOT * M + m) * N + cols, acc * sc, mask=cm)
+        tl.debug_barrier()                     # the whole partial is written before any count
+        TPP: tl.constexpr = 8 * BLOCK_W // BN
+        for t in tl.static_range(TPP):
+            pn = pid * TPP + t
+            if pn * BN < N:
+                rn = pn * BN + tl.arange(0, BN)
+                for pm in range(MT):
+                    lock = lock_ptr + pn * MT + pm
+                    if tl.atomic_add(lock, 1, sem="acq_rel", scope="gpu") == NPART - 1:
+                        rm = pm * BM + tl.arange(0, BM)
+                        om = (rn < N)[:, None] & (rm < M)[None, :]
+                        tot = tl.load(ws_ptr + rm[None, :] * N + rn[:, None], mask=om, other=0.0, cache_modifier=".cg")
+                        for sp in range(1, NPART):
+                            tot += tl.load(ws_ptr + (sp * M + rm[None, :]) * N + rn[:, None], mask=om, other=0.0,
+                                           cache_modifier=".cg")
+                        tl.store(y_ptr + rm[None, :] * N + rn[:, None], tot.to(y_ptr.dtype.element_ty), mask=om)
+                        tl.atomic_xchg(lock, 0)
+
+
 def select(cl, x2: torch.Tensor):
     """x2 [M, K] -> idx int32 [M, k], xs float32 [M, k] (x at the selected channels)."""
     M, K = x2.shape
@@ -151,6 +197,42 @@ def fetch(res, idx: torch.Tensor, xs: torch.Tensor, codes=None, block_w: int | N
     codes = res.codes if codes is None else codes
     _fetch_kernel[grid](idx, xs, codes, scales, out, N, W, ksel, BLOCK_S=bs, BLOCK_W=block_w)
     return out
+
+
+def fetch_partial(res, idx: torch.Tensor, xs: torch.Tensor, t) -> None:
+    """fetch() written as partial t.slot of a split-K W4A16 launch (t: specq.kernels.w4a16.Partial)."""
+    M, ksel = idx.shape
+    N, W = res.N, res.N // 8
+    block_w = max(FETCH_BLOCK_W, t.BN // 8)
+    bs = min(32, max(16, triton.next_power_of_2(ksel)))
+    codes = mapped(res.codes) if xs.is_cuda else res.codes
+    _fetch_partial_kernel[(triton.cdiv(W, block_w),)](idx, xs, codes, res.scales_on(xs.device), t.ws, t.y, t.locks,
+                                                      M, N, W, ksel, t.slot, t.npart, t.m_tiles, BLOCK_S=bs,
+                                                      BLOCK_W=block_w, BM=t.BM, BN=t.BN)
+
+
+def fused(cl, x2: torch.Tensor, w, xq: torch.Tensor | None = None):
+    """x2 [M, K] -> base(x2) + x2[S] @ R[S] with no add kernel (xq: the GEMV's input when its columns are
+    permuted, else x2): the W4A16 GEMV (main stream) and the
+    compensation (select + fetch_partial, side stream) each write split-K partials of one launch, and
+    whichever finishes a tile last writes it. None when the W4A16 Triton path does not apply."""
+    from ..kernels.w4a16 import w4a16_fused
+    xq = x2 if xq is None else xq
+    if not x2.is_cuda:                          # Triton interpreter (tests): the same kernels, in order
+        return w4a16_fused(xq, w, lambda t: fetch_partial(cl.residual, *select(cl, x2), t))
+    main = torch.cuda.current_stream(x2.device)
+    side = _side(x2.device)
+
+    def contribute(t):
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            idx, xs = select(cl, x2)
+            fetch_partial(cl.residual, idx, xs, t)
+
+    y = w4a16_fused(xq, w, contribute)
+    if y is not None:
+        main.wait_stream(side)
+    return y
 
 
 def _side(device):

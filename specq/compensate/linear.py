@@ -40,6 +40,7 @@ class CompensatedLinear(nn.Module):
         self.register_buffer("thr", None, persistent=False)
         self.set_k(k_chunk if k is None else -(-k // self.n_chunks))
         self.use_kernel = True                     # CUDA: Triton kernel if available
+        self.use_fused = True                      # ... and, on specq's W4A16 base, no separate add (kernel.fused)
 
     def set_k(self, k_chunk: int, selector: str | None = None):
         """Set channels per chunk (0 disables) and recompute the bucket thresholds."""
@@ -89,12 +90,28 @@ class CompensatedLinear(nn.Module):
         if x.is_cuda and self.use_kernel:
             from . import kernel
             if kernel.available():
+                y = self._fused(x2)
+                if y is not None:
+                    return y.reshape(*shp[:-1], self.out_features)
                 h = kernel.launch(self, x2)            # side stream, overlaps the quantized GEMV
                 y = self.base(x)
                 return kernel.join(h, y.reshape(-1, self.out_features)).reshape(y.shape)
         y = self.base(x)
         r = self.correction(x2, self.select(x2))
         return (y.reshape(-1, self.out_features).float() + r).to(y.dtype).reshape(y.shape)
+
+    def _fused(self, x2):
+        """specq's W4A16 kernel as the base: GEMV and compensation as partials of one launch (kernel.fused),
+        or None (other bases, exact dense residuals, shapes the kernel does not take)."""
+        get = getattr(self.base, "w4a16_for", None)
+        w = get(x2.dtype) if (get is not None and self.use_fused and self.residual.dense is None) else None
+        if w is None:
+            return None
+        from . import kernel
+        perm = getattr(self.base, "perm", None)
+        y = kernel.fused(self, x2, w, x2[:, perm] if perm is not None else x2)
+        bias = getattr(self.base, "bias", None)
+        return y + bias.to(y.dtype) if (y is not None and bias is not None) else y
 
     def extra_repr(self):
         return f"k_chunk={self.k_chunk} x {self.n_chunks} chunks (k={self.k}/{self.in_features}), selector={self.selector}"

@@ -16,15 +16,20 @@ __all__ = ["HAS_TRITON", "W4A16Weight", "W4A8Weight", "W8A8Weight", "prepare_w4a
            "w4a8_linear", "w8a8_linear"]
 
 
-def wq_kernel(x2, module):
-    """WQLinear hook: x2 [M, K] (already in the module's packed column order) -> x2 @ W^T [M, N].
-    The kernel-layout copy is prepared once and kept on the module (re-made if its weights change)."""
+def wq_w4a16(module, dtype):
+    """A 4-bit WQLinear's weights in the kernel layout, prepared once and kept on the module (re-made if its
+    weights change)."""
     w = getattr(module, "_w4a16", None)
-    key = (module.qweight._version, module.qweight.data_ptr(), x2.dtype)
+    key = (module.qweight._version, module.qweight.data_ptr(), dtype)
     if w is None or module._w4a16_key != key:
-        w = prepare_w4a16(module.qweight, module.scales, module.zeros, module.group_size, x2.dtype)
+        w = prepare_w4a16(module.qweight, module.scales, module.zeros, module.group_size, dtype)
         module._w4a16, module._w4a16_key = w, key
-    return w4a16_linear(x2, w)
+    return w
+
+
+def wq_kernel(x2, module):
+    """WQLinear hook: x2 [M, K] (already in the module's packed column order) -> x2 @ W^T [M, N]."""
+    return w4a16_linear(x2, wq_w4a16(module, x2.dtype))
 
 
 def _cached(module, name, key, make):

@@ -32,6 +32,20 @@ from .ref import SHIFTS, dequant_w4, unpack_int4
 SLICES = True          # default word layout (see repack_int4)
 
 
+class Partial(NamedTuple):
+    """Where another kernel adds one more fp32 partial [M, N] into a split-K W4A16 launch (w4a16_fused): it
+    writes ws[slot], then counts itself on the lock of every (m tile, n tile) it covers; whoever counts last
+    (npart arrivals) sums ws[0..npart-1] in slot order into y and resets the lock."""
+    y: torch.Tensor         # [M, N] output
+    ws: torch.Tensor        # fp32 [npart, M, N]
+    locks: torch.Tensor     # int32, tile (m, n) at n * m_tiles + m
+    slot: int
+    npart: int
+    BM: int
+    BN: int
+    m_tiles: int
+
+
 class W4A16Weight(NamedTuple):
     qweight: torch.Tensor   # int32 [N, K//8] in the kernel layout (repack_int4)
     scales: torch.Tensor    # [K//128, N] activation dtype, one row per 128-k block
@@ -152,7 +166,16 @@ def w4a16_linear(x, qweight, scales=None, zeros=None, group_size=None, cfg=None,
     return y.to(x.dtype).reshape(*lead, w.N)
 
 
-def _launch(x, w: W4A16Weight, cfg, asm):
+def w4a16_fused(x2, w: W4A16Weight, contribute, cfg=None):
+    """x2 [M, K] @ W^T with one more partial from another kernel: contribute(Partial) launches it (on any
+    stream; the caller joins that stream before using y). None when the Triton path does not apply."""
+    if (w.group_size < 0 or not use_triton(x2) or x2.shape[0] == 0 or x2.dtype not in (torch.float16, torch.bfloat16)
+            or x2.dtype != w.scales.dtype or x2.shape[-1] != w.K):
+        return None
+    return _launch(x2.contiguous(), w, cfg, use_asm(x2), contribute)
+
+
+def _launch(x, w: W4A16Weight, cfg, asm, contribute=None):
     M, K = x.shape
     N = w.N
     c = tuple(cfg or default_config(M, N, K))
@@ -164,13 +187,16 @@ def _launch(x, w: W4A16Weight, cfg, asm):
         if split == 0:
             split, R = 1, 1
     grid = (triton.cdiv(M, BM), triton.cdiv(N, BN), split)
-    if split > 1 and grid[0] * grid[1] > w.locks.numel():
+    npart = split + (contribute is not None)          # partials per output tile (SPLIT in the kernel)
+    if npart > 1 and grid[0] * grid[1] > w.locks.numel():
         raise SpecqError(f"w4a16: {grid[0] * grid[1]} split-K tiles exceed the lock table ({w.locks.numel()})")
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    ws = torch.empty(split, M, N, dtype=torch.float32, device=x.device) if split > 1 else y
+    ws = torch.empty(npart, M, N, dtype=torch.float32, device=x.device) if npart > 1 else y
+    if contribute is not None:
+        contribute(Partial(y, ws, w.locks, split, npart, BM, BN, grid[0]))
     _w4a16_kernel[grid](x, w.qweight.view(torch.int16), w.scales, w.zeros, y, ws, w.locks, M, N, K // 4,
-                        nblk // split, split, x.stride(0), y.stride(0),
-                        BM=BM, BN=BN, R=R, SPLITK=split > 1, SLICES=w.slices, TILED=w.tiled,
+                        nblk // split, npart, x.stride(0), y.stride(0),
+                        BM=BM, BN=BN, R=R, SPLITK=npart > 1, SLICES=w.slices, TILED=w.tiled,
                         PRESCALE=bool(pre) and w.slices, USE_ASM=asm, FP16=x.dtype == torch.float16,
                         F32DOT=INTERPRET, num_warps=nw, num_stages=ns)
     return y

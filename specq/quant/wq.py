@@ -78,6 +78,14 @@ class WQLinear(nn.Module):
                 return self.kernel(x2[:, self.perm] if self.perm is not None else x2, self)
         return x2 @ self.dequantize().to(x2.dtype).t()
 
+    def w4a16_for(self, dtype):
+        """The prepared W4A16 kernel weight (4 bits, CUDA) for callers that launch the kernel themselves
+        (fused compensation), else None. Its input columns are in packed order (x[:, perm])."""
+        if self.bits != 4 or not self.qweight.is_cuda:
+            return None
+        from ..kernels import wq_w4a16
+        return wq_w4a16(self, dtype)
+
     def forward(self, x):  # x [..., K] -> [..., N]
         shp = x.shape
         y = opaque.matmul(self, x.reshape(-1, shp[-1])).reshape(*shp[:-1], self.out_features)
