@@ -1,6 +1,6 @@
 """Timeline of one compensated Llama-3-8B layer (4 Linears, specq W4A16 base, approx selector) replayed from a
 CUDA graph: every kernel's start and end relative to the replay's first kernel (torch.profiler), to see which part
-of the side-stream compensation sits on the critical path.   PYTHONPATH=$PWD python bench/dev/qdec_profile.py [k]"""
+of the side-stream compensation sits on the critical path.   PYTHONPATH=$PWD python bench/dev/qdec_profile.py [k] [prologue]"""
 import sys
 from pathlib import Path
 
@@ -15,7 +15,8 @@ from specq.kernels import prepare_w4a16, w4a16_linear  # noqa: E402
 
 @torch.inference_mode()
 def main():
-    kf = float(sys.argv[1]) if len(sys.argv) > 1 else 0.005
+    kf = float(sys.argv[1]) if len(sys.argv) > 1 and sys.argv[1] != "prologue" else 0.005
+    prologue = "prologue" in sys.argv    # one elementwise kernel before the first Linear (as a norm would be)
     dev = torch.device("cuda")
     torch.manual_seed(0)
     mods, xs = {}, {}
@@ -30,6 +31,8 @@ def main():
             cl.set_k(SEL.k_chunk_for(cl.in_features, k))
 
         def step():
+            if prologue:
+                xs["qkv_proj"].mul_(1.0)
             for p, cl in mods.items():
                 cl(xs[p])
         s = torch.cuda.Stream()
