@@ -339,3 +339,30 @@ def test_cuda_forward_matches_reference():
         single = torch.cat([cl(x[i:i + 1].cuda()).cpu() for i in range(5)])
         assert torch.allclose(single, y, atol=1e-4)
         cl.cpu()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_fused_path_perm_bias():
+    """The fused path (no add kernel) equals the side stream + add path for a 4-bit g128 layer with a column
+    permutation (act-order) and a bias, at M = 1 and a verification-sized M = 7, and leaves its locks at zero."""
+    from specq.quant import pack as P
+    torch.manual_seed(3)
+    K, N = 1024, 384
+    lin = nn.Linear(K, N, bias=True)
+    perm = torch.randperm(K)
+    q, s, z = P.rtn(lin.weight.data[:, perm], 4, 128, True, None)
+    wq = WQLinear.from_codes(q, s, z, 4, 128, True, lin.bias.data, torch.bfloat16, perm=perm)
+    res = Residual.from_weights(lin.weight.data, wq.dequantize().float())
+    cl = CompensatedLinear(wq, res, k_chunk=9, selector="approx", stats=SEL.calib_stats(heavy(256, K))).cuda()
+    for M in (1, 7):
+        x = heavy(M, K, torch.Generator().manual_seed(M)).cuda().to(torch.bfloat16)
+        cl.use_fused = False
+        side = cl(x).float()
+        cl.use_fused = True
+        fused = cl(x).float()
+        assert cl.base.w4a16_for(torch.bfloat16) is not None
+        assert int(cl.base._w4a16.locks.abs().sum()) == 0
+        xc = x.float().cpu()
+        ref = cl.base(x).float() + cl.correction(xc, cl.select(xc)).cuda()
+        assert ((fused - ref).norm() / ref.norm()) < 1e-2, M
+        assert ((fused - side).norm() / side.norm()) < 1e-2, M
