@@ -66,14 +66,12 @@ def mapped(t: torch.Tensor):
 
 if HAS_TRITON:
     @triton.jit
-    def _select_kernel(x_ptr, thr_ptr, idx_ptr, xs_ptr, K, C: tl.constexpr, KC: tl.constexpr, NB: tl.constexpr,
-                       BLOCK_C: tl.constexpr, NBINS: tl.constexpr):
-        m = tl.program_id(0)
-        c = tl.program_id(1)
-        n = tl.num_programs(1)
+    def _select_chunk(x_ptr, thr_ptr, idx_ptr, xs_ptr, c, C: tl.constexpr, KC: tl.constexpr, NB: tl.constexpr,
+                      BLOCK_C: tl.constexpr, NBINS: tl.constexpr):
+        """Bucket top-KC of chunk c of one row x_ptr[0..K): channel ids -> idx_ptr[0..KC), x there -> xs_ptr."""
         offs = tl.arange(0, BLOCK_C)
         valid = offs < C
-        x = tl.load(x_ptr + m * K + c * C + offs, mask=valid, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + c * C + offs, mask=valid, other=0.0).to(tl.float32)
         a = tl.abs(x)
         bucket = tl.zeros([BLOCK_C], dtype=tl.int32)           # number of thresholds above |x|
         for b in tl.static_range(NB):
@@ -90,9 +88,31 @@ if HAS_TRITON:
         rank = tl.cumsum(inb.to(tl.int32), axis=0)
         sel = (bucket < bstar) | (inb & (rank <= KC - above))
         slot = tl.cumsum(sel.to(tl.int32), axis=0) - 1
-        base = (m * n + c) * KC
-        tl.store(idx_ptr + base + slot, (c * C + offs).to(tl.int32), mask=sel)
-        tl.store(xs_ptr + base + slot, x, mask=sel)
+        tl.store(idx_ptr + slot, (c * C + offs).to(tl.int32), mask=sel)
+        tl.store(xs_ptr + slot, x, mask=sel)
+
+    @triton.jit
+    def _select_kernel(x_ptr, thr_ptr, idx_ptr, xs_ptr, K, C: tl.constexpr, KC: tl.constexpr, NB: tl.constexpr,
+                       BLOCK_C: tl.constexpr, NBINS: tl.constexpr):
+        m = tl.program_id(0)
+        c = tl.program_id(1)
+        base = (m * tl.num_programs(1) + c) * KC
+        _select_chunk(x_ptr + m * K, thr_ptr, idx_ptr + base, xs_ptr + base, c, C, KC, NB, BLOCK_C, NBINS)
+
+    @triton.jit
+    def _gather(idx_ptr, xs_ptr, codes_ptr, w, wm, W, KSEL, BLOCK_S: tl.constexpr, BLOCK_W: tl.constexpr):
+        """sum_s xs[s] * (q(R[idx[s], words w]) - 8) -> fp32 [BLOCK_W, 8] (columns 8w .. 8w + 7, unscaled)."""
+        sh = tl.arange(0, 8) * 4
+        acc = tl.zeros([BLOCK_W, 8], dtype=tl.float32)
+        for s0 in range(0, KSEL, BLOCK_S):
+            s = s0 + tl.arange(0, BLOCK_S)
+            sm = s < KSEL
+            rows = tl.load(idx_ptr + s, mask=sm, other=0).to(tl.int64)
+            xv = tl.load(xs_ptr + s, mask=sm, other=0.0).to(tl.float32)
+            words = tl.load(codes_ptr + rows[:, None] * W + w[None, :], mask=sm[:, None] & wm[None, :], other=0)
+            q = ((words[:, :, None] >> sh[None, None, :]) & 15).to(tl.float32) - 8.0    # [S, BW, 8]
+            acc += tl.sum(xv[:, None, None] * q, axis=0)
+        return acc
 
     @triton.jit
     def _fetch_kernel(idx_ptr, xs_ptr, codes_ptr, scales_ptr, out_ptr, N, W, KSEL,
@@ -101,16 +121,7 @@ if HAS_TRITON:
         m = tl.program_id(1)
         w = pid * BLOCK_W + tl.arange(0, BLOCK_W)
         wm = w < W
-        sh = tl.arange(0, 8) * 4
-        acc = tl.zeros([BLOCK_W, 8], dtype=tl.float32)
-        for s0 in range(0, KSEL, BLOCK_S):
-            s = s0 + tl.arange(0, BLOCK_S)
-            sm = s < KSEL
-            rows = tl.load(idx_ptr + m * KSEL + s, mask=sm, other=0).to(tl.int64)
-            xv = tl.load(xs_ptr + m * KSEL + s, mask=sm, other=0.0).to(tl.float32)
-            words = tl.load(codes_ptr + rows[:, None] * W + w[None, :], mask=sm[:, None] & wm[None, :], other=0)
-            q = ((words[:, :, None] >> sh[None, None, :]) & 15).to(tl.float32) - 8.0    # [S, BW, 8]
-            acc += tl.sum(xv[:, None, None] * q, axis=0)
+        acc = _gather(idx_ptr + m * KSEL, xs_ptr + m * KSEL, codes_ptr, w, wm, W, KSEL, BLOCK_S, BLOCK_W)
         cols = w[:, None] * 8 + tl.arange(0, 8)[None, :]
         cm = cols < N
         sc = tl.load(scales_ptr + cols, mask=cm, other=0.0)
@@ -119,31 +130,10 @@ if HAS_TRITON:
 
 if HAS_TRITON:
     @triton.jit
-    def _fetch_partial_kernel(idx_ptr, xs_ptr, codes_ptr, scales_ptr, ws_ptr, y_ptr, lock_ptr, M, N, W, KSEL, SLOT,
-                              NPART, MT, BLOCK_S: tl.constexpr, BLOCK_W: tl.constexpr, BM: tl.constexpr,
-                              BN: tl.constexpr):
-        """_fetch_kernel writing partial SLOT of a split-K W4A16 launch (specq.kernels.w4a16.Partial) for all
-        M rows of its 8 * BLOCK_W columns, then counting itself on the tiles it covers (8 * BLOCK_W % BN == 0);
-        the last arrival on a tile sums the NPART partials in slot order into y, as the GEMV's own epilogue
-        does, and resets the tile's lock."""
-        pid = tl.program_id(0)
-        w = pid * BLOCK_W + tl.arange(0, BLOCK_W)
-        wm = w < W
-        sh = tl.arange(0, 8) * 4
-        cols = w[:, None] * 8 + tl.arange(0, 8)[None, :]
-        cm = cols < N
-        sc = tl.load(scales_ptr + cols, mask=cm, other=0.0)
-        for m in range(M):
-            acc = tl.zeros([BLOCK_W, 8], dtype=tl.float32)
-            for s0 in range(0, KSEL, BLOCK_S):
-                s = s0 + tl.arange(0, BLOCK_S)
-                sm = s < KSEL
-                rows = tl.load(idx_ptr + m * KSEL + s, mask=sm, other=0).to(tl.int64)
-                xv = tl.load(xs_ptr + m * KSEL + s, mask=sm, other=0.0).to(tl.float32)
-                words = tl.load(codes_ptr + rows[:, None] * W + w[None, :], mask=sm[:, None] & wm[None, :], other=0)
-                q = ((words[:, :, None] >> sh[None, None, :]) & 15).to(tl.float32) - 8.0    # [S, BW, 8]
-                acc += tl.sum(xv[:, None, None] * q, axis=0)
-            tl.store(ws_ptr + (SLOT * M + m) * N + cols, acc * sc, mask=cm)
+    def _arrive(ws_ptr, y_ptr, lock_ptr, pid, M, N, NPART, MT, BLOCK_W: tl.constexpr, BM: tl.constexpr,
+                BN: tl.constexpr):
+        """Count this program on the locks of the W4A16 tiles its 8 * BLOCK_W columns cover (all MT m tiles);
+        the last arrival on a tile sums its NPART partials in slot order into y (as the GEMV epilogue does)."""
         tl.debug_barrier()                     # the whole partial is written before any count
         TPP: tl.constexpr = 8 * BLOCK_W // BN
         for t in tl.static_range(TPP):
@@ -161,6 +151,47 @@ if HAS_TRITON:
                                            cache_modifier=".cg")
                         tl.store(y_ptr + rm[None, :] * N + rn[:, None], tot.to(y_ptr.dtype.element_ty), mask=om)
                         tl.atomic_xchg(lock, 0)
+
+    @triton.jit
+    def _fetch_partial_kernel(idx_ptr, xs_ptr, codes_ptr, scales_ptr, ws_ptr, y_ptr, lock_ptr, M, N, W, KSEL, SLOT,
+                              NPART, MT, BLOCK_S: tl.constexpr, BLOCK_W: tl.constexpr, BM: tl.constexpr,
+                              BN: tl.constexpr):
+        """_fetch_kernel writing partial SLOT of a split-K W4A16 launch (specq.kernels.w4a16.Partial) for all
+        M rows of its 8 * BLOCK_W columns, then _arrive (8 * BLOCK_W % BN == 0)."""
+        pid = tl.program_id(0)
+        w = pid * BLOCK_W + tl.arange(0, BLOCK_W)
+        wm = w < W
+        cols = w[:, None] * 8 + tl.arange(0, 8)[None, :]
+        cm = cols < N
+        sc = tl.load(scales_ptr + cols, mask=cm, other=0.0)
+        for m in range(M):
+            acc = _gather(idx_ptr + m * KSEL, xs_ptr + m * KSEL, codes_ptr, w, wm, W, KSEL, BLOCK_S, BLOCK_W)
+            tl.store(ws_ptr + (SLOT * M + m) * N + cols, acc * sc, mask=cm)
+        _arrive(ws_ptr, y_ptr, lock_ptr, pid, M, N, NPART, MT, BLOCK_W, BM, BN)
+
+    @triton.jit
+    def _select_fetch_kernel(x_ptr, thr_ptr, sidx_ptr, sxs_ptr, codes_ptr, scales_ptr, ws_ptr, y_ptr, lock_ptr, N, W,
+                             SLOT, NPART, MT, NCH, C: tl.constexpr, KC: tl.constexpr, NB: tl.constexpr,
+                             BLOCK_C: tl.constexpr, NBINS: tl.constexpr, BLOCK_S: tl.constexpr,
+                             BLOCK_W: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+        """One token (decode): every program selects the row's salient channels itself (all NCH chunks, into its
+        own scratch rows sidx/sxs [programs, NCH * KC]), then gathers and arrives like _fetch_partial_kernel:
+        one launch on the side stream instead of select -> fetch."""
+        pid = tl.program_id(0)
+        KSEL = NCH * KC
+        pi = sidx_ptr + pid * KSEL
+        px = sxs_ptr + pid * KSEL
+        for c in range(NCH):
+            _select_chunk(x_ptr, thr_ptr, pi + c * KC, px + c * KC, c, C, KC, NB, BLOCK_C, NBINS)
+        tl.debug_barrier()                     # this program's list is complete before it is read back
+        w = pid * BLOCK_W + tl.arange(0, BLOCK_W)
+        wm = w < W
+        cols = w[:, None] * 8 + tl.arange(0, 8)[None, :]
+        cm = cols < N
+        sc = tl.load(scales_ptr + cols, mask=cm, other=0.0)
+        acc = _gather(pi, px, codes_ptr, w, wm, W, KSEL, BLOCK_S, BLOCK_W)
+        tl.store(ws_ptr + SLOT * N + cols, acc * sc, mask=cm)
+        _arrive(ws_ptr, y_ptr, lock_ptr, pid, 1, N, NPART, MT, BLOCK_W, BM, BN)
 
 
 def select(cl, x2: torch.Tensor):
@@ -211,6 +242,36 @@ def fetch_partial(res, idx: torch.Tensor, xs: torch.Tensor, t) -> None:
                                                       BLOCK_W=block_w, BM=t.BM, BN=t.BN)
 
 
+SELECT_IN_FETCH = True      # decode (one token, approx selector): select inside the fetch kernel (one side launch)
+
+
+def select_fetch(cl, x2: torch.Tensor, t) -> None:
+    """One token: _select_fetch_kernel (each program selects the channels itself, then fetches) as partial
+    t.slot of a split-K W4A16 launch."""
+    res = cl.residual
+    N, W, K = res.N, res.N // 8, x2.shape[1]
+    n, C, kc = cl.n_chunks, cl.chunk, cl.k_chunk
+    block_w = max(FETCH_BLOCK_W, t.BN // 8)
+    grid = triton.cdiv(W, block_w)
+    sidx = torch.empty(grid, n * kc, dtype=torch.int32, device=x2.device)
+    sxs = torch.empty(grid, n * kc, dtype=torch.float32, device=x2.device)
+    thr = cl.thr.to(device=x2.device, dtype=torch.float32).contiguous()
+    codes = mapped(res.codes) if x2.is_cuda else res.codes
+    _select_fetch_kernel[(grid,)](x2.contiguous(), thr, sidx, sxs, codes, res.scales_on(x2.device), t.ws, t.y,
+                                  t.locks, N, W, t.slot, t.npart, t.m_tiles, n, C=C, KC=kc, NB=thr.shape[1],
+                                  BLOCK_C=triton.next_power_of_2(C), NBINS=triton.next_power_of_2(thr.shape[1] + 2),
+                                  BLOCK_S=min(32, max(16, triton.next_power_of_2(n * kc))), BLOCK_W=block_w,
+                                  BM=t.BM, BN=t.BN)
+
+
+def _contribution(cl, x2, t):
+    """The compensation's partial of a fused launch: select inside the fetch for one token, else select -> fetch."""
+    if SELECT_IN_FETCH and x2.shape[0] == 1 and cl.selector == "approx":
+        select_fetch(cl, x2, t)
+    else:
+        fetch_partial(cl.residual, *select(cl, x2), t)
+
+
 def fused(cl, x2: torch.Tensor, w, xq: torch.Tensor | None = None):
     """x2 [M, K] -> base(x2) + x2[S] @ R[S] with no add kernel (xq: the GEMV's input when its columns are
     permuted, else x2): the W4A16 GEMV (main stream) and the
@@ -219,15 +280,14 @@ def fused(cl, x2: torch.Tensor, w, xq: torch.Tensor | None = None):
     from ..kernels.w4a16 import w4a16_fused
     xq = x2 if xq is None else xq
     if not x2.is_cuda:                          # Triton interpreter (tests): the same kernels, in order
-        return w4a16_fused(xq, w, lambda t: fetch_partial(cl.residual, *select(cl, x2), t))
+        return w4a16_fused(xq, w, lambda t: _contribution(cl, x2, t))
     main = torch.cuda.current_stream(x2.device)
     side = _side(x2.device)
 
     def contribute(t):
         side.wait_stream(main)
         with torch.cuda.stream(side):
-            idx, xs = select(cl, x2)
-            fetch_partial(cl.residual, idx, xs, t)
+            _contribution(cl, x2, t)
 
     y = w4a16_fused(xq, w, contribute)
     if y is not None:
