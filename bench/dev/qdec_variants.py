@@ -1,7 +1,6 @@
-"""QDEC side-path variants on the GPU: fetch block width (residual words per program row) and, for one token,
-selection inside the fetch kernel or as its own kernel (args like 16 or 16:sep), timed like bench/qdec_overhead.py (CUDA graph over 4 distinct Llama-3-8B layers, fresh activations
+"""QDEC side-path variants on the GPU: fetch block width (residual words per program row), timed like bench/qdec_overhead.py (CUDA graph over 4 distinct Llama-3-8B layers, fresh activations
 before every replay, median per layer), specq W4A16 base, approx selector, k in {0.005, 0.01, 0.02}.
-PYTHONPATH=$PWD python bench/dev/qdec_variants.py [block_w[:sep] ...]"""
+PYTHONPATH=$PWD python bench/dev/qdec_variants.py [block_w ...]"""
 import statistics
 import sys
 from pathlib import Path
@@ -34,13 +33,13 @@ def main():
         for mods in layers:
             for cl in mods.values():
                 cl.set_k(SEL.k_chunk_for(cl.in_features, kf))
-    variants = sys.argv[1:] or ["16", "16:sep"]
+    variants = sys.argv[1:] or ["16", "32"]
     res = {}
     for _ in range(3):
         set_k(0)
         res.setdefault("base", []).append(graph_time(step, xs_flat, pool, 60) / L)
         for v in variants:
-            KK.FETCH_BLOCK_W, KK.SELECT_IN_FETCH = int(v.split(":")[0]), not v.endswith(":sep")
+            KK.FETCH_BLOCK_W = int(v)
             for kf in (0.005, 0.01, 0.02):
                 set_k(kf)
                 res.setdefault((v, kf), []).append(graph_time(step, xs_flat, pool, 60) / L)

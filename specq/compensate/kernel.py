@@ -169,30 +169,6 @@ if HAS_TRITON:
             tl.store(ws_ptr + (SLOT * M + m) * N + cols, acc * sc, mask=cm)
         _arrive(ws_ptr, y_ptr, lock_ptr, pid, M, N, NPART, MT, BLOCK_W, BM, BN)
 
-    @triton.jit
-    def _select_fetch_kernel(x_ptr, thr_ptr, sidx_ptr, sxs_ptr, codes_ptr, scales_ptr, ws_ptr, y_ptr, lock_ptr, N, W,
-                             SLOT, NPART, MT, NCH, C: tl.constexpr, KC: tl.constexpr, NB: tl.constexpr,
-                             BLOCK_C: tl.constexpr, NBINS: tl.constexpr, BLOCK_S: tl.constexpr,
-                             BLOCK_W: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
-        """One token (decode): every program selects the row's salient channels itself (all NCH chunks, into its
-        own scratch rows sidx/sxs [programs, NCH * KC]), then gathers and arrives like _fetch_partial_kernel:
-        one launch on the side stream instead of select -> fetch."""
-        pid = tl.program_id(0)
-        KSEL = NCH * KC
-        pi = sidx_ptr + pid * KSEL
-        px = sxs_ptr + pid * KSEL
-        for c in range(NCH):
-            _select_chunk(x_ptr, thr_ptr, pi + c * KC, px + c * KC, c, C, KC, NB, BLOCK_C, NBINS)
-        tl.debug_barrier()                     # this program's list is complete before it is read back
-        w = pid * BLOCK_W + tl.arange(0, BLOCK_W)
-        wm = w < W
-        cols = w[:, None] * 8 + tl.arange(0, 8)[None, :]
-        cm = cols < N
-        sc = tl.load(scales_ptr + cols, mask=cm, other=0.0)
-        acc = _gather(pi, px, codes_ptr, w, wm, W, KSEL, BLOCK_S, BLOCK_W)
-        tl.store(ws_ptr + SLOT * N + cols, acc * sc, mask=cm)
-        _arrive(ws_ptr, y_ptr, lock_ptr, pid, 1, N, NPART, MT, BLOCK_W, BM, BN)
-
 
 def select(cl, x2: torch.Tensor):
     """x2 [M, K] -> idx int32 [M, k], xs float32 [M, k] (x at the selected channels)."""
@@ -242,36 +218,6 @@ def fetch_partial(res, idx: torch.Tensor, xs: torch.Tensor, t) -> None:
                                                       BLOCK_W=block_w, BM=t.BM, BN=t.BN)
 
 
-SELECT_IN_FETCH = True      # decode (one token, approx selector): select inside the fetch kernel (one side launch)
-
-
-def select_fetch(cl, x2: torch.Tensor, t) -> None:
-    """One token: _select_fetch_kernel (each program selects the channels itself, then fetches) as partial
-    t.slot of a split-K W4A16 launch."""
-    res = cl.residual
-    N, W, K = res.N, res.N // 8, x2.shape[1]
-    n, C, kc = cl.n_chunks, cl.chunk, cl.k_chunk
-    block_w = max(FETCH_BLOCK_W, t.BN // 8)
-    grid = triton.cdiv(W, block_w)
-    sidx = torch.empty(grid, n * kc, dtype=torch.int32, device=x2.device)
-    sxs = torch.empty(grid, n * kc, dtype=torch.float32, device=x2.device)
-    thr = cl.thr.to(device=x2.device, dtype=torch.float32).contiguous()
-    codes = mapped(res.codes) if x2.is_cuda else res.codes
-    _select_fetch_kernel[(grid,)](x2.contiguous(), thr, sidx, sxs, codes, res.scales_on(x2.device), t.ws, t.y,
-                                  t.locks, N, W, t.slot, t.npart, t.m_tiles, n, C=C, KC=kc, NB=thr.shape[1],
-                                  BLOCK_C=triton.next_power_of_2(C), NBINS=triton.next_power_of_2(thr.shape[1] + 2),
-                                  BLOCK_S=min(32, max(16, triton.next_power_of_2(n * kc))), BLOCK_W=block_w,
-                                  BM=t.BM, BN=t.BN)
-
-
-def _contribution(cl, x2, t):
-    """The compensation's partial of a fused launch: select inside the fetch for one token, else select -> fetch."""
-    if SELECT_IN_FETCH and x2.shape[0] == 1 and cl.selector == "approx":
-        select_fetch(cl, x2, t)
-    else:
-        fetch_partial(cl.residual, *select(cl, x2), t)
-
-
 def fused(cl, x2: torch.Tensor, w, xq: torch.Tensor | None = None):
     """x2 [M, K] -> base(x2) + x2[S] @ R[S] with no add kernel (xq: the GEMV's input when its columns are
     permuted, else x2): the W4A16 GEMV (main stream) and the
@@ -280,14 +226,14 @@ def fused(cl, x2: torch.Tensor, w, xq: torch.Tensor | None = None):
     from ..kernels.w4a16 import w4a16_fused
     xq = x2 if xq is None else xq
     if not x2.is_cuda:                          # Triton interpreter (tests): the same kernels, in order
-        return w4a16_fused(xq, w, lambda t: _contribution(cl, x2, t))
+        return w4a16_fused(xq, w, lambda t: fetch_partial(cl.residual, *select(cl, x2), t))
     main = torch.cuda.current_stream(x2.device)
     side = _side(x2.device)
 
     def contribute(t):
         side.wait_stream(main)
         with torch.cuda.stream(side):
-            _contribution(cl, x2, t)
+            fetch_partial(cl.residual, *select(cl, x2), t)
 
     y = w4a16_fused(xq, w, contribute)
     if y is not None:
