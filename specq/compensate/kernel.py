@@ -65,6 +65,8 @@ def mapped(t: torch.Tensor):
 
 
 if HAS_TRITON:
+    from ..kernels.w4a16 import finish_tile
+
     @triton.jit
     def _select_chunk(x_ptr, thr_ptr, idx_ptr, xs_ptr, c, C: tl.constexpr, KC: tl.constexpr, NB: tl.constexpr,
                       BLOCK_C: tl.constexpr, NBINS: tl.constexpr):
@@ -145,12 +147,7 @@ if HAS_TRITON:
                     if tl.atomic_add(lock, 1, sem="acq_rel", scope="gpu") == NPART - 1:
                         rm = pm * BM + tl.arange(0, BM)
                         om = (rn < N)[:, None] & (rm < M)[None, :]
-                        tot = tl.load(ws_ptr + rm[None, :] * N + rn[:, None], mask=om, other=0.0, cache_modifier=".cg")
-                        for sp in range(1, NPART):
-                            tot += tl.load(ws_ptr + (sp * M + rm[None, :]) * N + rn[:, None], mask=om, other=0.0,
-                                           cache_modifier=".cg")
-                        tl.store(y_ptr + rm[None, :] * N + rn[:, None], tot.to(y_ptr.dtype.element_ty), mask=om)
-                        tl.atomic_xchg(lock, 0)
+                        finish_tile(ws_ptr, y_ptr, lock, rm, rn, om, M, N, NPART, N)
 
     @triton.jit
     def _fetch_partial_kernel(idx_ptr, xs_ptr, codes_ptr, scales_ptr, ws_ptr, y_ptr, lock_ptr, M, N, W, KSEL, SLOT,

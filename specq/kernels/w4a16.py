@@ -303,6 +303,18 @@ if HAS_TRITON:
             part = _dot(wt, tl.load(xb + rk[:, None], mask=mmask[None, :], other=0.0), None, F32DOT)
         return acc + part * s[:, None]
 
+    @triton.jit
+    def finish_tile(ws_ptr, y_ptr, lock, rm, rn, omask, M, N, NPART, sym):
+        """The last arrival on a split-K tile: y[rm, rn] = sum of the NPART fp32 partials in slot order (every
+        finisher - GEMV program or fused compensation - uses this, so y does not depend on who is last), then
+        the tile's counter goes back to zero."""
+        tot = tl.load(ws_ptr + rm[None, :] * N + rn[:, None], mask=omask, other=0.0, cache_modifier=".cg")
+        for sp in range(1, NPART):
+            tot += tl.load(ws_ptr + (sp * M + rm[None, :]) * N + rn[:, None], mask=omask, other=0.0,
+                           cache_modifier=".cg")
+        tl.store(y_ptr + rm[None, :] * sym + rn[:, None], tot.to(y_ptr.dtype.element_ty), mask=omask)
+        tl.atomic_xchg(lock, 0)
+
     @triton.jit(do_not_specialize=["M", "PER", "SPLIT"])
     def _w4a16_kernel(x_ptr, u_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, lock_ptr, M, N, KU, PER, SPLIT, sxm, sym,
                       BM: tl.constexpr, BN: tl.constexpr, R: tl.constexpr, SPLITK: tl.constexpr,
@@ -332,9 +344,4 @@ if HAS_TRITON:
             tl.debug_barrier()            # every thread's partial is written before the count
             lock = lock_ptr + pid_n * tl.num_programs(0) + pid_m
             if tl.atomic_add(lock, 1, sem="acq_rel", scope="gpu") == SPLIT - 1:
-                tot = tl.load(ws_ptr + rm[None, :] * N + rn[:, None], mask=omask, other=0.0, cache_modifier=".cg")
-                for sp in range(1, SPLIT):
-                    tot += tl.load(ws_ptr + (sp * M + rm[None, :]) * N + rn[:, None], mask=omask, other=0.0,
-                                   cache_modifier=".cg")
-                tl.store(y_ptr + rm[None, :] * sym + rn[:, None], tot.to(y_ptr.dtype.element_ty), mask=omask)
-                tl.atomic_xchg(lock, 0)
+                finish_tile(ws_ptr, y_ptr, lock, rm, rn, omask, M, N, SPLIT, sym)

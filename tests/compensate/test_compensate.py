@@ -252,15 +252,23 @@ def test_parse_spec_and_errors():
     assert chosen["down_proj"] == pytest.approx(13 / 128)
 
 
-def test_triton_kernels_interpreted():
-    """The select and fetch kernels (Triton interpreter on CPU) match the torch reference."""
-    pytest.importorskip("triton")
+def _interpreted(code: str):
+    """Run `code` in a subprocess under TRITON_INTERPRET=1 (CPU) from the repository root; it must print ok."""
     import os
     import subprocess
     import sys
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from triton_interp import PATCH
-    code = PATCH + (
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    p = subprocess.run([sys.executable, "-c", PATCH + code], env=env, capture_output=True, text=True, timeout=300,
+                       cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    assert p.returncode == 0 and "ok" in p.stdout, p.stderr[-3000:]
+
+
+def test_triton_kernels_interpreted():
+    """The select and fetch kernels (Triton interpreter on CPU) match the torch reference."""
+    pytest.importorskip("triton")
+    _interpreted(
         "import torch, torch.nn as nn\n"
         "from specq.compensate import kernel as KK, select as SEL, CompensatedLinear, Residual\n"
         "from specq.quant.wq import WQLinear\n"
@@ -276,22 +284,13 @@ def test_triton_kernels_interpreted():
         "r = KK.fetch(res, idx, xs)\n"
         "assert torch.allclose(r, cl.correction(x, ref), atol=1e-5), (r - cl.correction(x, ref)).abs().max()\n"
         "print('ok')\n")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
-                       cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-    assert p.returncode == 0 and "ok" in p.stdout, p.stderr[-2000:]
 
 
 def test_fused_partial_interpreted():
     """Fused compensation (no add kernel): the W4A16 GEMV's split-K partials plus the fetch's partial, summed by
     whichever arrives last, equal base + reference correction; tile counters end at zero (Triton interpreter)."""
     pytest.importorskip("triton")
-    import os
-    import subprocess
-    import sys
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from triton_interp import PATCH
-    code = PATCH + (
+    _interpreted(
         "import torch, torch.nn as nn\n"
         "from specq.compensate import kernel as KK, select as SEL, CompensatedLinear, Residual\n"
         "from specq.kernels.w4a16 import prepare_w4a16, w4a16_linear, w4a16_fused\n"
@@ -316,10 +315,6 @@ def test_fused_partial_interpreted():
         "    base_err = ((w4a16_linear(x, w).float() - r).norm() / r.norm()).item()\n"
         "    assert base_err > 5 * err, (M, base_err, err)\n"   # the correction is really in y
         "print('ok')\n")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
-                       cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-    assert p.returncode == 0 and "ok" in p.stdout, p.stderr[-3000:]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
