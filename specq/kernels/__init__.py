@@ -6,7 +6,7 @@ w4a8_linear(x, qweight, sw, group_scales=None)       int4 weights (c = q - 8), i
 prepare_* do the one-time repack; pass their result in place of the weight tensors.
 Without CUDA (or without triton) every function falls back to plain torch math.
 """
-from .common import HAS_TRITON
+from .common import HAS_TRITON, version
 from .int8 import W4A8Weight, W8A8Weight, prepare_w4a8, prepare_w8a8, quantize_act, w4a8_linear, w8a8_linear
 from .ref import ref_w4a8, ref_w4a16, ref_w8a8
 from .w4a16 import W4A16Weight, prepare_w4a16, w4a16_linear
@@ -20,7 +20,7 @@ def wq_w4a16(module, dtype):
     """A 4-bit WQLinear's weights in the kernel layout, prepared once and kept on the module (re-made if its
     weights change)."""
     w = getattr(module, "_w4a16", None)
-    key = (module.qweight._version, module.qweight.data_ptr(), dtype)
+    key = (version(module.qweight), module.qweight.data_ptr(), dtype)
     if w is None or module._w4a16_key != key:
         w = prepare_w4a16(module.qweight, module.scales, module.zeros, module.group_size, dtype)
         module._w4a16, module._w4a16_key = w, key
@@ -43,7 +43,7 @@ def _cached(module, name, key, make):
 
 def w8a8_kernel(x2, module):
     """W8A8Linear hook: x2 [M, K] -> [M, N] (int8 tensor cores; activations quantized per token)."""
-    w = _cached(module, "_w8a8", (module.wq._version, module.wq.data_ptr()),
+    w = _cached(module, "_w8a8", (version(module.wq), module.wq.data_ptr()),
                 lambda: prepare_w8a8(module.wq, module.sw))
     return w8a8_linear(x2, w)
 
@@ -52,7 +52,7 @@ def w4a8_kernel(x2, module):
     """W4A8Linear hook (per channel or group 128; other group sizes -> None = reference math)."""
     if module.gscale is not None and module.group_size != 128:
         return None
-    w = _cached(module, "_w4a8", (module.qweight._version, module.qweight.data_ptr()),
+    w = _cached(module, "_w4a8", (version(module.qweight), module.qweight.data_ptr()),
                 lambda: prepare_w4a8(module.qweight, module.sw, module.gscale))
     return w4a8_linear(x2, w)
 

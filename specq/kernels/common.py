@@ -18,6 +18,14 @@ except Exception:  # pragma: no cover - depends on the machine
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def version(t: torch.Tensor) -> int:
+    """t's in-place version counter (cache keys of prepared weights); inference-mode tensors keep none: -1."""
+    try:
+        return t._version
+    except RuntimeError:        # "Inference tensors do not track version counter"
+        return -1
+
+
 def use_triton(x: torch.Tensor) -> bool:
     """Run a Triton kernel for this input? (CUDA tensors, or any tensor under TRITON_INTERPRET=1)."""
     return HAS_TRITON and (x.is_cuda or INTERPRET)

@@ -24,7 +24,7 @@ from typing import NamedTuple
 import torch
 
 from ..errors import SpecqError
-from .common import HAS_TRITON, INTERPRET, tl, triton, use_asm, use_triton
+from .common import HAS_TRITON, INTERPRET, tl, triton, use_asm, use_triton, version
 from .ref import SHIFTS, dequant_w4, unpack_int4
 
 
@@ -119,10 +119,10 @@ def _prepared(qweight, scales, zeros, group_size, dtype) -> W4A16Weight:
     """prepare_w4a16 cached per qweight tensor (dropped when it dies or changes in place)."""
     key = (id(qweight), dtype)
     hit = _CACHE.get(key)
-    if hit is not None and hit[0]() is qweight and hit[1] == qweight._version and hit[2].raw[1] is scales:
+    if hit is not None and hit[0]() is qweight and hit[1] == version(qweight) and hit[2].raw[1] is scales:
         return hit[2]
     p = prepare_w4a16(qweight, scales, zeros, group_size, dtype)
-    _CACHE[key] = (weakref.ref(qweight, lambda _, k=key: _CACHE and _CACHE.pop(k, None)), qweight._version, p)
+    _CACHE[key] = (weakref.ref(qweight, lambda _, k=key: _CACHE and _CACHE.pop(k, None)), version(qweight), p)
     return p
 
 

@@ -105,3 +105,23 @@ def test_w4a16_kernel_interpreted():
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
     r = subprocess.run([sys.executable, "-c", INTERP], env=env, capture_output=True, text=True, timeout=240)
     assert "ALLOK" in r.stdout, r.stdout + r.stderr[-3000:]
+
+
+def test_prepared_weight_cache_inference_tensors():
+    """A model built under torch.inference_mode has weights without a version counter: the kernel-layout cache
+    still works (same object on the second call) instead of raising."""
+    import torch.nn as nn
+    from specq.kernels import wq_w4a16
+    from specq.kernels.common import version
+    from specq.quant.wq import WQLinear
+    with torch.inference_mode():
+        wq = WQLinear.from_linear(nn.Linear(256, 64), 4, 128)
+        assert version(wq.qweight) == -1
+        w1 = wq_w4a16(wq, torch.bfloat16)
+        assert wq_w4a16(wq, torch.bfloat16) is w1
+        x = torch.randn(2, 256)
+        q, s, z = w1.raw
+        y = w4a16_linear(x, q, s, z, 128)          # the module-free cache path too
+        assert torch.allclose(y, x @ ref.dequant_w4(q, s, z).T, atol=1e-4)
+    t = torch.zeros(3)
+    assert version(t) == 0 and version(t.add_(1)) == 1

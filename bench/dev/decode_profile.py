@@ -1,0 +1,52 @@
+"""Where a decode step's time goes: Llama-3-8B shape, random weights, one format, specq's Decoder (CUDA graph;
+--compile: the torch.compile'd step), 20 steps under torch.profiler; GPU time per kernel name, largest first.
+PYTHONPATH=$PWD python bench/dev/decode_profile.py [--fmt w4a16] [--compile] [--shape llama3-8b]"""
+import argparse
+import collections
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from specq.bench.randmodel import build_random, config  # noqa: E402
+from specq.generate import Decoder  # noqa: E402
+
+
+@torch.inference_mode()
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--fmt", default="w4a16")
+    ap.add_argument("--shape", default="llama3-8b")
+    ap.add_argument("--compile", action="store_true")
+    a = ap.parse_args()
+    model = build_random(config(a.shape), a.fmt, "cuda", torch.bfloat16)
+    dec = Decoder(model, 512, compile=a.compile)
+    logits = dec.prefill(torch.randint(0, model.cfg.vocab_size, (128,)))
+    dec.step_greedy(int(logits.argmax()))
+    for _ in range(5):
+        dec.step_greedy(None)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(50):
+        dec.step_greedy(None)
+    torch.cuda.synchronize()
+    print(f"{a.shape} {a.fmt} compile={a.compile}: {50 / (time.perf_counter() - t0):.1f} tok/s")
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(20):
+            dec.step_greedy(None)
+        torch.cuda.synchronize()
+    tot, cnt = collections.Counter(), collections.Counter()
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            tot[e.name[:90]] += e.time_range.elapsed_us() / 20
+            cnt[e.name[:90]] += 1 / 20
+    s = sum(tot.values())
+    print(f"GPU kernel time per step {s:.0f} us ({sum(cnt.values()):.0f} kernels)")
+    for name, us in tot.most_common(15):
+        print(f"  {us:8.1f} us  {cnt[name]:5.0f}x  {name}")
+
+
+if __name__ == "__main__":
+    main()
