@@ -51,6 +51,9 @@ class KVCache(nn.Module):
         self.v[:, dst] = self.v[:, src]
 
 
+DECODE_KERNEL = True    # CUDA, one token: specq.kernels.attention (flash-decoding) instead of torch's SDPA
+
+
 def rotate(x, cos, sin):  # x [H, M, hd]; cos, sin [M, hd]
     h = x.shape[-1] // 2
     x1, x2 = x[..., :h], x[..., h:]
@@ -74,12 +77,19 @@ class Attention(nn.Module):
         q, k = rotate(q, cos, sin), rotate(k, cos, sin)
         K, V = self.cache.update(slots, k, v)               # [Hkv, S, hd]
         K, V = K.to(q.dtype), V.to(q.dtype)
-        if self.nkv != self.nh:
-            rep = self.nh // self.nkv
-            K = K.repeat_interleave(rep, dim=0)
-            V = V.repeat_interleave(rep, dim=0)
-        y = F.scaled_dot_product_attention(q.unsqueeze(0), K.unsqueeze(0), V.unsqueeze(0), attn_mask=mask)
-        return self.o_proj(y[0].transpose(0, 1).reshape(M, self.nh * self.hd))
+        if M == 1 and DECODE_KERNEL and q.is_cuda:          # one token: specq's split-cache decode kernel
+            from ..kernels import attention as DA
+            if DA.usable(q[:, 0], K, mask[0]):
+                y = DA.decode_attention(q[:, 0], K, V, mask[0])                 # [H, hd]
+                return self.o_proj(y.reshape(1, self.nh * self.hd))
+        # grouped-query attention without copying K/V per query head: the rep query heads that share a KV head
+        # become rep * M query rows of that head (head h uses KV head h // rep, as repeat_interleave would)
+        rep = self.nh // self.nkv
+        qg = q.reshape(self.nkv, rep * M, self.hd)           # [Hkv, rep*M, hd], row r*M + m = head r, token m
+        mg = mask.repeat(rep, 1) if rep > 1 else mask        # [rep*M, S]
+        y = F.scaled_dot_product_attention(qg.unsqueeze(0), K.unsqueeze(0), V.unsqueeze(0), attn_mask=mg)
+        y = y[0].reshape(self.nh, M, self.hd)                # [H, M, hd]
+        return self.o_proj(y.transpose(0, 1).reshape(M, self.nh * self.hd))
 
 
 class MLP(nn.Module):
