@@ -6,14 +6,12 @@ torch's SDPA runs this shape (1 token, a boolean mask over the whole static cach
 queries: 9-14 us per layer at Llama-3-8B shapes on the H100. Here, kernel 1 gives each (KV head, slice of the
 cache) one program: the rep query heads of that KV head are the rows of one [16, hd] tile, blocks of keys
 that the mask leaves out entirely are skipped, and an online softmax over the slice writes an fp32 partial
-(output, max, sum); the last slice of a KV head to finish (an atomic counter per head, kept per cache tensor and
-reset by that slice) merges the head's slices: one launch. Under torch.compile it is one opaque op
+(output, max, sum). Kernel 2 merges the slices per head. Under torch.compile it is one opaque op
 (torch.ops.specq.decode_attn). decode_attention_ref is the plain-torch reference.
 """
 from __future__ import annotations
 
 import math
-import weakref
 
 import torch
 
@@ -62,31 +60,16 @@ def _run(q, K, V, mask):
     ml = torch.empty(Hkv, nsp, rep, 2, dtype=torch.float32, device=q.device)
     y = torch.empty(H, hd, dtype=q.dtype, device=q.device)
     q, K, V = q.contiguous(), K.contiguous(), V.contiguous()
-    _split_kernel[(Hkv, nsp)](q, K, V, mask.view(torch.uint8), o, ml, y, _counters(K), S, per, 1.0 / math.sqrt(hd),
-                              REP=rep, HD=hd, BLOCK=BLOCK, NSPP=max(2, triton.next_power_of_2(nsp)),
-                              F32DOT=INTERPRET, num_warps=4)
+    _split_kernel[(Hkv, nsp)](q, K, V, mask.view(torch.uint8), o, ml, S, per, 1.0 / math.sqrt(hd), REP=rep,
+                              HD=hd, BLOCK=BLOCK, F32DOT=INTERPRET, num_warps=4)
+    _merge_kernel[(Hkv,)](o, ml, y, nsp, REP=rep, HD=hd, NSPP=max(2, triton.next_power_of_2(nsp)), num_warps=4)
     return y
-
-
-_COUNTERS: dict = {}
-
-
-def _counters(K):
-    """Per-KV-head arrival counters of one cache tensor (each layer's own; zero between launches: the last
-    slice of a head resets its counter). Dropped with the tensor."""
-    hit = _COUNTERS.get(id(K))
-    if hit is not None and hit[0]() is K and hit[1].numel() >= K.shape[0]:
-        return hit[1]
-    c = torch.zeros(max(64, K.shape[0]), dtype=torch.int32, device=K.device)
-    _COUNTERS[id(K)] = (weakref.ref(K, lambda _, k=id(K): _COUNTERS.pop(k, None)), c)
-    return c
 
 
 if HAS_TRITON:
     @triton.jit
-    def _split_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, o_ptr, ml_ptr, y_ptr, cnt_ptr, S, PER, scale,
-                      REP: tl.constexpr, HD: tl.constexpr, BLOCK: tl.constexpr, NSPP: tl.constexpr,
-                      F32DOT: tl.constexpr):
+    def _split_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, o_ptr, ml_ptr, S, PER, scale, REP: tl.constexpr,
+                      HD: tl.constexpr, BLOCK: tl.constexpr, F32DOT: tl.constexpr):
         h = tl.program_id(0)                 # KV head
         sp = tl.program_id(1)                # slice of the cache: keys [sp * PER, sp * PER + PER)
         nsp = tl.num_programs(1)
@@ -124,24 +107,19 @@ if HAS_TRITON:
         tl.store(o_ptr + row[:, None] * HD + rd[None, :], acc, mask=qm[:, None])
         tl.store(ml_ptr + row * 2, m_i, mask=qm)
         tl.store(ml_ptr + row * 2 + 1, l_i, mask=qm)
-        tl.debug_barrier()                   # this slice's partial is written before it is counted
-        if tl.atomic_add(cnt_ptr + h, 1, sem="acq_rel", scope="gpu") == nsp - 1:   # last slice of head h
-            _merge(o_ptr, ml_ptr, y_ptr, h, nsp, REP, HD, NSPP)
-            tl.atomic_xchg(cnt_ptr + h, 0)
 
     @triton.jit
-    def _merge(o_ptr, ml_ptr, y_ptr, h, NSP, REP: tl.constexpr, HD: tl.constexpr, NSPP: tl.constexpr):
-        """y rows of KV head h's REP query heads from the NSP slice partials (max-rescaled sums)."""
+    def _merge_kernel(o_ptr, ml_ptr, y_ptr, NSP, REP: tl.constexpr, HD: tl.constexpr, NSPP: tl.constexpr):
+        h = tl.program_id(0)
         rs = tl.arange(0, NSPP)
         rd = tl.arange(0, HD)
         sm = rs < NSP
         for r in tl.static_range(REP):
             row = (h * NSP + rs) * REP + r                                                   # [NSPP]
-            m = tl.load(ml_ptr + row * 2, mask=sm, other=-1.0e30, cache_modifier=".cg")
-            l_ = tl.load(ml_ptr + row * 2 + 1, mask=sm, other=0.0, cache_modifier=".cg")
+            m = tl.load(ml_ptr + row * 2, mask=sm, other=-1.0e30)
+            l_ = tl.load(ml_ptr + row * 2 + 1, mask=sm, other=0.0)
             w = tl.where(sm, tl.exp(m - tl.max(m, axis=0)), 0.0)
-            o = tl.load(o_ptr + row[:, None] * HD + rd[None, :], mask=sm[:, None], other=0.0,
-                        cache_modifier=".cg")                                                # [NSPP, HD]
+            o = tl.load(o_ptr + row[:, None] * HD + rd[None, :], mask=sm[:, None], other=0.0)   # [NSPP, HD]
             yv = tl.sum(w[:, None] * o, axis=0) / tl.sum(w * l_, axis=0)
             tl.store(y_ptr + (h * REP + r) * HD + rd, yv.to(y_ptr.dtype.element_ty))
 

@@ -51,7 +51,7 @@ for H, Hkv, hd, S, kind in [(8, 2, 64, 300, "holes"), (9, 3, 64, 128, "full"), (
     y = DA._run(q, K, V, mask)
     r = DA.decode_attention_ref(q, K, V, mask)
     e = ((y.float() - r.float()).norm() / r.float().norm()).item()
-    if not (e < 1e-2 and bool(torch.isfinite(y).all()) and int(DA._counters(K).abs().sum()) == 0):
+    if not (e < 1e-2 and bool(torch.isfinite(y).all())):
         bad.append((H, Hkv, hd, S, kind, e))
 print("BAD", bad) if bad else print("ALLOK")
 '''
