@@ -60,7 +60,7 @@ def _run(q, K, V, mask):
     ml = torch.empty(Hkv, nsp, rep, 2, dtype=torch.float32, device=q.device)
     y = torch.empty(H, hd, dtype=q.dtype, device=q.device)
     q, K, V = q.contiguous(), K.contiguous(), V.contiguous()
-    _split_kernel[(Hkv, nsp)](q, K, V, mask.view(torch.uint8), o, ml, S, per, 1.0 / math.sqrt(hd), REP=rep,
+    _split_kernel[(Hkv, nsp)](q, K, V, mask.contiguous().view(torch.uint8), o, ml, S, per, 1.0 / math.sqrt(hd), REP=rep,
                               HD=hd, BLOCK=BLOCK, F32DOT=INTERPRET, num_warps=4)
     _merge_kernel[(Hkv,)](o, ml, y, nsp, REP=rep, HD=hd, NSPP=max(2, triton.next_power_of_2(nsp)), num_warps=4)
     return y
