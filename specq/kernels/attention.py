@@ -36,8 +36,8 @@ def usable(q, K, mask) -> bool:
     """The kernel takes 16-bit q/K/V, power-of-two head dims 16..256, <= 16 query heads per KV head (CUDA, or
     CPU tensors under TRITON_INTERPRET=1)."""
     H, hd = q.shape
-    return (HAS_TRITON and (q.is_cuda or INTERPRET) and q.dtype in (torch.float16, torch.bfloat16) and K.dtype == q.dtype
-            and hd in (16, 32, 64, 128, 256) and H % K.shape[0] == 0 and H // K.shape[0] <= 16
+    return (HAS_TRITON and (q.is_cuda or INTERPRET) and q.dtype in (torch.float16, torch.bfloat16)
+            and K.dtype == q.dtype and hd in (16, 32, 64, 128, 256) and H % K.shape[0] == 0 and H // K.shape[0] <= 16
             and mask.dtype == torch.bool)
 
 
@@ -60,8 +60,9 @@ def _run(q, K, V, mask):
     ml = torch.empty(Hkv, nsp, rep, 2, dtype=torch.float32, device=q.device)
     y = torch.empty(H, hd, dtype=q.dtype, device=q.device)
     q, K, V = q.contiguous(), K.contiguous(), V.contiguous()
-    _split_kernel[(Hkv, nsp)](q, K, V, mask.contiguous().view(torch.uint8), o, ml, S, per, 1.0 / math.sqrt(hd), REP=rep,
-                              HD=hd, BLOCK=BLOCK, F32DOT=INTERPRET, num_warps=4)
+    m8 = mask.contiguous().view(torch.uint8)
+    _split_kernel[(Hkv, nsp)](q, K, V, m8, o, ml, S, per, 1.0 / math.sqrt(hd), REP=rep, HD=hd, BLOCK=BLOCK,
+                              F32DOT=INTERPRET, num_warps=4)
     _merge_kernel[(Hkv,)](o, ml, y, nsp, REP=rep, HD=hd, NSPP=max(2, triton.next_power_of_2(nsp)), num_warps=4)
     return y
 
