@@ -51,7 +51,7 @@ class KVCache(nn.Module):
         self.v[:, dst] = self.v[:, src]
 
 
-DECODE_KERNEL = True    # CUDA, one token: specq.kernels.attention (flash-decoding) instead of torch's SDPA
+KERNEL_MAX_M = 64      # CUDA, up to this many tokens: specq.kernels.attention (flash-decoding) instead of SDPA
 
 
 def rotate(x, cos, sin):  # x [H, M, hd]; cos, sin [M, hd]
@@ -77,11 +77,11 @@ class Attention(nn.Module):
         q, k = rotate(q, cos, sin), rotate(k, cos, sin)
         K, V = self.cache.update(slots, k, v)               # [Hkv, S, hd]
         K, V = K.to(q.dtype), V.to(q.dtype)
-        if M == 1 and DECODE_KERNEL and q.is_cuda:          # one token: specq's split-cache decode kernel
+        if M <= KERNEL_MAX_M and q.is_cuda:                 # few tokens: specq's split-cache attention kernel
             from ..kernels import attention as DA
-            if DA.usable(q[:, 0], K, mask[0]):
-                y = DA.decode_attention(q[:, 0], K, V, mask[0])                 # [H, hd]
-                return self.o_proj(y.reshape(1, self.nh * self.hd))
+            if DA.usable(q, K, mask):
+                y = DA.attention(q, K, V, mask)                                  # [H, M, hd]
+                return self.o_proj(y.transpose(0, 1).reshape(M, self.nh * self.hd))
         # grouped-query attention without copying K/V per query head: the rep query heads that share a KV head
         # become rep * M query rows of that head (head h uses KV head h // rep, as repeat_interleave would)
         rep = self.nh // self.nkv

@@ -1,0 +1,59 @@
+"""Where a verification forward's time goes: a model shape (random weights, one format), the e2e Verifier (CUDA
+graph of the target's forward over a causal chain of M tokens at cache slot L), wall time per call for several
+M, then torch.profiler GPU time per kernel name for the M given by --prof; --sdpa: attention by torch's SDPA
+instead of specq's kernel.   PYTHONPATH=$PWD python bench/dev/verify_profile.py [--fmt w4a16] [--sdpa]"""
+import argparse
+import collections
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from specq.bench.e2e_units import Graphs, Verifier, chain_parents  # noqa: E402
+from specq.bench.randmodel import build_random, config  # noqa: E402
+from specq.models import llama  # noqa: E402
+
+
+@torch.inference_mode()
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--fmt", default="w4a16")
+    ap.add_argument("--shape", default="llama3-8b")
+    ap.add_argument("--S", type=int, default=512)
+    ap.add_argument("--sdpa", action="store_true")
+    ap.add_argument("--ms", default="1,2,4,8,16,32,64")
+    ap.add_argument("--prof", default="1,2")
+    a = ap.parse_args()
+    model = build_random(config(a.shape), a.fmt, "cuda", torch.bfloat16)
+    model.setup_cache(a.S)
+    for layer in model.layers:
+        layer.self_attn.cache.k.normal_()
+        layer.self_attn.cache.v.normal_()
+    L = 96
+    for sd in ([False, True] if a.sdpa else [False]):
+        llama.KERNEL_MAX_M = 0 if sd else 64
+        g = Graphs("cuda")                   # fresh graphs and pool per mode
+        ver = Verifier(model, a.S, g, "T")
+        res = {M: g.time(lambda M=M: ver.run(chain_parents(M), L), 10, wall=True) * 1e3 for M in map(int, a.ms.split(","))}
+        print(f"{a.shape} {a.fmt} attention={'sdpa' if sd else 'kernel'}: T(M) ms " +
+              " ".join(f"{M}:{t:.3f}" for M, t in res.items()) + f" | T(2)/T(1) {res.get(2, 0) / res[1]:.3f}", flush=True)
+        for M in map(int, a.prof.split(",")):
+            ver.run(chain_parents(M), L)
+            torch.cuda.synchronize()
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                for _ in range(10):
+                    ver.run(chain_parents(M), L)
+                torch.cuda.synchronize()
+            tot, cnt = collections.Counter(), collections.Counter()
+            for e in prof.events():
+                if e.device_type == torch.autograd.DeviceType.CUDA:
+                    tot[e.name[:80]] += e.time_range.elapsed_us() / 10
+                    cnt[e.name[:80]] += 1 / 10
+            print(f"  M={M}: GPU kernel time per call {sum(tot.values()):.0f} us ({sum(cnt.values()):.0f} kernels)")
+            for name, us in tot.most_common(14):
+                print(f"    {us:8.1f} us  {cnt[name]:5.0f}x  {name}")
+
+
+if __name__ == "__main__":
+    main()
