@@ -5,6 +5,7 @@ instead of specq's kernel.   PYTHONPATH=$PWD python bench/dev/verify_profile.py 
 import argparse
 import collections
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -22,6 +23,7 @@ def main():
     ap.add_argument("--shape", default="llama3-8b")
     ap.add_argument("--S", type=int, default=512)
     ap.add_argument("--sdpa", action="store_true")
+    ap.add_argument("--compile", action="store_true", help="also the torch.compile'd forward (dynamic M)")
     ap.add_argument("--ms", default="1,2,4,8,16,32,64")
     ap.add_argument("--prof", default="1,2")
     a = ap.parse_args()
@@ -31,12 +33,17 @@ def main():
         layer.self_attn.cache.k.normal_()
         layer.self_attn.cache.v.normal_()
     L = 96
-    for sd in ([False, True] if a.sdpa else [False]):
+    modes = [(False, False)] + ([(True, False)] if a.sdpa else []) + ([(False, True)] if a.compile else [])
+    for sd, comp in modes:
         llama.KERNEL_MAX_M = 0 if sd else 64
         g = Graphs("cuda")                   # fresh graphs and pool per mode
-        ver = Verifier(model, a.S, g, "T")
+        ver = Verifier(model, a.S, g, "T", compile=comp)
+        t0 = time.perf_counter()
+        ver.run(chain_parents(1), L)
+        ver.run(chain_parents(3), L)
+        print(f"first calls (M=1, 3) {time.perf_counter() - t0:.1f} s", flush=True)
         res = {M: g.time(lambda M=M: ver.run(chain_parents(M), L), 10, wall=True) * 1e3 for M in map(int, a.ms.split(","))}
-        print(f"{a.shape} {a.fmt} attention={'sdpa' if sd else 'kernel'}: T(M) ms " +
+        print(f"{a.shape} {a.fmt} attention={'sdpa' if sd else 'kernel'} compile={comp}: T(M) ms " +
               " ".join(f"{M}:{t:.3f}" for M, t in res.items()) + f" | T(2)/T(1) {res.get(2, 0) / res[1]:.3f}", flush=True)
         for M in map(int, a.prof.split(",")):
             ver.run(chain_parents(M), L)

@@ -55,8 +55,8 @@ def parse_method(name: str):
 class Side:
     """The 1B-shaped draft / intermediate model and the EAGLE head on it (shared by every target)."""
 
-    def __init__(self, shape: str, device, dtype, S: int):
-        self.model = build_random(config(shape), "bf16", device, dtype, seed=2)
+    def __init__(self, shape: str, device, dtype, S: int, fmt: str = "bf16"):
+        self.model = build_random(config(shape), fmt, device, dtype, seed=2)
         self.model.setup_cache(S)
         self.head = build_eagle_head(self.model, device, dtype, seed=3)
         self.head.setup_cache(S + 64)
@@ -65,7 +65,7 @@ class Side:
 class Phase:
     """One target (model shape, format) with its EAGLE head and the work units of every method."""
 
-    def __init__(self, target, side: Side | None, S: int, P: int, top_k: int = 10):
+    def __init__(self, target, side: Side | None, S: int, P: int, top_k: int = 10, compile: bool = False):
         dev = target.device
         self.target, self.side, self.S, self.P, self.dev = target, side, S, P, dev
         self.g = Graphs(dev)
@@ -76,11 +76,11 @@ class Phase:
             for layer in m.layers:                       # a context of random K/V (never zeros)
                 layer.self_attn.cache.k.normal_()
                 layer.self_attn.cache.v.normal_()
-        self.tv, self.tkeep = Verifier(target, S, self.g, "T"), Keeper(target, 16, self.g, "T")
+        self.tv, self.tkeep = Verifier(target, S, self.g, "T", compile), Keeper(target, 16, self.g, "T")
         self.eagle = EagleDrafter(self.head, S + 8 * top_k, self.g, "E", top_k)
         if side:
-            self.dv, self.dkeep = Verifier(side.model, S, self.g, "D"), Keeper(side.model, 16, self.g, "D")
-            self.chain = ChainDrafter(side.model, S, self.g, "D")
+            self.dv, self.dkeep = Verifier(side.model, S, self.g, "D", compile), Keeper(side.model, 16, self.g, "D")
+            self.chain = ChainDrafter(side.model, S, self.g, "D", compile)
             self.seagle = EagleDrafter(side.head, S + 64, self.g, "e", top_k)
 
     def release(self):
@@ -218,9 +218,10 @@ def bench_phase(res: dict, model_name: str, shape: str, fmt: str, side: Side | N
     t0 = time.perf_counter()
     target = build_random(cfg, fmt, dev, dtype, share_codes=cfg.num_layers * cfg.hidden_size >= 80 * 8192)
     roof = H100_BW / weight_bytes_per_token(cfg, fmt)
-    label, base = f"controlled:{prof['name']}", dict(model=model_name, format=fmt, roofline_tok_s=roof)
+    label = f"controlled:{prof['name']}"
+    base = dict(model=model_name, format=fmt, roofline_tok_s=roof, step="compiled" if a.compile else "graph")
     S = a.prompt + a.tokens + 256
-    plain = run_plain(target, S, a.prompt, a.plain_tokens)
+    plain = run_plain(target, S, a.prompt, a.plain_tokens, compile=a.compile)
     if a.compile_plain:   # the compiled step beside the graph-only one (rows keep the graph-only baseline)
         try:
             res.setdefault("plain_compiled", []).append(
@@ -239,7 +240,7 @@ def bench_phase(res: dict, model_name: str, shape: str, fmt: str, side: Side | N
             res["errors"].append(f"{model_name} {fmt}: speculative runs skipped (time budget)")
         del target
         return
-    ph = Phase(target, side, S, a.prompt)
+    ph = Phase(target, side, S, a.prompt, compile=a.compile)
     trees = [m for m in a.methods if m.startswith("tree-")]
     T, costs = measure_costs(ph, prof, trees, a.reps)
     res["latency"] += [{"model": model_name, "format": fmt, "M": M, "ms": t * 1e3, "ratio_vs_M1": t / T[1]} for M, t in T.items()]
@@ -278,6 +279,7 @@ def bench_phase(res: dict, model_name: str, shape: str, fmt: str, side: Side | N
 
 
 def free(dev):
+    torch._dynamo.reset()      # compiled code keeps the finished phase's model alive through its guards
     gc.collect()
     if dev.type == "cuda":
         torch.cuda.empty_cache()
@@ -342,9 +344,13 @@ def parse_args(argv):
     p.add_argument("--seed", type=int, default=0, help="acceptance draws seed")
     p.add_argument("--profile", default=None, help="acceptance profile JSON (default: the SmolLM2 one)")
     p.add_argument("--side-shape", default="llama3.2-1b", help="draft / intermediate model shape")
+    p.add_argument("--side-format", default="bf16", help="draft / intermediate model weight format (bf16, w4a16, "
+                   "...; the acceptance profile's chain drafts were a 4-bit copy of the target)")
     p.add_argument("--tiny", action="store_true", help="toy shapes for every model (CPU tests)")
     p.add_argument("--time-budget", type=float, default=320.0, help="seconds after which optional runs are skipped")
     p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--compile", action="store_true", help="every forward (plain step, verification, draft-model "
+                   "step) torch.compile'd, then captured as CUDA graphs (row key step: compiled / graph)")
     p.add_argument("--compile-plain", action="store_true", help="also time plain decoding with the torch.compile'd "
                    "step (JSON key plain_compiled)")
     a = p.parse_args(argv)
@@ -360,6 +366,11 @@ def parse_args(argv):
 def main(argv=None) -> int:
     a = parse_args(argv)
     a.t_start = time.perf_counter()
+    if a.compile:   # one compiled function per work unit and model: more than dynamo's default 8 entries
+        import torch._dynamo.config as dcfg
+        for k in ("cache_size_limit", "recompile_limit", "accumulated_cache_size_limit", "accumulated_recompile_limit"):
+            if hasattr(dcfg, k):
+                setattr(dcfg, k, max(getattr(dcfg, k), 256))
     dev = torch.device(a.device)
     prof = load_profile(a.profile)
     have = prof["structures"]
@@ -372,13 +383,14 @@ def main(argv=None) -> int:
            "command": "PYTHONPATH=$PWD python3 bench/e2e.py " + " ".join(sys.argv[1:] if argv is None else argv),
            "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-           "torch": torch.__version__,
+           "torch": torch.__version__, "side": {"shape": a.side_shape, "format": a.side_format},
            "profile": {"name": prof["name"], "source": prof["source"],
                        "structures": {k: {"tau": v.get("tau"), "cond": v["cond"], "nodes": v["nodes"]}
                                       for k, v in prof["structures"].items()}},
            "notes": ("random weights; 'controlled:<profile>' = accepted lengths drawn (fixed seed) from per-depth "
                      "acceptance measured on SmolLM2 with real drafts (chain: 4-bit copy of the target; trees: the "
-                     "bundled EAGLE-2 head), every step doing the real GPU work of the right shapes (CUDA graphs); "
+                     "bundled EAGLE-2 head), every step doing the real GPU work of the right shapes (CUDA graphs; rows with step 'compiled': "
+                     "the plain step, the verification and draft-model forwards torch.compile'd first); "
                      "chain acceptance beyond the measured depth is taken as 0. tok_s = decode tokens/s (prefill "
                      "excluded); tau = tokens per target forward incl. the bonus token; roofline_tok_s = "
                      f"{H100_BW:.3g} B/s / weight bytes read per token (decoder linears as the kernels store them "
@@ -398,7 +410,7 @@ def main(argv=None) -> int:
         try:
             if spec and side is None:
                 side = Side("tiny-1b" if a.tiny else a.side_shape, dev, getattr(torch, a.dtype),
-                            a.prompt + a.tokens + 256)
+                            a.prompt + a.tokens + 256, a.side_format)
             if not spec and side is not None:      # a plain-only phase may need all the memory
                 side = None
                 free(dev)

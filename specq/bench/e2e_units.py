@@ -75,12 +75,29 @@ def chain_parents(n: int) -> list[int]:
 
 
 class Verifier:
-    def __init__(self, model, S: int, graphs: Graphs, tag: str):
+    """compile: the forward (mask, model, argmax) is torch.compile'd once with a symbolic token count M (M = 1
+    compiles once more: dynamo specializes size 1), quantized matmuls and attention as opaque ops; every M then
+    gets its CUDA graph of the compiled code."""
+
+    def __init__(self, model, S: int, graphs: Graphs, tag: str, compile: bool = False):
         self.model, self.S, self.g, self.tag = model, S, graphs, tag
         dev = model.device
         self.L = torch.zeros(1, dtype=torch.long, device=dev)
         self.j = torch.arange(S, device=dev)
         self.shapes: dict = {}
+        self.fwd = self._fwd
+        if compile:
+            from ..quant.opaque import register_all
+            register_all(model)
+            self.fwd = torch.compile(self._fwd, fullgraph=True, dynamic=True)
+
+    def _fwd(self, tm, depth, ids, ar, L, j):
+        M = tm.shape[0]
+        rel = j[None, :] - L                                             # [1, S] slot - L
+        blk = tm.gather(1, rel.clamp(0, M - 1).expand(M, -1))           # [M, S] tree part
+        mask = (rel < 0) | ((rel < M) & blk)
+        logits, h = self.model(ids, L + depth, L + ar, mask)
+        return logits.argmax(-1), h
 
     def _shape(self, parents):
         key = tuple(parents)
@@ -96,15 +113,7 @@ class Verifier:
         key = self._shape(parents)
         tm, depth, ids, ar = self.shapes[key]
         self.L.fill_(L)
-
-        def fn():
-            M = tm.shape[0]
-            rel = self.j[None, :] - self.L                               # [1, S] slot - L
-            blk = tm.gather(1, rel.clamp(0, M - 1).expand(M, -1))       # [M, S] tree part
-            mask = (rel < 0) | ((rel < M) & blk)
-            logits, h = self.model(ids, self.L + depth, self.L + ar, mask)
-            return logits.argmax(-1), h
-        return self.g((self.tag, "verify", key), fn)
+        return self.g((self.tag, "verify", key), lambda: self.fwd(tm, depth, ids, ar, self.L, self.j))
 
 
 class Keeper:
@@ -137,12 +146,23 @@ class Keeper:
 
 
 class ChainDrafter:
-    def __init__(self, model, S: int, graphs: Graphs, tag: str):
+    """compile: the 1-token draft step (forward + argmax) is torch.compile'd once (static shapes)."""
+
+    def __init__(self, model, S: int, graphs: Graphs, tag: str, compile: bool = False):
         self.model, self.g, self.tag = model, graphs, tag
         dev = model.device
         self.L = torch.zeros(1, dtype=torch.long, device=dev)
         self.ids = torch.randint(0, model.cfg.vocab_size, (1,), device=dev)
         self.j = torch.arange(S, device=dev)
+        self.one = self._one
+        if compile:
+            from ..quant.opaque import register_all
+            register_all(model)
+            self.one = torch.compile(self._one, fullgraph=True, dynamic=False)
+
+    def _one(self, x, pos, j):
+        mask = j[None, :] <= pos[:, None]
+        return self.model(x, pos, pos, mask, return_hidden=False).argmax(-1)
 
     def run(self, k: int, L: int):
         """k greedy draft tokens after the root at slot L (draft forwards at slots L..L+k-1)."""
@@ -151,9 +171,7 @@ class ChainDrafter:
         def fn():
             x, outs = self.ids, []
             for i in range(k):
-                pos = self.L + i
-                mask = self.j[None, :] <= pos[:, None]
-                x = self.model(x, pos, pos, mask, return_hidden=False).argmax(-1)
+                x = self.one(x, self.L + i, self.j)
                 outs.append(x)
             return torch.cat(outs)
         return self.g((self.tag, "chain", k), fn)

@@ -20,6 +20,7 @@ import torch.nn as nn
 from ..errors import SpecqError
 from ..models.config import ModelConfig, rope_inv_freq
 from ..models.llama import Transformer
+from ..quant import opaque
 from ..quant.calib import LINEARS, set_
 from ..quant.wq import WQLinear
 
@@ -83,9 +84,12 @@ class KernelW8A8(nn.Module):
         self.in_features, self.out_features = w8.shape[1], w8.shape[0]
         self.w = prepare_w8a8(w8, sw)
 
-    def forward(self, x):
+    def matmul2d(self, x2):  # x2 [M, K] -> [M, N]
         from ..kernels import w8a8_linear
-        return w8a8_linear(x, self.w)
+        return w8a8_linear(x2, self.w)
+
+    def forward(self, x):    # one opaque op under torch.compile (specq.quant.opaque)
+        return opaque.matmul(self, x.reshape(-1, self.in_features)).reshape(*x.shape[:-1], self.out_features)
 
 
 class KernelW4A8(nn.Module):
@@ -97,9 +101,12 @@ class KernelW4A8(nn.Module):
         self.in_features, self.out_features = codes.shape[1] * 8, codes.shape[0]
         self.w = prepare_w4a8(codes, sw, gs)
 
-    def forward(self, x):
+    def matmul2d(self, x2):  # x2 [M, K] -> [M, N]
         from ..kernels import w4a8_linear
-        return w4a8_linear(x, self.w)
+        return w4a8_linear(x2, self.w)
+
+    def forward(self, x):    # one opaque op under torch.compile (specq.quant.opaque)
+        return opaque.matmul(self, x.reshape(-1, self.in_features)).reshape(*x.shape[:-1], self.out_features)
 
 
 @contextlib.contextmanager
