@@ -1,0 +1,62 @@
+"""The e2e work units torch.compile'd (CPU inductor, toy shapes) give the eager units' outputs: the verifier with
+one dynamic token count over chains and a tree, the draft-model chain step; and bench/merge_e2e.py."""
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from specq.bench.e2e_units import ChainDrafter, Graphs, Verifier, chain_parents
+from specq.bench.randmodel import build_random, config
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@torch.inference_mode()
+def test_compiled_units_match_eager():
+    torch.manual_seed(0)
+    m = build_random(config("tiny"), "w4a16", "cpu", torch.float32)
+    m.setup_cache(64)
+    for layer in m.layers:
+        layer.self_attn.cache.k.normal_()
+        layer.self_attn.cache.v.normal_()
+    g = Graphs("cpu")
+    eager, comp = Verifier(m, 64, g, "e"), Verifier(m, 64, g, "c", compile=True)
+    comp.shapes = eager.shapes                        # the same random draft tokens
+    for parents in (chain_parents(1), chain_parents(3), chain_parents(6), [-1, 0, 0, 1, 2, 2]):
+        (t0, h0), (t1, h1) = eager.run(parents, 20), comp.run(parents, 20)
+        assert torch.equal(t0, t1)
+        assert torch.allclose(h0, h1, atol=1e-4, rtol=1e-4)
+    d0, d1 = ChainDrafter(m, 64, g, "x"), ChainDrafter(m, 64, g, "y", compile=True)
+    d1.ids = d0.ids
+    assert torch.equal(d0.run(3, 30), d1.run(3, 30))
+
+
+def _merge_mod():
+    spec = importlib.util.spec_from_file_location("merge_e2e", ROOT / "bench" / "merge_e2e.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_merge_runs(tmp_path):
+    base = {"device": "H100", "torch": "2.11", "latency": [], "planner": [], "profile": {}}
+    real = {"model": "smollm2", "format": "bf16", "method": "eagle", "structure": "eagle", "acceptance": "real"}
+    row = lambda m, f: {"model": m, "format": f, "method": "none", "structure": "none", "acceptance": "none"}  # noqa: E731
+    a = dict(base, command="a", date="2026-01-01", rows=[real, row("llama3-8b", "w4a16")],
+             errors=["llama3-8b w8a8: InductorError: x"])
+    b = dict(base, command="b", date="2026-01-02", rows=[real, row("llama3-8b", "w8a8")], errors=["llama3-70b w8a8: OOM"])
+    pa, pb = tmp_path / "a.json", tmp_path / "b.json"
+    pa.write_text(json.dumps(a))
+    pb.write_text(json.dumps(b))
+    mod = _merge_mod()
+    res = mod.merge([pa, pb])
+    assert [r["format"] for r in res["rows"]] == ["bf16", "w4a16", "w8a8"]      # the copied real row once
+    assert res["errors"] == ["llama3-70b w8a8: OOM"]                             # the fixed error moved to runs
+    assert res["runs"][0]["errors"] == ["llama3-8b w8a8: InductorError: x"]
+    assert res["command"] == "a ; b" and res["date"] == "2026-01-02"
+    pb.write_text(json.dumps(dict(b, rows=[row("llama3-8b", "w4a16")])))
+    with pytest.raises(SystemExit):                                              # one row measured twice
+        mod.merge([pa, pb])
