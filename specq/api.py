@@ -56,7 +56,7 @@ class LLM:
                  quant: dict | None = None, spec: dict | None = None, compensate: str | None = None,
                  compile: bool = False):
         self.device = pick_device(device)
-        self.compile = compile     # plain decoding: torch.compile the 1-token step (slow first call, fast after)
+        self.compile = compile     # GPU: torch.compile the decode / verification steps (slow first call, fast after)
         self._decoder = None
         self.dtype = pick_dtype(dtype, self.device)
         t0 = time.perf_counter()
@@ -124,6 +124,11 @@ class LLM:
         else:
             from .engine import SpecEngine
             proposer, method = self.proposer_factory(sp)
+            if self.compile and self.device.type == "cuda":   # compiled verification (and draft-model) steps
+                from .engine import owned_models
+                from .spec.graphs import runner_for
+                for m in [self.model] + owned_models(proposer):
+                    runner_for(m, compile=True)
             eng = SpecEngine(self.model, proposer, sp, method, seed=seed)
             out, m = eng.generate(ids, max_new_tokens, eos_ids=self.tok.eos_ids, stream=on_token)
             metrics = m.summary()

@@ -133,8 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--system", default=None, help="system message for chat mode")
     g.add_argument("--json", action="store_true", help="print one JSON object (text + statistics) instead of streaming")
     g.add_argument("--compile", action="store_true",
-                   help="plain decoding on GPU: torch.compile the 1-token step inside its CUDA graph (about 40 s "
-                        "to compile once; ~3x faster steps on small models)")
+                   help="GPU: torch.compile the decode step (plain) or the verification and draft-model steps "
+                        "(--spec) inside their CUDA graphs (tens of seconds to compile once; ~1.5-3x faster steps)")
     add_model_args(g); add_quant_args(g); add_sampling_args(g); add_spec_args(g)
     g.set_defaults(func=cmd_generate)
     from .bench.cli import add_parser as add_bench

@@ -27,6 +27,8 @@ def add_parser(sub):
                    "(default 16:5:80, the generate default)")
     s.add_argument("--out", default=None, help="write JSON here (plus .md and .png beside it)")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
+    s.add_argument("--compile", action="store_true", help="GPU: torch.compile the plain decode step and the "
+                   "verification / draft-model steps (both sides of every speedup), inside their CUDA graphs")
 
     def run(a):
         from .spec import main

@@ -62,11 +62,15 @@ def run_plain(llm, prompts, max_new, sp, seed, decoder=None):
     return res
 
 
-def run_spec(llm, factory, prompts, max_new, sp, seed):
-    from ..engine import SpecEngine
+def run_spec(llm, factory, prompts, max_new, sp, seed, compile=False):
+    from ..engine import SpecEngine, owned_models
+    from ..spec.graphs import runner_for
     res = []
     for ids in prompts:
         prop, vm = factory(sp)
+        if compile:     # compiled verification / draft-model steps (kept per model across prompts)
+            for m in [llm.model] + owned_models(prop):
+                runner_for(m, compile=True)
         eng = SpecEngine(llm.model, prop, sp, vm, seed=seed)
         sync(); t0 = time.perf_counter()
         out, m = eng.generate(ids, max_new, eos_ids=llm.tok.eos_ids)
@@ -95,7 +99,7 @@ def divergence(llm, ids, ref, out):
 
 
 def bench(llm, methods, temperatures, bench_name="spec_bench", per_category=10, max_new=128, seed=0,
-          spec_kw=None, progress=True, warmup=1, on_rows=None):
+          spec_kw=None, progress=True, warmup=1, on_rows=None, compile=False):
     """Rows per (method, verify, temperature, category). Each method first decodes the longest prompt
     (untimed: CUDA graphs are captured and caches sized for every question). on_rows(rows) is called
     after every method (partial results survive a time limit)."""
@@ -115,7 +119,7 @@ def bench(llm, methods, temperatures, bench_name="spec_bench", per_category=10, 
     for T in temperatures:
         sp = SamplingParams(T)
         from ..generate import Decoder
-        dec = Decoder(llm.model, len(longest[0]) + max_new)                # one decoder, one graph, every prompt
+        dec = Decoder(llm.model, len(longest[0]) + max_new, compile=compile)   # one decoder, one graph, every prompt
         run_plain(llm, longest, max_new, sp, seed, dec)                     # warm-up: graph capture, allocator
         base = run_plain(llm, prompts, max_new, sp, seed, dec); bar.update(len(prompts))
         base_tps = {c: [0, 0.0] for c in set(cats) | {"overall"}}
@@ -135,8 +139,8 @@ def bench(llm, methods, temperatures, bench_name="spec_bench", per_category=10, 
             if T > 0 and v == "greedy":
                 continue
             factory = make_proposer_factory(llm, m, verify=v, **(spec_kw or {}))
-            run_spec(llm, factory, longest, max_new, sp, seed)          # warm-up: graphs, cache sizes
-            res = run_spec(llm, factory, prompts, max_new, sp, seed); bar.update(len(prompts))
+            run_spec(llm, factory, longest, max_new, sp, seed, compile)          # warm-up: graphs, cache sizes
+            res = run_spec(llm, factory, prompts, max_new, sp, seed, compile); bar.update(len(prompts))
             agg = defaultdict(lambda: [0, 0.0, 0, 0])  # tokens, seconds, steps, emitted
             mismatch, gaps = 0, []
             for i, (c, (out, dt, met)) in enumerate(zip(cats, res)):
@@ -214,7 +218,7 @@ def main(a) -> int:
     dev = torch.cuda.get_device_name() if llm.device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()})"
     res = {"rows": [], "model": a.model, "format": a.format, "bench": a.bench, "per_category": a.per_category,
            "max_new_tokens": a.max_new_tokens, "eagle_tree": a.tree, "command": "specq " + " ".join(sys.argv[1:]), "device": dev,
-           "torch": torch.__version__, "date": datetime.date.today().isoformat(),
+           "torch": torch.__version__, "date": datetime.date.today().isoformat(), "compile": a.compile,
            "note": "speedup = tok/s over plain decoding (specq, CUDA-graph step on GPU) of the same model and format "
                    "in the same run; tau = tokens emitted per target forward, bonus included"}
 
@@ -231,7 +235,7 @@ def main(a) -> int:
             out.with_suffix(".md").write_text(markdown(rows) + "\n")
 
     rows = bench(llm, methods, temps, a.bench, a.per_category, a.max_new_tokens, a.seed, spec_kw, not a.no_progress,
-                 on_rows=save)
+                 on_rows=save, compile=a.compile)
     save(rows, final=True)
     print(markdown(rows))
     if a.out:

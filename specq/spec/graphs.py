@@ -146,12 +146,21 @@ class TreeRunner:
                "target" also the tree walk and the accepted path's K/V move, all in one graph.
     forward(): any (ids, pos, slots, mask) block (draft-model levels)."""
 
-    def __init__(self, model, graphs: bool | None = None, pad: bool | None = None):
+    def __init__(self, model, graphs: bool | None = None, pad: bool | None = None, compile: bool = False):
         self.model = model
         cuda = model.device.type == "cuda"
         self.graphs = cuda if graphs is None else graphs
         self.pad = self.graphs if pad is None else pad
         self.cache = GraphCache()
+        # compile: both step functions torch.compile'd once each with a symbolic row count (quantized Linears and
+        # attention as opaque ops), then captured per bucket like the eager ones
+        self.compile = compile
+        self.tree_fn, self.fwd_fn = self._tree_fn, self._fwd_fn
+        if compile:
+            from ..quant.opaque import register_all
+            register_all(model)
+            self.tree_fn = torch.compile(self._tree_fn, dynamic=True)
+            self.fwd_fn = torch.compile(self._fwd_fn, dynamic=True)
 
     # -- static buffers of one bucket
     def _bufs(self, M: int, V: int | None = None, fwd: bool = False):
@@ -219,7 +228,7 @@ class TreeRunner:
             self.cache.check(cache_ident(self.model))
             V = self.model.cfg.vocab_size if rule == "target" else None
             key = ("tree", M, rule, sp if rule == "target" else None)
-            entry = self._graph(key, M, lambda b: self._tree_fn(b, rule, sp), V)
+            entry = self._graph(key, M, lambda b: self.tree_fn(b, rule, sp), V)
             if entry is not None:
                 g, b, out = entry
                 self._fill(b, n, L, ids=tokens, parents=parents, depth=depth, anc=anc)
@@ -231,7 +240,7 @@ class TreeRunner:
         self._fill(b, n, L, ids=tokens, parents=parents, depth=depth, anc=anc)
         if rule == "target":
             b["noise"].exponential_(generator=gen)
-        return (*self._tree_fn(b, rule, sp), b["ids"])
+        return (*self.tree_fn(b, rule, sp), b["ids"])
 
     def forward(self, ids, pos, slots, mask, max_slot: int):
         """ids, pos, slots [n]; mask [n, S] bool; max_slot = the largest of slots (host int; padding needs
@@ -240,7 +249,7 @@ class TreeRunner:
         M = bucket(n) if self.pad and max_slot < self.model.cache_size - 1 else n
         if self.graphs and M in BUCKETS:
             self.cache.check(cache_ident(self.model))
-            entry = self._graph(("fwd", M), M, self._fwd_fn, fwd=True)
+            entry = self._graph(("fwd", M), M, self.fwd_fn, fwd=True)
             if entry is not None:
                 g, b, out = entry
                 self._fill(b, n, 0, ids=ids, pos=pos, slots=slots, mask=mask)
@@ -248,16 +257,17 @@ class TreeRunner:
                 return out[0][:n], out[1][:n]
         b = self._bufs(M, fwd=True)
         self._fill(b, n, 0, ids=ids, pos=pos, slots=slots, mask=mask)
-        logits, hidden = self._fwd_fn(b)
+        logits, hidden = self.fwd_fn(b)
         return logits[:n], hidden[:n]
 
 
 _RUNNERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-def runner_for(model) -> TreeRunner:
-    """The model's TreeRunner (graphs live as long as the model and its cache)."""
+def runner_for(model, compile: bool | None = None) -> TreeRunner:
+    """The model's TreeRunner (graphs live as long as the model and its cache); compile True / False asks for
+    a compiled / eager one (None: whichever exists, else eager)."""
     r = _RUNNERS.get(model)
-    if r is None or r.graphs != (model.device.type == "cuda"):
-        r = _RUNNERS[model] = TreeRunner(model)
+    if r is None or r.graphs != (model.device.type == "cuda") or (compile is not None and r.compile != compile):
+        r = _RUNNERS[model] = TreeRunner(model, compile=bool(compile))
     return r

@@ -224,3 +224,35 @@ def test_captured_steps_never_touch_host_data(monkeypatch):
         z = torch.zeros(1, dtype=torch.long)
         p._append_fn(torch.zeros(8, dtype=torch.long), torch.zeros(8, 32), z, z)
         assert [tuple(o.shape) for o in p._grow_fn(z, z + 1)] == [(20,), (20,), (20,), (20, 20)]
+
+
+@torch.no_grad()
+def test_compiled_runner_equals_eager():
+    """TreeRunner(compile=True): the torch.compile'd tree step (one symbolic row count) and forward give the eager
+    runner's logits, walk and cache."""
+    model = tiny()
+    g = torch.Generator().manual_seed(3)
+    S, P = 96, 11
+    saved = filled(model, S, P, g)
+    eager, comp = TreeRunner(model, graphs=False, pad=True), TreeRunner(model, graphs=False, pad=True, compile=True)
+    for n in (1, 3, 6, 11):
+        d = random_tree(n, g)
+        args = (d.tokens, d.parents, d.depths(), d.ancestor_mask(), P)
+        outs, caches = [], []
+        for r in (eager, comp):
+            restore(model, saved)
+            outs.append(r.tree(*args, rule="greedy"))
+            caches.append([l.self_attn.cache.k[:, :S - 1].clone() for l in model.layers])
+        (l0, h0, r0, i0, _), (l1, h1, r1, i1, _) = outs
+        torch.testing.assert_close(l1, l0, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(h1, h0, atol=1e-4, rtol=1e-4)
+        a = int(r0[0])
+        assert r1[:a + 2].tolist() == r0[:a + 2].tolist() and i1[:a].tolist() == i0[:a].tolist()
+        for k0, k1 in zip(*caches):
+            torch.testing.assert_close(k1, k0, atol=1e-4, rtol=1e-4)
+    restore(model, saved)
+    ids, slots = torch.tensor([3, 4, 5]), P + torch.arange(3)
+    mask = block_mask(P, torch.ones(3, 3, dtype=torch.bool).tril(), S)
+    f0 = eager.forward(ids, slots, slots, mask, P + 2)
+    f1 = comp.forward(ids, slots, slots, mask, P + 2)
+    torch.testing.assert_close(f1[0], f0[0], atol=1e-4, rtol=1e-4)
