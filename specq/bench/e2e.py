@@ -77,11 +77,11 @@ class Phase:
                 layer.self_attn.cache.k.normal_()
                 layer.self_attn.cache.v.normal_()
         self.tv, self.tkeep = Verifier(target, S, self.g, "T", compile), Keeper(target, 16, self.g, "T")
-        self.eagle = EagleDrafter(self.head, S + 8 * top_k, self.g, "E", top_k)
+        self.eagle = EagleDrafter(self.head, S + 8 * top_k, self.g, "E", top_k, compile=compile)
         if side:
             self.dv, self.dkeep = Verifier(side.model, S, self.g, "D", compile), Keeper(side.model, 16, self.g, "D")
             self.chain = ChainDrafter(side.model, S, self.g, "D", compile)
-            self.seagle = EagleDrafter(side.head, S + 64, self.g, "e", top_k)
+            self.seagle = EagleDrafter(side.head, S + 64, self.g, "e", top_k, compile=compile)
 
     def release(self):
         self.g.graphs.clear()

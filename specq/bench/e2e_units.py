@@ -178,7 +178,10 @@ class ChainDrafter:
 
 
 class EagleDrafter:
-    def __init__(self, head, S: int, graphs: Graphs, tag: str, top_k: int = 10, max_commit: int = 16):
+    """compile: the commit (symbolic a) and the tree growth (one compile per tree shape) are torch.compile'd."""
+
+    def __init__(self, head, S: int, graphs: Graphs, tag: str, top_k: int = 10, max_commit: int = 16,
+                 compile: bool = False):
         self.head, self.g, self.tag, self.k = head, graphs, tag, top_k
         dev = head.fc.weight.device
         D, V = head.cfg.hidden_size, head.cfg.vocab_size
@@ -188,44 +191,48 @@ class EagleDrafter:
         self.feats = torch.randn(max_commit, D, device=dev, dtype=head.dtype)   # target features of accepted nodes
         self.last = torch.zeros(D, device=dev, dtype=head.dtype)
         self.root_logp = torch.zeros(V, device=dev)
+        self.commit_fn, self.tree_fn = self._commit, self._tree
+        if compile:
+            self.commit_fn = torch.compile(self._commit, dynamic=True)
+            self.tree_fn = torch.compile(self._tree, dynamic=False)
+
+    def _commit(self, a: int):
+        pos = self.L - a + torch.arange(a, device=self.L.device)
+        mask = self.j[None, :] <= pos[:, None]
+        out = self.head(self.ids[:a], self.feats[:a], pos, pos, mask)     # [a, D]
+        self.last.copy_(out[-1])
+        self.root_logp.copy_(torch.log_softmax(self.head.logits(out[-1]), dim=-1))
 
     def commit(self, a: int, L: int):
         """Head forward over the a tokens at slots L-a..L-1 (true target features); root distribution."""
         self.L.fill_(L)
+        return self.g((self.tag, "commit", a), lambda: self.commit_fn(a))
 
-        def fn():
-            pos = self.L - a + torch.arange(a, device=self.L.device)
-            mask = self.j[None, :] <= pos[:, None]
-            out = self.head(self.ids[:a], self.feats[:a], pos, pos, mask)     # [a, D]
-            self.last.copy_(out[-1])
-            self.root_logp.copy_(torch.log_softmax(self.head.logits(out[-1]), dim=-1))
-        return self.g((self.tag, "commit", a), fn)
+    def _tree(self, depth: int, total: int):
+        k, head = self.k, self.head
+        dev = self.L.device
+        rows = torch.arange(k, device=dev)
+        bs, bt = self.root_logp.topk(k)                                  # beams: scores, tokens [k]
+        feats = self.last.expand(k, -1)
+        prefix = self.j[None, :] < self.L                                # [1, S]
+        anc = torch.zeros(k, self.j.numel(), dtype=torch.bool, device=dev)
+        sc, tk = [bs], [bt]
+        for i in range(depth):
+            slots = self.L + i * k + rows
+            anc = anc | (self.j[None, :] == slots[:, None])
+            out = head(bt, feats, (self.L + i).expand(k), slots, anc | prefix)   # [k, D]
+            cs, ct = torch.log_softmax(head.logits(out), dim=-1).topk(k, dim=-1)  # [k, k]
+            cum = (bs[:, None] + cs).reshape(-1)
+            best = cum.topk(k).indices
+            par = best // k
+            bs, bt = cum[best], ct.reshape(-1)[best]
+            feats, anc = out[par], anc[par]
+            sc.append(cum)
+            tk.append(ct.reshape(-1))
+        keep = torch.cat(sc).topk(total - 1).indices.sort().values
+        return torch.cat(tk)[keep]
 
     def tree(self, depth: int, total: int, L: int):
         """EAGLE-2 dynamic tree of `total` nodes (root included) grown from slot L: tokens [total-1]."""
         self.L.fill_(L)
-        k, head = self.k, self.head
-
-        def fn():
-            dev = self.L.device
-            rows = torch.arange(k, device=dev)
-            bs, bt = self.root_logp.topk(k)                                  # beams: scores, tokens [k]
-            feats = self.last.expand(k, -1)
-            prefix = self.j[None, :] < self.L                                # [1, S]
-            anc = torch.zeros(k, self.j.numel(), dtype=torch.bool, device=dev)
-            sc, tk = [bs], [bt]
-            for i in range(depth):
-                slots = self.L + i * k + rows
-                anc = anc | (self.j[None, :] == slots[:, None])
-                out = head(bt, feats, (self.L + i).expand(k), slots, anc | prefix)   # [k, D]
-                cs, ct = torch.log_softmax(head.logits(out), dim=-1).topk(k, dim=-1)  # [k, k]
-                cum = (bs[:, None] + cs).reshape(-1)
-                best = cum.topk(k).indices
-                par = best // k
-                bs, bt = cum[best], ct.reshape(-1)[best]
-                feats, anc = out[par], anc[par]
-                sc.append(cum)
-                tk.append(ct.reshape(-1))
-            keep = torch.cat(sc).topk(total - 1).indices.sort().values
-            return torch.cat(tk)[keep]
-        return self.g((self.tag, "tree", depth, total), fn)
+        return self.g((self.tag, "tree", depth, total), lambda: self.tree_fn(depth, total))

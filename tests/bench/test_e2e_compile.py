@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from specq.bench.e2e_units import ChainDrafter, Graphs, Verifier, chain_parents
-from specq.bench.randmodel import build_random, config
+from specq.bench.e2e_units import ChainDrafter, EagleDrafter, Graphs, Verifier, chain_parents
+from specq.bench.randmodel import build_eagle_head, build_random, config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ROOT = Path(__file__).resolve().parents[2]
@@ -32,6 +32,24 @@ def test_compiled_units_match_eager():
     d0, d1 = ChainDrafter(m, 64, g, "x"), ChainDrafter(m, 64, g, "y", compile=True)
     d1.ids = d0.ids
     assert torch.equal(d0.run(3, 30), d1.run(3, 30))
+
+
+@torch.inference_mode()
+def test_compiled_eagle_drafter_matches_eager():
+    torch.manual_seed(1)
+    m = build_random(config("tiny"), "bf16", "cpu", torch.float32)
+    head = build_eagle_head(m, "cpu", torch.float32)
+    head.setup_cache(96)
+    g = Graphs("cpu")
+    e0, e1 = EagleDrafter(head, 96, g, "a", top_k=4), EagleDrafter(head, 96, g, "b", top_k=4, compile=True)
+    e1.ids, e1.feats = e0.ids, e0.feats
+    for a, (depth, total) in ((1, (3, 10)), (3, (3, 10)), (2, (2, 7))):
+        outs = []
+        for e in (e0, e1):
+            e.commit(a, 40)
+            outs.append((e.root_logp.clone(), e.tree(depth, total, 40)))
+        torch.testing.assert_close(outs[1][0], outs[0][0], atol=1e-4, rtol=1e-4)
+        assert torch.equal(outs[0][1], outs[1][1])
 
 
 def _merge_mod():
