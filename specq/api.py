@@ -124,11 +124,9 @@ class LLM:
         else:
             from .engine import SpecEngine
             proposer, method = self.proposer_factory(sp)
-            if self.compile and self.device.type == "cuda":   # compiled verification (and draft-model) steps
-                from .engine import owned_models
-                from .spec.graphs import runner_for
-                for m in [self.model] + owned_models(proposer):
-                    runner_for(m, compile=True)
+            if self.compile and self.device.type == "cuda":   # compiled verification and drafting steps
+                from .engine import compile_steps
+                compile_steps(self.model, proposer)
             eng = SpecEngine(self.model, proposer, sp, method, seed=seed)
             out, m = eng.generate(ids, max_new_tokens, eos_ids=self.tok.eos_ids, stream=on_token)
             metrics = m.summary()

@@ -106,6 +106,19 @@ def owned_models(prop) -> list:
     return out + (owned_models(inner) if inner is not None else [])
 
 
+def compile_steps(target: Transformer, prop) -> None:
+    """torch.compile the static-shape steps the speculative loop runs (GPU): the target's and every owned
+    model's TreeRunner, and EAGLE heads' append / grow steps (nested proposers included)."""
+    from .spec.graphs import runner_for
+    for m in [target] + owned_models(prop):
+        runner_for(m, compile=True)
+    p = prop
+    while p is not None:
+        if hasattr(p, "enable_compile"):
+            p.enable_compile()
+        p = getattr(p, "tree_proposer", None)
+
+
 def ensure_cache(model: Transformer, size: int) -> None:
     """Make the model's static cache at least `size` slots, keeping its cache class (e.g. int8 KV)."""
     if model.cache_size >= size:

@@ -63,14 +63,12 @@ def run_plain(llm, prompts, max_new, sp, seed, decoder=None):
 
 
 def run_spec(llm, factory, prompts, max_new, sp, seed, compile=False):
-    from ..engine import SpecEngine, owned_models
-    from ..spec.graphs import runner_for
+    from ..engine import SpecEngine, compile_steps
     res = []
     for ids in prompts:
         prop, vm = factory(sp)
-        if compile:     # compiled verification / draft-model steps (kept per model across prompts)
-            for m in [llm.model] + owned_models(prop):
-                runner_for(m, compile=True)
+        if compile:     # compiled verification / drafting steps (runners and graphs kept across prompts)
+            compile_steps(llm.model, prop)
         eng = SpecEngine(llm.model, prop, sp, vm, seed=seed)
         sync(); t0 = time.perf_counter()
         out, m = eng.generate(ids, max_new, eos_ids=llm.tok.eos_ids)

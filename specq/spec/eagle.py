@@ -319,6 +319,16 @@ class EagleProposer(Proposer):
         self.max_nodes = total_tokens   # the engine sizes caches with this
         self.len = 0          # head cache positions holding true target features
         self.use_graphs = self.device.type == "cuda" if graphs is None else graphs
+        self.append_fn, self.grow_fn = self._append_fn, self._grow_fn
+        self.compiled = False
+
+    def enable_compile(self) -> None:
+        """torch.compile the two static-shape steps (append: symbolic row count; grow: this tree shape) before
+        their CUDA graphs are captured (graphs are keyed on it: eager and compiled proposers of one head coexist)."""
+        if not self.compiled:
+            self.append_fn = torch.compile(self._append_fn, dynamic=True)
+            self.grow_fn = torch.compile(self._grow_fn, dynamic=False)
+            self.compiled = True
 
     @property
     def device(self):
@@ -399,9 +409,9 @@ class EagleProposer(Proposer):
                 b = {"ids": torch.zeros(M, dtype=torch.long, device=dev),
                      "feats": torch.zeros(M, self.head.cfg.hidden_size, dtype=self.head.dtype, device=dev),
                      "L": torch.zeros(1, dtype=torch.long, device=dev), "n": torch.zeros(1, dtype=torch.long, device=dev)}
-                g, _ = capture(lambda: self._append_fn(b["ids"], b["feats"], b["L"], b["n"]))   # n = 0: scratch only
+                g, _ = capture(lambda: self.append_fn(b["ids"], b["feats"], b["L"], b["n"]))   # n = 0: scratch only
                 return g, b, None
-            entry = self._graph(("append", M), build)
+            entry = self._graph(("append", M, self.compiled), build)
             if entry is not None:
                 g, b, _ = entry
                 b["ids"][:m].copy_(ids)
@@ -412,7 +422,7 @@ class EagleProposer(Proposer):
                 self.len = L + m
                 return
         Lt = torch.full((1,), L, dtype=torch.long, device=dev)
-        self._append_fn(ids.to(dev), feats.to(dev, self.head.dtype), Lt, torch.full((1,), m, device=dev))
+        self.append_fn(ids.to(dev), feats.to(dev, self.head.dtype), Lt, torch.full((1,), m, device=dev))
         self.len = L + m
 
     def rollback(self, n: int) -> None:
@@ -442,8 +452,8 @@ class EagleProposer(Proposer):
             def build():   # warm-up grows a tree at the current position: writes only tree slots
                 b = {"root": torch.full((1,), int(root), dtype=torch.long, device=dev),
                      "L": torch.full((1,), self.len, dtype=torch.long, device=dev)}
-                return (*capture(lambda: self._grow_fn(b["root"], b["L"]), warmup=2), b)
-            entry = self._graph(("grow", self.top_k, self.depth, self.total_tokens), build)
+                return (*capture(lambda: self.grow_fn(b["root"], b["L"]), warmup=2), b)
+            entry = self._graph(("grow", self.top_k, self.depth, self.total_tokens, self.compiled), build)
             if entry is not None:
                 g, out, b = entry
                 b["root"].fill_(int(root))
@@ -452,7 +462,7 @@ class EagleProposer(Proposer):
                 tokens, parents, depth, anc = out
                 return Draft(tokens, parents, None, "iid", depth=depth, anc=anc)
         r = torch.full((1,), int(root), dtype=torch.long, device=dev)
-        tokens, parents, depth, anc = self._grow_fn(r, torch.full((1,), self.len, dtype=torch.long, device=dev))
+        tokens, parents, depth, anc = self.grow_fn(r, torch.full((1,), self.len, dtype=torch.long, device=dev))
         return Draft(tokens, parents, None, "iid", depth=depth, anc=anc)
 
 

@@ -329,3 +329,23 @@ def test_pit_detects_classic_lossy_verifier(small, monkeypatch):
     runs, _ = spec_runs(target, DraftModelProposer(copy.deepcopy(draft), k=3), SamplingParams(1.0))
     pv, _ = pit_pvalue(target, draft, runs, SamplingParams(1.0))
     assert pv < 1e-6
+
+
+def test_greedy_lossless_compiled_steps():
+    """compile_steps (what LLM(compile=True) and `bench spec --compile` call): the target's and draft models'
+    TreeRunners and the EAGLE steps torch.compile'd; greedy output still equals plain greedy decoding."""
+    from specq.engine import compile_steps
+    from specq.spec.eagle import EagleHead, EagleProposer
+    from specq.spec.graphs import runner_for
+    t = tiny(seed=7)                                   # its own model: runners live on the model
+    refs = [naive_greedy(t, p, 20) for p in PROMPTS[:2]]
+    head = EagleHead(t.cfg).bind(t).eval()
+    for name, prop in (("chain", DraftModelProposer(perturbed(t, 0.3), k=3)),
+                       ("eagle", EagleProposer(head, t, top_k=3, depth=3, total_tokens=10))):
+        compile_steps(t, prop)
+        assert runner_for(t).compile
+        assert runner_for(prop.model).compile if name == "chain" else prop.compiled
+        eng = SpecEngine(t, prop, SamplingParams())
+        for prompt, ref in zip(PROMPTS[:2], refs):
+            out, _ = eng.generate(prompt, 20)
+            assert out == ref, name
