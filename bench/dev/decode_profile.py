@@ -33,20 +33,25 @@ def main():
         dec.step_greedy(None)
     torch.cuda.synchronize()
     print(f"{a.shape} {a.fmt} compile={a.compile}: {50 / (time.perf_counter() - t0):.1f} tok/s")
+    print(kernel_table(lambda: dec.step_greedy(None), 20, "step"))
+
+
+def kernel_table(fn, calls: int, what: str = "call", top: int = 15, width: int = 90) -> str:
+    """Run fn() `calls` times under torch.profiler: GPU time per kernel name per call, largest first."""
+    fn()
+    torch.cuda.synchronize()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for _ in range(20):
-            dec.step_greedy(None)
+        for _ in range(calls):
+            fn()
         torch.cuda.synchronize()
     tot, cnt = collections.Counter(), collections.Counter()
     for e in prof.events():
         if e.device_type == torch.autograd.DeviceType.CUDA:
-            tot[e.name[:90]] += e.time_range.elapsed_us() / 20
-            cnt[e.name[:90]] += 1 / 20
-    s = sum(tot.values())
-    print(f"GPU kernel time per step {s:.0f} us ({sum(cnt.values()):.0f} kernels)")
-    for name, us in tot.most_common(15):
-        print(f"  {us:8.1f} us  {cnt[name]:5.0f}x  {name}")
-
+            tot[e.name[:width]] += e.time_range.elapsed_us() / calls
+            cnt[e.name[:width]] += 1 / calls
+    lines = [f"GPU kernel time per {what} {sum(tot.values()):.0f} us ({sum(cnt.values()):.0f} kernels)"]
+    lines += [f"  {us:8.1f} us  {cnt[name]:5.0f}x  {name}" for name, us in tot.most_common(top)]
+    return "\n".join(lines)
 
 if __name__ == "__main__":
     main()

@@ -3,7 +3,6 @@ graph of the target's forward over a causal chain of M tokens at cache slot L), 
 M, then torch.profiler GPU time per kernel name for the M given by --prof; --sdpa: attention by torch's SDPA
 instead of specq's kernel.   PYTHONPATH=$PWD python bench/dev/verify_profile.py [--fmt w4a16] [--sdpa]"""
 import argparse
-import collections
 import sys
 import time
 from pathlib import Path
@@ -11,6 +10,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from bench.dev.decode_profile import kernel_table  # noqa: E402
 from specq.bench.e2e_units import Graphs, Verifier, chain_parents  # noqa: E402
 from specq.bench.randmodel import build_random, config  # noqa: E402
 from specq.models import llama  # noqa: E402
@@ -46,21 +46,7 @@ def main():
         print(f"{a.shape} {a.fmt} attention={'sdpa' if sd else 'kernel'} compile={comp}: T(M) ms " +
               " ".join(f"{M}:{t:.3f}" for M, t in res.items()) + f" | T(2)/T(1) {res.get(2, 0) / res[1]:.3f}", flush=True)
         for M in map(int, a.prof.split(",")):
-            ver.run(chain_parents(M), L)
-            torch.cuda.synchronize()
-            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-                for _ in range(10):
-                    ver.run(chain_parents(M), L)
-                torch.cuda.synchronize()
-            tot, cnt = collections.Counter(), collections.Counter()
-            for e in prof.events():
-                if e.device_type == torch.autograd.DeviceType.CUDA:
-                    tot[e.name[:80]] += e.time_range.elapsed_us() / 10
-                    cnt[e.name[:80]] += 1 / 10
-            print(f"  M={M}: GPU kernel time per call {sum(tot.values()):.0f} us ({sum(cnt.values()):.0f} kernels)")
-            for name, us in tot.most_common(14):
-                print(f"    {us:8.1f} us  {cnt[name]:5.0f}x  {name}")
-
+            print(f"  M={M}: " + kernel_table(lambda: ver.run(chain_parents(M), L), 10, top=14, width=80))
 
 if __name__ == "__main__":
     main()
