@@ -39,3 +39,18 @@ def test_generate_tiny_model_and_prompt_too_long(capsys, tmp_path):
     long_prompt = " ".join(["w5"] * 300)  # the tiny config's context is 256
     rc, out, err = run(capsys, "generate", long_prompt, "--model", str(d), "--no-chat")
     assert rc == 2 and "context" in err and err.count("\n") == 1
+
+
+def test_bench_latency_tiny_model(capsys, tmp_path):
+    """`specq bench latency`: T(M) per format through the engine's runner, JSON + plot, ratios against M=1."""
+    _, d = make_ckpt(tmp_path, "llama")
+    out = tmp_path / "lat.json"
+    rc, _, err = run(capsys, "bench", "latency", "--model", str(d), "--formats", "none", "--ms", "2,4",
+                     "--reps", "1", "--out", str(out))
+    assert rc == 0, err
+    res = json.loads(out.read_text())
+    assert [r["M"] for r in res["rows"]] == [1, 2, 4] and res["compile"] is False
+    assert res["rows"][0]["ratio_vs_M1"] == 1.0 and all(r["ms"] > 0 for r in res["rows"])
+    assert out.with_suffix(".png").exists()
+    rc, _, err = run(capsys, "bench", "latency", "--model", str(d), "--ms", "0")
+    assert rc == 2 and "--ms" in err

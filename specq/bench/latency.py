@@ -107,12 +107,16 @@ def _all(cond, n):  # probability that all n drafts of a chain are accepted
     return p
 
 
-def time_forward(model, M: int, reps: int = 10, ctx: int = 256) -> float:
-    """Median seconds of one target forward of M new tokens after ctx cached tokens."""
+def time_forward(model, M: int, reps: int = 10, ctx: int = 256, compile: bool = False) -> float:
+    """Median seconds of one target forward of M new tokens after ctx cached tokens, as the speculative engine
+    runs it: the model's TreeRunner (a CUDA graph per bucket on GPU; compile: torch.compile'd first), wall time
+    up to a synchronize."""
     from ..models.llama import causal_mask
+    from ..spec.graphs import bucket, runner_for
     dev = model.device
-    S = ctx + M
+    S = ctx + bucket(M) + 1                             # room for the padded bucket below the scratch slot
     model.setup_cache(S)
+    run = runner_for(model, compile=True if compile else None)    # None: keep whichever runner the model has
     ids = torch.randint(0, model.cfg.vocab_size, (M,), device=dev)
     pos = torch.arange(ctx, ctx + M, device=dev)
     mask = causal_mask(ctx, M, S, dev)
@@ -122,7 +126,7 @@ def time_forward(model, M: int, reps: int = 10, ctx: int = 256) -> float:
             if dev.type == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-            model(ids, pos, pos, mask, return_hidden=False)
+            run.forward(ids, pos, pos, mask, ctx + M - 1)
             if dev.type == "cuda":
                 torch.cuda.synchronize()
             if r >= 2:
@@ -143,7 +147,7 @@ def main(a) -> int:
         quant = None if fmt == "none" else dict(fmt=fmt, method="rtn", group_size=a.group_size)
         llm = LLM(a.model, device=a.device, dtype=a.dtype, quant=quant)
         for M in ms:
-            t = time_forward(llm.model, M, a.reps)
+            t = time_forward(llm.model, M, a.reps, compile=a.compile)
             rows.append({"format": fmt, "M": M, "ms": t * 1e3})
             print(f"{fmt:6s} M={M:4d} {t * 1e3:8.2f} ms", file=sys.stderr)
     for r in rows:
@@ -151,7 +155,7 @@ def main(a) -> int:
         r["ratio_vs_M1"] = r["ms"] / t1
     res = {"rows": rows, "model": a.model, "command": "specq " + " ".join(sys.argv[1:]),
            "device": torch.cuda.get_device_name() if torch.cuda.is_available() and a.device != "cpu" else "cpu",
-           "date": datetime.date.today().isoformat()}
+           "date": datetime.date.today().isoformat(), "compile": a.compile}
     if a.acceptance:
         acc = [float(x) for x in a.acceptance.split(",")]
         for fmt in {r["format"] for r in rows}:
@@ -195,6 +199,7 @@ def add_parser(bsub):
     s.add_argument("--reps", type=int, default=10, help="timed repetitions per point, median (default 10)")
     s.add_argument("--acceptance", default=None, help="conditional acceptance per depth, e.g. 0.8,0.7,0.6 (enables the planner)")
     s.add_argument("--draft-ms", type=float, default=1.0, help="planner: milliseconds per drafted token (default 1.0)")
+    s.add_argument("--compile", action="store_true", help="GPU: time the torch.compile'd forward (what --compile runs)")
     s.add_argument("--out", default=None, help="write JSON here (and a .png plot beside it)")
     s.set_defaults(func=main)
 
