@@ -30,6 +30,10 @@ from .ref import SHIFTS, dequant_w4, unpack_int4
 
 
 SLICES = True          # default word layout (see repack_int4)
+# scale/zero loads: 0 = two 2-byte loads per row and block inside the loop (measured default); 1 = one packed
+# int32 load (cp.async-able); 2 = the split's packed [PER, BN] tile loaded once before the loop. 1 and 2 are
+# candidates from the sm_90 SASS (the 2-byte loads are issued between the MMAs), not yet timed on the H100.
+SZ_MODE = 0
 
 
 class Partial(NamedTuple):
@@ -57,6 +61,7 @@ class W4A16Weight(NamedTuple):
     raw: tuple              # canonical (qweight, scales, zeros) kept for the fallback path
     slices: bool            # word layout (repack_int4): 4 dots of 32 k per block, else 1 dot of 128 k
     tiled: bool = False     # tile-major storage (tile_major): each [64 rows, 128 k] block is 4 KB contiguous
+    sz: torch.Tensor | None = None   # int32 [K//128, N]: scale bits | zero bits << 16 (kernel SZ modes 1, 2)
 
 
 def repack_int4(qweight: torch.Tensor, slices: bool) -> torch.Tensor:
@@ -107,8 +112,9 @@ def prepare_w4a16(qweight, scales, zeros, group_size=None, dtype=None, slices=SL
     locks = torch.zeros(_LOCKS, dtype=torch.int32, device=qweight.device)
     tiled = (TILED if tiled is None else tiled) and N % TILE_ROWS == 0
     words = repack_int4(qweight, slices)
+    sz = (s.view(torch.int16).to(torch.int32) & 0xFFFF) | (z.view(torch.int16).to(torch.int32) << 16)
     return W4A16Weight(tile_major(words) if tiled else words, s, z, locks, G, N, K, (qweight, scales, zeros),
-                       slices, tiled)
+                       slices, tiled, sz.contiguous())
 
 
 _LOCKS = 4096          # tile counters per weight: n_tiles * m_tiles of a split launch must fit
@@ -126,7 +132,7 @@ def _prepared(qweight, scales, zeros, group_size, dtype) -> W4A16Weight:
     return p
 
 
-# cfg = (BM, BN, SPLIT, R, num_warps, num_stages[, PRESCALE]): output tile BM tokens x BN rows, K
+# cfg = (BM, BN, SPLIT, R, num_warps, num_stages[, PRESCALE[, SZ]]): output tile BM tokens x BN rows, K
 # split SPLIT ways, R 128-k blocks per loop step, PRESCALE: scale folded into the dequantized weights.
 # Rule fitted to the H100 sweeps (bench/results/h100/kernels_w4a16_dev.txt, Llama-3-8B shapes): split K
 # until the grid has `target` programs; 2 stages and 2 blocks per step for M <= 16; wide N (gate_up)
@@ -179,13 +185,16 @@ def _launch(x, w: W4A16Weight, cfg, asm, contribute=None):
     M, K = x.shape
     N = w.N
     c = tuple(cfg or default_config(M, N, K))
-    BM, BN, split, R, nw, ns, pre = c + (False,) * (7 - len(c))
+    BM, BN, split, R, nw, ns, pre, szm = c + (False, SZ_MODE)[len(c) - 6:]      # cfg may omit pre and the SZ mode
     nblk = K // 128
     split = max(1, min(split, nblk // R))
     while nblk % (split * R):                          # every split: a whole number of R-block steps
         split -= 1
         if split == 0:
             split, R = 1, 1
+    szm = szm if w.sz is not None else 0
+    if szm == 2 and nblk // split > 32:               # a preloaded tile of > 32 blocks would cost registers
+        szm = 1
     grid = (triton.cdiv(M, BM), triton.cdiv(N, BN), split)
     npart = split + (contribute is not None)          # partials per output tile (SPLIT in the kernel)
     if npart > 1 and grid[0] * grid[1] > w.locks.numel():
@@ -198,7 +207,8 @@ def _launch(x, w: W4A16Weight, cfg, asm, contribute=None):
                         nblk // split, npart, x.stride(0), y.stride(0),
                         BM=BM, BN=BN, R=R, SPLITK=npart > 1, SLICES=w.slices, TILED=w.tiled,
                         PRESCALE=bool(pre) and w.slices, USE_ASM=asm, FP16=x.dtype == torch.float16,
-                        F32DOT=INTERPRET, num_warps=nw, num_stages=ns)
+                        F32DOT=INTERPRET, sz_ptr=w.sz if szm else w.locks, SZ=szm,
+                        PERP=triton.next_power_of_2(nblk // split) if szm == 2 else 1, num_warps=nw, num_stages=ns)
     return y
 
 
@@ -278,13 +288,22 @@ if HAS_TRITON:
     @triton.jit
     def _block(acc, u_ptr, s_ptr, z_ptr, x_ptr, b, rowoff, BSTRIDE: tl.constexpr, rnl, rm, mmask, N, sxm,
                SLICES: tl.constexpr,
-               PRESCALE: tl.constexpr, USE_ASM: tl.constexpr, FP16: tl.constexpr, F32DOT: tl.constexpr):
+               PRESCALE: tl.constexpr, USE_ASM: tl.constexpr, FP16: tl.constexpr, F32DOT: tl.constexpr,
+               sz_ptr, szt, li, SZ: tl.constexpr, PERP: tl.constexpr):
         """acc [BN, BM] += s * ((q - z) [BN, 128] @ x[:, 128 b : 128 b + 128]^T) for 128-k block b."""
         ru = tl.arange(0, 32)                                                     # 32 int16 units
         rk = tl.arange(0, 128)
         u = tl.load(u_ptr + rowoff[:, None] + (b * BSTRIDE + ru)[None, :])         # [BN, 32] int16
-        s = tl.load(s_ptr + b * N + rnl).to(tl.float32)                               # [BN]
-        z = tl.load(z_ptr + b * N + rnl).to(tl.float32)
+        if SZ == 0:    # two 2-byte loads per row (Triton issues them inside the loop body, not via cp.async)
+            s = tl.load(s_ptr + b * N + rnl).to(tl.float32)                           # [BN]
+            z = tl.load(z_ptr + b * N + rnl).to(tl.float32)
+        else:          # one int32 per row and block: scale bits | zero bits << 16
+            if SZ == 1:
+                sz = tl.load(sz_ptr + b * N + rnl)                                      # [BN] int32 (4-byte load)
+            else:      # from the tile loaded before the loop: row li of szt [PERP, BN]
+                sz = tl.sum(tl.where((tl.arange(0, PERP) == li)[:, None], szt, 0), axis=0)
+            s = (sz & 0xFFFF).to(tl.int16).to(x_ptr.dtype.element_ty, bitcast=True).to(tl.float32)
+            z = (sz >> 16).to(tl.int16).to(x_ptr.dtype.element_ty, bitcast=True).to(tl.float32)
         nz = (-(z + (1024.0 if FP16 else 128.0))).to(x_ptr.dtype.element_ty)
         o0, o1, o2, o3 = _dq4(u, nz, s, USE_ASM, FP16, PRESCALE)                       # [BN, 32] each
         xb = x_ptr + rm[None, :] * sxm + b * 128
@@ -319,7 +338,7 @@ if HAS_TRITON:
     def _w4a16_kernel(x_ptr, u_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, lock_ptr, M, N, KU, PER, SPLIT, sxm, sym,
                       BM: tl.constexpr, BN: tl.constexpr, R: tl.constexpr, SPLITK: tl.constexpr,
                       SLICES: tl.constexpr, PRESCALE: tl.constexpr, USE_ASM: tl.constexpr, FP16: tl.constexpr,
-                      F32DOT: tl.constexpr, TILED: tl.constexpr):
+                      F32DOT: tl.constexpr, TILED: tl.constexpr, sz_ptr, SZ: tl.constexpr, PERP: tl.constexpr):
         pid_m = tl.program_id(0)          # m fastest: programs sharing a weight tile run together
         pid_n = tl.program_id(1)
         pid_k = tl.program_id(2)
@@ -331,11 +350,16 @@ if HAS_TRITON:
         rm = pid_m * BM + tl.arange(0, BM)
         mmask = rm < M
         acc = tl.zeros([BN, BM], dtype=tl.float32)
+        if SZ == 2:   # every block's packed scale/zero of this split in one load before the loop (PERP >= PER)
+            rp = tl.arange(0, PERP)
+            szt = tl.load(sz_ptr + (pid_k * PER + rp)[:, None] * N + rnl[None, :], mask=(rp < PER)[:, None], other=0)
+        else:
+            szt = 0
         for i in range(0, PER, R):        # PER = 128-k blocks of this split, a multiple of R
             b = pid_k * PER + i
             for r in tl.static_range(R):
                 acc = _block(acc, u_ptr, s_ptr, z_ptr, x_ptr, b + r, rowoff, BSTRIDE, rnl, rm, mmask, N, sxm,
-                             SLICES, PRESCALE, USE_ASM, FP16, F32DOT)
+                             SLICES, PRESCALE, USE_ASM, FP16, F32DOT, sz_ptr, szt, i + r, SZ, PERP)
         omask = (rn < N)[:, None] & mmask[None, :]
         if not SPLITK:
             tl.store(y_ptr + rm[None, :] * sym + rn[:, None], acc.to(y_ptr.dtype.element_ty), mask=omask)

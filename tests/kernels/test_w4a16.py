@@ -83,7 +83,11 @@ for sl in (True, False):
                                      (17, 32, 256, 128, False, torch.bfloat16, None),
                                      (2, 64, 2048, 128, False, torch.bfloat16, (16, 64, 2, 2, 4, 1)),
                                      (5, 64, 1024, 128, False, torch.bfloat16, (16, 64, 1, 1, 4, 1)),
-                                     (40, 64, 768, 256, False, torch.bfloat16, (32, 32, 3, 1, 4, 1, True))]:
+                                     (40, 64, 768, 256, False, torch.bfloat16, (32, 32, 3, 1, 4, 1, True)),
+                                     # packed scale/zero loads: in the loop (1), one tile before it (2, PER 3 -> PERP 4)
+                                     (2, 64, 2048, 128, False, torch.bfloat16, (16, 64, 2, 2, 4, 1, False, 1)),
+                                     (3, 48, 1536, None, False, torch.float16, (16, 32, 4, 1, 4, 1, False, 2)),
+                                     (1, 64, 3072, 128, True, torch.bfloat16, (16, 64, 8, 1, 4, 1, True, 2))]:
         q, s, z = ref.random_w4a16(N, K, G, sym, dt)
         x = torch.randn(M, K).to(dt)
         for tiled in ((True, False) if N % 64 == 0 else (False,)):
