@@ -122,6 +122,26 @@ def cmd_generate(a) -> int:
     return 0
 
 
+def cmd_serve(a) -> int:
+    import os
+    from .api import LLM
+    from .server import make_server
+    if not 0 <= a.port <= 65535:
+        raise SpecqError(f"invalid --port {a.port}: must be in 0..65535")
+    llm = LLM(a.model, device=a.device, dtype=a.dtype, quant=quant_from_args(a), spec=spec_from_args(a),
+              compensate=a.compensate, compile=a.compile)
+    name = a.served_model_name or os.path.splitext(os.path.basename(os.path.normpath(a.model)))[0]
+    srv = make_server(llm, name, a.host, a.port, quiet=a.quiet)
+    host, port = srv.server_address[:2]
+    print(f"specq serve: {name!r} on http://{host}:{port}/v1 (OpenAI API: /v1/models, /v1/completions, "
+          f"/v1/chat/completions; Ctrl-C stops)", file=sys.stderr, flush=True)
+    try:
+        srv.serve_forever()
+    finally:
+        srv.server_close()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="specq", description="Fast lossless decoding of quantized LLMs at batch size 1: "
                                 "quantized targets + speculative decoding + dynamic error compensation.")
@@ -137,6 +157,20 @@ def build_parser() -> argparse.ArgumentParser:
                         "(--spec) inside their CUDA graphs (tens of seconds to compile once; ~1.5-3x faster steps)")
     add_model_args(g); add_quant_args(g); add_sampling_args(g); add_spec_args(g)
     g.set_defaults(func=cmd_generate)
+    sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server (completions, chat completions, streaming)",
+                        description="Serve one model over HTTP with the OpenAI API (/v1/models, /v1/completions, "
+                                    "/v1/chat/completions, stream=true as server-sent events). Requests run one at a "
+                                    "time (batch size 1); quantization, speculative decoding and --compile apply to "
+                                    "every request and never change what the target says.")
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 = all)")
+    sv.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 = any free port)")
+    sv.add_argument("--served-model-name", default=None, help="model id clients send and see (default: the "
+                    "model's file or directory name)")
+    sv.add_argument("--quiet", action="store_true", help="no request log on stderr")
+    sv.add_argument("--compile", action="store_true", help="GPU: torch.compile the decode / verification steps "
+                    "(the first request pays the compile)")
+    add_model_args(sv); add_quant_args(sv); add_spec_args(sv)
+    sv.set_defaults(func=cmd_serve)
     from .bench.cli import add_parser as add_bench
     from .quant.cli import add_ppl_parser, add_quantize_parser
     from .spec.train_eagle import add_parser as add_train_eagle
