@@ -131,7 +131,7 @@ def cmd_serve(a) -> int:
     llm = LLM(a.model, device=a.device, dtype=a.dtype, quant=quant_from_args(a), spec=spec_from_args(a),
               compensate=a.compensate, compile=a.compile)
     name = a.served_model_name or os.path.splitext(os.path.basename(os.path.normpath(a.model)))[0]
-    srv = make_server(llm, name, a.host, a.port, quiet=a.quiet)
+    srv = make_server(llm, name, a.host, a.port, quiet=a.quiet, stats=a.stats)
     host, port = srv.server_address[:2]
     print(f"specq serve: {name!r} on http://{host}:{port}/v1 (OpenAI API: /v1/models, /v1/completions, "
           f"/v1/chat/completions; Ctrl-C stops)", file=sys.stderr, flush=True)

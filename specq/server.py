@@ -111,8 +111,8 @@ class App:
     """The routes, independent of the socket layer: handle(method, path, body, send_event) -> (status, object);
     send_event(obj) writes one server-sent event while a streamed completion runs."""
 
-    def __init__(self, llm, model_name: str):
-        self.llm, self.name = llm, model_name
+    def __init__(self, llm, model_name: str, stats: bool = False):
+        self.llm, self.name, self.stats = llm, model_name, stats
         self.lock = threading.Lock()
         self.created = int(time.time())
 
@@ -159,6 +159,10 @@ class App:
                        else self.llm.generate(prompt, on_text=on_text, **kw))
             except SpecqError as e:           # e.g. a prompt longer than the context
                 raise HTTPError(400, str(e)) from None
+        if self.stats:
+            tau = out.metrics.get("tau")
+            print(f"specq serve: {len(out.ids)} tokens in {out.seconds:.2f}s ({out.tok_s:.1f} tok/s" +
+                  (f", tau {tau:.2f})" if tau else ")"), file=sys.stderr, flush=True)
         usage = {"prompt_tokens": out.prompt_tokens, "completion_tokens": len(out.ids),
                  "total_tokens": out.prompt_tokens + len(out.ids)}
         if stream:
@@ -258,9 +262,11 @@ class Handler(BaseHTTPRequestHandler):
         self._run("DELETE")
 
 
-def make_server(llm, model_name: str, host: str = "127.0.0.1", port: int = 8000, quiet: bool = False):
-    """A ThreadingHTTPServer serving llm (port 0: any free port; server.server_address has it)."""
-    handler = type("SpecqHandler", (Handler,), {"app": App(llm, model_name), "quiet": quiet})
+def make_server(llm, model_name: str, host: str = "127.0.0.1", port: int = 8000, quiet: bool = False,
+                stats: bool = False):
+    """A ThreadingHTTPServer serving llm (port 0: any free port; server.server_address has it); stats: one line
+    per request on stderr (tokens, tok/s, tau)."""
+    handler = type("SpecqHandler", (Handler,), {"app": App(llm, model_name, stats), "quiet": quiet})
     try:
         return ThreadingHTTPServer((host, port), handler)
     except OSError as e:

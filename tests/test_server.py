@@ -3,6 +3,7 @@ greedy output, streaming deltas add up to the same text, speculative serving sta
 4xx errors with an OpenAI-style error object."""
 import http.client
 import json
+import re
 import threading
 
 import pytest
@@ -181,3 +182,16 @@ def test_concurrent_requests_and_client_gone(server):
     assert call(port, "GET", "/health")[0] == 200
     st, _, t = call(port, "POST", "/v1/completions", {"prompt": "w2 w6", "max_tokens": 10, "temperature": 0})
     assert st == 200 and json.loads(t)["choices"][0]["text"] == want
+
+
+def test_stats_line(ckpt, capsys):
+    llm = LLM(str(ckpt), device="cpu", spec=dict(method="ngram", k=3))
+    srv = make_server(llm, "tiny", "127.0.0.1", 0, quiet=True, stats=True)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        assert call(srv.server_address[1], "POST", "/v1/completions", {"prompt": "w3 w4 w3", "max_tokens": 6, "temperature": 0})[0] == 200
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    err = capsys.readouterr().err
+    assert re.search(r"specq serve: \d+ tokens in [0-9.]+s \([0-9.]+ tok/s, tau [0-9.]+\)", err), err
