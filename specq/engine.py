@@ -106,11 +106,13 @@ def owned_models(prop) -> list:
     return out + (owned_models(inner) if inner is not None else [])
 
 
-def compile_steps(target: Transformer, prop) -> None:
+def compile_steps(target: Transformer, prop, reserve: int = 2048) -> None:
     """torch.compile the static-shape steps the speculative loop runs (GPU): the target's and every owned
-    model's TreeRunner, and EAGLE heads' append / grow steps (nested proposers included)."""
+    model's TreeRunner, and EAGLE heads' append / grow steps (nested proposers included). Compiled code is
+    specialized to the cache size, so the caches are made `reserve` slots long (at most the context) up front."""
     from .spec.graphs import runner_for
     for m in [target] + owned_models(prop):
+        ensure_cache(m, min(reserve, m.cfg.max_position_embeddings))
         runner_for(m, compile=True)
     p = prop
     while p is not None:
@@ -119,12 +121,15 @@ def compile_steps(target: Transformer, prop) -> None:
         p = getattr(p, "tree_proposer", None)
 
 
-def ensure_cache(model: Transformer, size: int) -> None:
-    """Make the model's static cache at least `size` slots, keeping its cache class (e.g. int8 KV)."""
+def ensure_cache(model: Transformer, size: int, cap: int | None = None) -> None:
+    """Make the model's static cache at least `size` slots, keeping its cache class (e.g. int8 KV). A cache that
+    has to grow at least doubles (up to cap): every new size costs CUDA-graph captures, and compiled steps a
+    recompile, so a server seeing longer and longer prompts regrows O(log) times, not once per prompt."""
     if model.cache_size >= size:
         return
     cls = type(model.layers[0].self_attn.cache) if model.cache_size else KVCache
-    model.setup_cache(size, cache_cls=cls)
+    grown = max(size, min(cap or size, 2 * model.cache_size))
+    model.setup_cache(grown, cache_cls=cls)
 
 
 class SpecEngine:
@@ -176,7 +181,7 @@ class SpecEngine:
             raise SpecqError(f"prompt ({P}) + max_new_tokens ({max_new_tokens}) + draft ({extra}) = {need} tokens "
                              f"exceeds the context of {self.max_len}")
         # + padding of the largest draft to its bucket + the scratch slot padded rows write (spec/graphs.py)
-        ensure_cache(T, min(self.max_len, -(-(need - extra + bucket(extra) + 1) // 256) * 256))
+        ensure_cache(T, min(self.max_len, -(-(need - extra + bucket(extra) + 1) // 256) * 256), cap=self.max_len)
         S = T.cache_size
         if hasattr(prop, "setup"):
             prop.setup(S)

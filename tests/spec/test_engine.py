@@ -349,3 +349,30 @@ def test_greedy_lossless_compiled_steps():
         for prompt, ref in zip(PROMPTS[:2], refs):
             out, _ = eng.generate(prompt, 20)
             assert out == ref, name
+
+
+def test_cache_growth_doubles_and_compiled_steps_do_not_recompile():
+    """A cache that must grow at least doubles (few regrowths, each a graph capture / recompile); compile_steps
+    reserves 2048 slots, so prompts of any length below that reuse the compiled code (dynamo compiles nothing new)."""
+    import torch._dynamo.utils as du
+    from specq.engine import compile_steps, ensure_cache
+    t = tiny(seed=9)
+    t.setup_cache(256)
+    ensure_cache(t, 300, cap=4096)
+    assert t.cache_size == 512
+    ensure_cache(t, 3000, cap=4096)
+    assert t.cache_size == 3000
+    ensure_cache(t, 3100, cap=4096)
+    assert t.cache_size == 4096
+    t = tiny(seed=10)
+    ref = naive_greedy(t, PROMPTS[1], 12)             # (sets its own small cache: before compile_steps)
+    prop = DraftModelProposer(perturbed(t, 0.3), k=3)
+    compile_steps(t, prop)
+    assert t.cache_size == 2048 and prop.model.cache_size == 2048
+    eng = SpecEngine(t, prop, SamplingParams())
+    out, _ = eng.generate(PROMPTS[1], 12)
+    assert out == ref
+    before = du.counters["stats"]["unique_graphs"]
+    for P in (40, 300, 900):
+        out, _ = eng.generate([1 + (j % 90) for j in range(P)], 12)
+    assert du.counters["stats"]["unique_graphs"] == before
