@@ -145,8 +145,9 @@ class LLM:
         """One compiled Decoder reused across calls (compiling per call would cost seconds each time)."""
         from .generate import Decoder
         ctx = self.model.cfg.max_position_embeddings
-        if self._decoder is None or self._decoder.S < need:
-            self._decoder = Decoder(self.model, min(ctx, max(need, 2048)), compile=True)
+        if self._decoder is None or self._decoder.S < need:     # grow at least 2x: each new size recompiles
+            old = self._decoder.S if self._decoder is not None else 1024
+            self._decoder = Decoder(self.model, min(ctx, max(need, 2 * old)), compile=True)
         return self._decoder
 
     def chat(self, messages: list[dict], **kw) -> Completion:
