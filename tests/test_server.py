@@ -195,3 +195,17 @@ def test_stats_line(ckpt, capsys):
         srv.server_close()
     err = capsys.readouterr().err
     assert re.search(r"specq serve: \d+ tokens in [0-9.]+s \([0-9.]+ tok/s, tau [0-9.]+\)", err), err
+
+
+def test_cli_serve_port_in_use(ckpt, capsys):
+    import socket
+    from specq.cli import main
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen(1)
+    try:
+        rc = main(["serve", "--model", str(ckpt), "--device", "cpu", "--port", str(s.getsockname()[1])])
+    finally:
+        s.close()
+    err = capsys.readouterr().err
+    assert rc == 2 and "cannot listen on" in err and err.count("\n") == 1 and "Traceback" not in err
