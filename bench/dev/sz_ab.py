@@ -30,7 +30,7 @@ def main():
         for name, K, N in MODELS[model]:
             q, s, z = ref.random_w4a16(N, K, 128, True, torch.bfloat16, "cuda", g)
             wu8 = torch.randint(0, 256, (N, K // 2), device="cuda", dtype=torch.uint8)
-            ws.append(dict(name=name, K=K, N=N, raw=(q, s, z), w=W.prepare_w4a16(q, s, z, 128),
+            ws.append(dict(name=name, K=K, N=N, raw=(q, s, z), w=W.prepare_w4a16(q, s, z, 128, packed=True),
                            int4pack=torch.ops.aten._convert_weight_to_int4pack(wu8, 8),
                            int4sz=(torch.rand(K // 128, N, 2, device="cuda") * 0.01 + 0.001).to(torch.bfloat16)))
         for m in (1, 2, 4, 8, 16, 32, 64):

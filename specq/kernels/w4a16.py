@@ -91,8 +91,11 @@ def tile_major(words: torch.Tensor) -> torch.Tensor:
     return words.view(N // TILE_ROWS, TILE_ROWS, W // 16, 16).transpose(1, 2).contiguous().view(N, W)
 
 
-def prepare_w4a16(qweight, scales, zeros, group_size=None, dtype=None, slices=SLICES, tiled=None) -> W4A16Weight:
-    """One-time repack of canonical int4 weights for w4a16_linear (dtype: activation dtype)."""
+def prepare_w4a16(qweight, scales, zeros, group_size=None, dtype=None, slices=SLICES, tiled=None,
+                  packed=None) -> W4A16Weight:
+    """One-time repack of canonical int4 weights for w4a16_linear (dtype: activation dtype). packed: also keep the
+    packed scale/zero words the kernel's SZ modes 1 and 2 read (default: when SZ_MODE asks for them; they double
+    the scale memory, about 2 GB at 70B)."""
     N, W = qweight.shape
     K = W * 8
     G = K if group_size in (None, -1, 0) else int(group_size)
@@ -112,9 +115,11 @@ def prepare_w4a16(qweight, scales, zeros, group_size=None, dtype=None, slices=SL
     locks = torch.zeros(_LOCKS, dtype=torch.int32, device=qweight.device)
     tiled = (TILED if tiled is None else tiled) and N % TILE_ROWS == 0
     words = repack_int4(qweight, slices)
-    sz = (s.view(torch.int16).to(torch.int32) & 0xFFFF) | (z.view(torch.int16).to(torch.int32) << 16)
+    sz = None
+    if SZ_MODE != 0 if packed is None else packed:
+        sz = ((s.view(torch.int16).to(torch.int32) & 0xFFFF) | (z.view(torch.int16).to(torch.int32) << 16)).contiguous()
     return W4A16Weight(tile_major(words) if tiled else words, s, z, locks, G, N, K, (qweight, scales, zeros),
-                       slices, tiled, sz.contiguous())
+                       slices, tiled, sz)
 
 
 _LOCKS = 4096          # tile counters per weight: n_tiles * m_tiles of a split launch must fit
@@ -192,7 +197,8 @@ def _launch(x, w: W4A16Weight, cfg, asm, contribute=None):
         split -= 1
         if split == 0:
             split, R = 1, 1
-    szm = szm if w.sz is not None else 0
+    if szm and w.sz is None:
+        raise SpecqError(f"w4a16: scale/zero mode {szm} needs the packed words: prepare_w4a16(..., packed=True)")
     if szm == 2 and nblk // split > 32:               # a preloaded tile of > 32 blocks would cost registers
         szm = 1
     grid = (triton.cdiv(M, BM), triton.cdiv(N, BN), split)

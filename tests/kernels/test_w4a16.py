@@ -91,7 +91,7 @@ for sl in (True, False):
         q, s, z = ref.random_w4a16(N, K, G, sym, dt)
         x = torch.randn(M, K).to(dt)
         for tiled in ((True, False) if N % 64 == 0 else (False,)):
-            w = prepare_w4a16(q, s, z, G, dt, slices=sl, tiled=tiled)
+            w = prepare_w4a16(q, s, z, G, dt, slices=sl, tiled=tiled, packed=bool(cfg and len(cfg) > 7 and cfg[7]))
             e = rel(w4a16_linear(x, w, cfg=cfg), ref.ref_w4a16(x, q, s, z))
             if not e < 1e-2 or int(w.locks.abs().sum()) or w.tiled != tiled:
                 bad.append((sl, tiled, M, N, K, e))
@@ -99,6 +99,13 @@ q, s, z = ref.random_w4a16(32, 256, 128, False, torch.float32)   # fp32 x: the e
 x = torch.randn(2, 256)
 if not torch.allclose(w4a16_linear(x, q, s, z, 128), x @ ref.dequant_w4(q, s, z).T, rtol=1e-5, atol=1e-5):
     bad.append("fp32")
+try:       # a packed mode without the packed words is refused, not silently run as mode 0
+    w4a16_linear(torch.randn(1, 256).to(torch.bfloat16), prepare_w4a16(q, s.bfloat16(), z.bfloat16(), 128),
+                 cfg=(16, 32, 1, 1, 4, 1, False, 2))
+    bad.append("unpacked mode 2 ran")
+except Exception as e:
+    if "packed" not in str(e):
+        bad.append(("wrong error", str(e)[:100]))
 print("BAD", bad) if bad else print("ALLOK")
 '''
 
