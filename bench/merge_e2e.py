@@ -9,8 +9,19 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
+def read_run(p: Path) -> dict:
+    try:
+        r = json.loads(p.read_text())
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"merge_e2e: cannot read {p}: {e}") from None
+    missing = [k for k in ("rows", "latency", "planner", "errors", "command", "date", "device") if k not in r]
+    if missing:
+        raise SystemExit(f"merge_e2e: {p} is not a bench/e2e.py result (no {', '.join(missing)})")
+    return r
+
+
 def merge(paths: list[Path]) -> dict:
-    runs = [json.loads(p.read_text()) for p in paths]
+    runs = [read_run(p) for p in paths]
     out = {k: v for k, v in runs[0].items() if k not in ("rows", "latency", "planner", "errors", "elapsed_s")}
     out.update(rows=[], latency=[], planner=[], errors=[])
     out["runs"] = [{"command": r["command"], "date": r["date"], "device": r["device"], "torch": r.get("torch"),
@@ -38,6 +49,8 @@ def merge(paths: list[Path]) -> dict:
 
 
 def main():
+    if len(sys.argv) < 3:
+        raise SystemExit("usage: python bench/merge_e2e.py OUT_DIR RUN1/e2e.json [RUN2/e2e.json ...]")
     out = Path(sys.argv[1])
     res = merge([Path(p) for p in sys.argv[2:]])
     out.mkdir(parents=True, exist_ok=True)

@@ -27,7 +27,7 @@ from .controlled import (Acceptance, chain_cond, load_profile, mean_sd, path_to_
                          tree_shape)
 from .e2e_units import ChainDrafter, EagleDrafter, Graphs, Keeper, Verifier, chain_parents
 from .latency import plan_structures
-from .randmodel import build_eagle_head, build_random, config, weight_bytes_per_token
+from .randmodel import FORMATS, build_eagle_head, build_random, config, weight_bytes_per_token
 
 H100_BW = 3.35e12          # bytes/s, H100 SXM HBM3 (the roofline's bandwidth)
 MS = (1, 2, 4, 8, 16, 32, 64)
@@ -344,7 +344,7 @@ def parse_args(argv):
     p.add_argument("--seed", type=int, default=0, help="acceptance draws seed")
     p.add_argument("--profile", default=None, help="acceptance profile JSON (default: the SmolLM2 one)")
     p.add_argument("--side-shape", default="llama3.2-1b", help="draft / intermediate model shape")
-    p.add_argument("--side-format", default="bf16", help="draft / intermediate model weight format (bf16, w4a16, "
+    p.add_argument("--side-format", default="bf16", choices=FORMATS, help="draft / intermediate model weight format (bf16, w4a16, "
                    "...; the acceptance profile's chain drafts were a 4-bit copy of the target)")
     p.add_argument("--tiny", action="store_true", help="toy shapes for every model (CPU tests)")
     p.add_argument("--time-budget", type=float, default=320.0, help="seconds after which optional runs are skipped")

@@ -78,3 +78,15 @@ def test_merge_runs(tmp_path):
     pb.write_text(json.dumps(dict(b, rows=[row("llama3-8b", "w4a16")])))
     with pytest.raises(SystemExit):                                              # one row measured twice
         mod.merge([pa, pb])
+    (tmp_path / "bad.json").write_text("{not json")
+    (tmp_path / "other.json").write_text(json.dumps({"rows": []}))
+    for bad, msg in (("missing.json", "cannot read"), ("bad.json", "cannot read"), ("other.json", "not a bench/e2e.py")):
+        with pytest.raises(SystemExit, match=msg):
+            mod.merge([pa, tmp_path / bad])
+
+
+def test_e2e_bad_side_format(capsys):
+    from specq.bench.e2e import main
+    with pytest.raises(SystemExit) as e:
+        main(["--out", "/tmp/x", "--side-format", "w5a5"])
+    assert e.value.code == 2 and "invalid choice" in capsys.readouterr().err
