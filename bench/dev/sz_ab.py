@@ -10,7 +10,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from bench.check_kernels import MODELS  # noqa: E402
-from bench.kernels import graph_time, layer_fns  # noqa: E402
+from bench.kernels import graph_time, layer_fns, make_weights  # noqa: E402
 from specq.kernels import ref  # noqa: E402
 from specq.kernels import w4a16 as W  # noqa: E402
 
@@ -24,15 +24,11 @@ def run(x, w, mode):
 
 @torch.inference_mode()
 def main():
-    g = torch.Generator().manual_seed(1)
     for model in sys.argv[1:] or ["llama3-8b", "llama3-70b"]:
-        ws = []
-        for name, K, N in MODELS[model]:
-            q, s, z = ref.random_w4a16(N, K, 128, True, torch.bfloat16, "cuda", g)
-            wu8 = torch.randint(0, 256, (N, K // 2), device="cuda", dtype=torch.uint8)
-            ws.append(dict(name=name, K=K, N=N, raw=(q, s, z), w=W.prepare_w4a16(q, s, z, 128, packed=True),
-                           int4pack=torch.ops.aten._convert_weight_to_int4pack(wu8, 8),
-                           int4sz=(torch.rand(K // 128, N, 2, device="cuda") * 0.01 + 0.001).to(torch.bfloat16)))
+        ws = make_weights(MODELS[model], "cuda")       # bench/kernels.py's layer (torch int4 peer included)
+        for d in ws:
+            d["raw"] = d["w4a16_raw"]
+            d["w"] = W.prepare_w4a16(*d["raw"], 128, packed=True)
         for m in (1, 2, 4, 8, 16, 32, 64):
             xs = {d["K"]: torch.randn(m, d["K"], device="cuda", dtype=torch.bfloat16) for d in ws}
             for d in ws:
