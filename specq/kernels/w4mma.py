@@ -1,0 +1,369 @@
+"""W4A16 for few tokens (M <= 16) as a CUDA C kernel compiled at run time by NVRTC (torch.cuda._compile_kernel):
+no build step, like Triton, but with the load schedule in our hands.
+
+Why: the Triton kernel (w4a16.py) stages weights through shared memory with Triton's pipeliner and reaches ~54%
+of DRAM bandwidth at one token (bench/results/h100/kernels_w4a16_dev.txt, run 9). Here every lane loads its own
+mma fragments straight into registers with 16-byte loads, P blocks ahead (a register ring), so each warp keeps
+P * 512 B of weights in flight with no shared memory and no barrier in the loop.
+
+Work split: one CTA per 16 output rows (one mma.m16n8k16 row tile), WARPS warps each over a K / WARPS slice
+(KBW blocks of 64 k); the warps' fp32 partials are summed through shared memory at the end. Tokens are the
+mma's n dimension: NT = 1 (M <= 8) or 2 (M <= 16) n8 tiles; lanes of absent tokens load nothing.
+
+Word layout (repack_mma, once per weight): int32 [N/16, K/64, 32 lanes, 4 j]; lane (g, t) = (lane // 4, lane % 4)
+of block (tile, b) holds in word j the A fragment of mma step j: nibble i (bits 4i, low half) and nibble i of
+the high half (bits 16 + 4i) are the bf16 pair of register a_i, with row = 16 tile + g + 8 (i % 2) and
+k = 64 b + 16 t + 4 j + 2 (i // 2) + e (e = 0 low, 1 high). Inside a 64-k block this permutes k consistently
+for A and B (lane t always sees k 16t .. 16t+15), so a lane's x operand for the whole block is 32 contiguous
+bytes (two 16-byte loads). Scales / zeros: int32 [N/16, K/128, 16]: scale bits << 16 | bits of -(MAGIC + z).
+Dequantization: lop3 puts each nibble under a 16-bit float exponent (MAGIC | q == MAGIC + q exactly), one
+packed fma adds -(MAGIC + z) (exact small integers); the group scale multiplies the fp32 mma result.
+"""
+from __future__ import annotations
+
+import threading
+from typing import NamedTuple
+
+import torch
+
+from ..errors import SpecqError
+from .ref import unpack_int4
+
+MAX_M = 64             # NT = 8 n8 tiles at most
+_SRC = r"""
+typedef unsigned int u32;
+typedef unsigned short u16;
+#define MAGIC MAGIC_BITS
+#define ONE ONE_BITS
+
+__device__ __forceinline__ u32 deq(u32 w, u32 nz2) {
+    u32 r, o;
+    asm("lop3.b32 %0, %1, 0x000F000F, " MAGIC_STR ", 0xEA;" : "=r"(r) : "r"(w));
+    asm("fma.rn." HTYPE " %0, %1, %2, %3;" : "=r"(o) : "r"(r), "r"((u32)ONE), "r"(nz2));
+    return o;
+}
+__device__ __forceinline__ u32 deqs(u32 w, u32 nz2, u32 s2) {   // (q - z) * s, one rounding
+    u32 o;
+    asm("fma.rn." HTYPE " %0, %1, %2, %3;" : "=r"(o) : "r"(deq(w, nz2)), "r"(s2), "r"(0x80008000u));
+    return o;
+}
+__device__ __forceinline__ uint4 ldw(const uint4* p) {
+    uint4 v;
+    asm volatile("ld.global.nc.L1::no_allocate" LDHINT ".v4.u32 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+    return v;
+}
+__device__ __forceinline__ uint4 ldx(const uint4* p) {
+    uint4 v;
+    asm volatile("ld.global.nc.v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+    return v;
+}
+__device__ __forceinline__ uint2 ldx2(const uint2* p) {
+    uint2 v;
+    asm volatile("ld.global.nc.v2.u32 {%0,%1}, [%2];" : "=r"(v.x), "=r"(v.y) : "l"(p));
+    return v;
+}
+__device__ __forceinline__ u32 lds(const u32* p) {
+    u32 v;
+    asm volatile("ld.global.nc.u32 %0, [%1];" : "=r"(v) : "l"(p));
+    return v;
+}
+__device__ __forceinline__ float scale_of(u32 w) {
+#if FP16
+    float f; u16 h = (u16)(w >> 16);
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+#else
+    return __uint_as_float(w & 0xFFFF0000u);
+#endif
+}
+__device__ __forceinline__ u16 to16(float f) {
+    u16 h;
+#if FP16
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+#else
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(f));
+#endif
+    return h;
+}
+__device__ __forceinline__ void mma(float* c, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32." ETYPE "." ETYPE ".f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};" : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// qw: [N/16, K/64, 32, 4] words; sz: [N/16, K/128, 16]; x: [M, K] (row stride sxm); y: [M, N] (row stride sym)
+extern "C" __global__ void __launch_bounds__(WARPS * 32, MINB)
+w4mma(const uint4* __restrict__ qw, const u32* __restrict__ sz, const u16* __restrict__ x, u16* __restrict__ y,
+      int M, int K, int sxm, int sym)
+{
+    __shared__ float4 red[WARPS][NT][32];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int g = lane >> 2, t = lane & 3;
+    const int tile = blockIdx.x;
+    const int KB = K >> 6;
+    const int kb0 = warp * KBW;                                   // first 64-k block of this warp
+    const uint4* wp = qw + ((size_t)tile * KB + kb0) * 32 + lane;
+    const u32* sp = sz + ((size_t)tile * (KB >> 1) + (kb0 >> 1)) * 16 + g;
+    const uint4* xp[NT];
+    bool xv[NT];
+#pragma unroll
+    for (int n = 0; n < NT; n++) {
+        const int m = g + 8 * n;
+        xv[n] = m < M;
+        xp[n] = (const uint4*)(x + (size_t)(xv[n] ? m : 0) * sxm + (size_t)kb0 * 64 + 16 * t);
+    }
+    float acc[NT][4], tmp[NT][4];
+#pragma unroll
+    for (int n = 0; n < NT; n++)
+#pragma unroll
+        for (int r = 0; r < 4; r++) acc[n][r] = 0.f;
+    uint4 wb[P];                      // weight ring: blocks b .. b+P-1 in flight
+    u32 sb[P / 2][2];                 // scale/zero words of their groups (rows g, g + 8)
+    uint4 xb[XR > 0 ? XR : 1][NT][2];   // x of blocks b .. b+XR-1 (XR = 0: 8-byte loads right before each mma)
+#pragma unroll
+    for (int i = 0; i < P; i++) {
+        if (i < KBW) {
+            wb[i] = ldw(wp + i * 32);
+            if (i % 2 == 0) { sb[i / 2][0] = lds(sp + (i / 2) * 16); sb[i / 2][1] = lds(sp + (i / 2) * 16 + 8); }
+        }
+    }
+#pragma unroll
+    for (int i = 0; i < XR; i++)
+#pragma unroll
+        for (int n = 0; n < NT; n++) {
+            const uint4 z = make_uint4(0, 0, 0, 0);
+            xb[i][n][0] = (i < KBW && xv[n]) ? ldx(xp[n] + i * 8) : z;
+            xb[i][n][1] = (i < KBW && xv[n]) ? ldx(xp[n] + i * 8 + 1) : z;
+        }
+    u32 s0 = 0, s1 = 0;
+#if ROLL
+#pragma unroll 1
+#else
+#pragma unroll
+#endif
+    for (int c0 = 0; c0 < KBW; c0 += P) {
+#pragma unroll
+    for (int i = 0; i < P; i++) {
+        const int b = c0 + i;           // ring slots by i: c0 is a multiple of P (P even, P % XR == 0)
+        if (b >= KBW) break;
+        const uint4 w = wb[i];
+        if (b + P < KBW) wb[i] = ldw(wp + (b + P) * 32);
+        if (i % 2 == 0) {
+            s0 = sb[i / 2][0];
+            s1 = sb[i / 2][1];
+            if (b + P < KBW) {
+                sb[i / 2][0] = lds(sp + ((b + P) / 2) * 16);
+                sb[i / 2][1] = lds(sp + ((b + P) / 2) * 16 + 8);
+            }
+#pragma unroll
+            for (int n = 0; n < NT; n++)
+#pragma unroll
+                for (int r = 0; r < 4; r++) tmp[n][r] = 0.f;
+            (void)tmp;
+        }
+        uint4 xa[NT][2];
+#pragma unroll
+        for (int n = 0; n < NT && XR > 0; n++) {
+            xa[n][0] = xb[i % XR][n][0];
+            xa[n][1] = xb[i % XR][n][1];
+            if (b + XR < KBW && xv[n]) {
+                xb[i % XR][n][0] = ldx(xp[n] + (b + XR) * 8);
+                xb[i % XR][n][1] = ldx(xp[n] + (b + XR) * 8 + 1);
+            }
+        }
+        const u32 nzg = (s0 & 0xFFFFu) * 0x10001u, nzh = (s1 & 0xFFFFu) * 0x10001u;
+#if PRE
+        const u32 sg = (s0 >> 16) * 0x10001u, sh = (s1 >> 16) * 0x10001u;
+#endif
+        const u32 ws[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+#if PRE
+            const u32 a0 = deqs(ws[j], nzg, sg), a1 = deqs(ws[j] >> 4, nzh, sh);
+            const u32 a2 = deqs(ws[j] >> 8, nzg, sg), a3 = deqs(ws[j] >> 12, nzh, sh);
+#else
+            const u32 a0 = deq(ws[j], nzg), a1 = deq(ws[j] >> 4, nzh);
+            const u32 a2 = deq(ws[j] >> 8, nzg), a3 = deq(ws[j] >> 12, nzh);
+#endif
+#pragma unroll
+            for (int n = 0; n < NT; n++) {
+#if XR > 0
+                const uint4 xq4 = xa[n][j / 2];
+                const uint2 xq = (j % 2) ? make_uint2(xq4.z, xq4.w) : make_uint2(xq4.x, xq4.y);
+#else
+                const uint2 xq = xv[n] ? ldx2((const uint2*)(xp[n] + b * 8) + j) : make_uint2(0, 0);
+#endif
+#if PRE
+                mma(acc[n], a0, a1, a2, a3, xq.x, xq.y);
+#else
+                mma(tmp[n], a0, a1, a2, a3, xq.x, xq.y);
+#endif
+            }
+        }
+        if (!PRE && i % 2 == 1) {
+            const float fg = scale_of(s0), fh = scale_of(s1);
+#pragma unroll
+            for (int n = 0; n < NT; n++) {
+                acc[n][0] += tmp[n][0] * fg; acc[n][1] += tmp[n][1] * fg;
+                acc[n][2] += tmp[n][2] * fh; acc[n][3] += tmp[n][3] * fh;
+            }
+        }
+    }
+    }
+#pragma unroll
+    for (int n = 0; n < NT; n++) red[warp][n][lane] = make_float4(acc[n][0], acc[n][1], acc[n][2], acc[n][3]);
+    __syncthreads();
+    for (int i = threadIdx.x; i < NT * 128; i += WARPS * 32) {
+        const int n = i >> 7, l = (i >> 2) & 31, r = i & 3;
+        float s = 0.f;
+#pragma unroll
+        for (int v = 0; v < WARPS; v++) s += ((const float*)&red[v][n][l])[r];
+        const int row = tile * 16 + (l >> 2) + 8 * (r >> 1);
+        const int tok = 8 * n + 2 * (l & 3) + (r & 1);
+        if (tok < M) y[(size_t)tok * sym + row] = to16(s);
+    }
+}
+"""
+
+
+class MMAWeight(NamedTuple):
+    words: torch.Tensor     # int32 [N/16, K/64, 32, 4] (repack_mma)
+    sz: torch.Tensor        # int32 [N/16, K/128, 16]: scale bits << 16 | bits of -(MAGIC + z)
+    N: int
+    K: int
+    fp16: bool
+
+
+def source(NT: int, KBW: int, P: int, WARPS: int, fp16: bool, minb: int = 1, l2hint: bool = False, XR: int = 2,
+           pre: bool = False, roll: bool = False) -> str:
+    """The kernel's CUDA C for one configuration (compile-time constants substituted)."""
+    magic, one, ht, et = ("0x64006400", "0x3C003C00", "f16x2", "f16") if fp16 else \
+        ("0x43004300", "0x3F803F80", "bf16x2", "bf16")
+    head = (f"#define NT {NT}\n#define KBW {KBW}\n#define P {P}\n#define WARPS {WARPS}\n#define MINB {minb}\n"
+            f"#define ROLL {int(roll)}\n#define XR {XR}\n#define PRE {int(pre)}\n#define FP16 {int(fp16)}\n#define MAGIC_STR \"{magic}\"\n#define HTYPE \"{ht}\"\n"
+            f"#define ETYPE \"{et}\"\n#define LDHINT \"{'.L2::256B' if l2hint else ''}\"\n")
+    return head + _SRC.replace("MAGIC_BITS", magic + "u").replace("ONE_BITS", one + "u")
+
+
+def repack_mma(qweight: torch.Tensor) -> torch.Tensor:
+    """Canonical qweight [N, K//8] (N % 16 == 0, K % 64 == 0) -> words [N/16, K/64, 32, 4] (module docstring)."""
+    N, W = qweight.shape
+    K = 8 * W
+    q = unpack_int4(qweight).to(torch.int64)                                 # [N, K]
+    # row = 16 tile + 8 h + g;  k = 64 b + 16 t + 4 j + 2 c + e;  register i = 2 c + h
+    q = q.view(N // 16, 2, 8, K // 64, 4, 4, 2, 2)                           # [tile, h, g, b, t, j, c, e]
+    q = q.permute(0, 3, 2, 4, 5, 7, 6, 1)                                    # [tile, b, g, t, j, e, c, h]
+    shift = (16 * torch.arange(2).view(2, 1, 1) + 4 * (2 * torch.arange(2).view(1, 2, 1)
+                                                       + torch.arange(2).view(1, 1, 2))).to(q.device)
+    w = (q << shift).sum((-3, -2, -1))                                        # [tile, b, g, t, j]
+    w = torch.where(w >= 2**31, w - 2**32, w).to(torch.int32)
+    return w.reshape(N // 16, K // 64, 32, 4).contiguous()
+
+
+def pack_sz(scales: torch.Tensor, zeros: torch.Tensor, K: int, fp16: bool) -> torch.Tensor:
+    """scales / zeros [N, K // G] (G a multiple of 128) -> int32 [N/16, K/128, 16]."""
+    N, ng = scales.shape
+    rep = (K // 128) // ng
+    dt = torch.float16 if fp16 else torch.bfloat16
+    s = scales.to(dt).repeat_interleave(rep, dim=1)                           # [N, K/128]
+    nz = (-(zeros.float() + (1024.0 if fp16 else 128.0))).to(dt).repeat_interleave(rep, dim=1)
+    word = (s.view(torch.int16).to(torch.int32) << 16) | (nz.view(torch.int16).to(torch.int32) & 0xFFFF)
+    return word.view(N // 16, 16, K // 128).transpose(1, 2).contiguous()
+
+
+def supported(N: int, K: int, group_size: int) -> bool:
+    return N % 16 == 0 and K % 128 == 0 and (group_size in (-1, 0, None) or group_size % 128 == 0)
+
+
+def prepare_mma(qweight, scales, zeros, group_size=None, dtype=torch.bfloat16) -> MMAWeight:
+    N, W = qweight.shape
+    K = 8 * W
+    G = K if group_size in (None, -1, 0) else int(group_size)
+    zf = zeros.float()
+    if not supported(N, K, G) or K % G or not bool(((zf == zf.round()) & (zf.abs() <= 64)).all()):
+        raise SpecqError(f"w4mma: unsupported weight N={N} K={K} group {group_size} (or non-integer zeros)")
+    fp16 = dtype == torch.float16
+    return MMAWeight(repack_mma(qweight), pack_sz(scales, zeros, K, fp16), N, K, fp16)
+
+
+def emulate(x: torch.Tensor, w: MMAWeight) -> torch.Tensor:
+    """What the kernel computes, in fp32 torch, reading the words the way the lanes do (for CPU tests): decode
+    every lane's registers back to (row, k) and apply the per-group scale to the fp32 sums."""
+    T, B = w.N // 16, w.K // 64
+    words = w.words.to(torch.int64) & 0xFFFFFFFF                             # [T, B, 32, 4]
+    lane = torch.arange(32)
+    g, t = lane // 4, lane % 4
+    q = torch.empty(w.N, w.K, dtype=torch.float32)
+    magic = 1024.0 if w.fp16 else 128.0
+    nz = ((w.sz.to(torch.int64) & 0xFFFF).to(torch.int16).view(torch.float16 if w.fp16 else torch.bfloat16)
+          .float())                                                          # [T, B/2, 16]
+    for j in range(4):
+        for i in range(4):
+            for e in range(2):
+                nib = ((words[:, :, :, j] >> (4 * i + 16 * e)) & 0xF).float() + magic    # [T, B, 32]
+                row = (16 * torch.arange(T).view(T, 1, 1) + g.view(1, 1, 32) + 8 * (i % 2)).expand(T, B, 32)
+                k = (64 * torch.arange(B).view(1, B, 1) + 16 * t.view(1, 1, 32) + 4 * j + 2 * (i // 2) + e).expand(T, B, 32)
+                rg = g.view(1, 1, 32) + 8 * (i % 2)
+                z = nz[torch.arange(T).view(T, 1, 1), (torch.arange(B) // 2).view(1, B, 1), rg.expand(T, B, 32)]
+                q[row.reshape(-1), k.reshape(-1)] = (nib + z).reshape(-1)
+    s = (w.sz.to(torch.int64) >> 16).to(torch.int16).view(torch.float16 if w.fp16 else torch.bfloat16).float()
+    s = s.transpose(1, 2).reshape(w.N, w.K // 128)                           # [N, K/128]
+    part = (x.float().view(-1, 1, w.K // 128, 128) * q.view(1, w.N, w.K // 128, 128)).sum(-1)   # [M, N, groups]
+    return (part * s).sum(-1)
+
+
+_KERNELS: dict = {}
+_LOCK = threading.Lock()
+
+
+class Cfg(NamedTuple):
+    NT: int                 # n8 token tiles (M <= 8 NT)
+    WARPS: int              # warps per CTA, each over K / WARPS
+    P: int = 8              # 64-k weight blocks in flight per warp (register ring)
+    XR: int = 2             # x blocks loaded ahead
+    PRE: bool = False       # scale folded into the dequantized weights (no per-group fp32 partial)
+    MINB: int = 3           # __launch_bounds__ min blocks per SM (caps registers)
+    L2HINT: bool = False    # .L2::256B on the weight loads
+    ROLL: bool = False      # keep the loop over chunks of P blocks rolled (fewer registers at long K)
+
+
+def default_config(M: int, N: int, K: int) -> Cfg:
+    """Warps over K so that each takes an even number of 64-k blocks (H100 A/B: bench/dev/mma_ab.py)."""
+    NT = 1 if M <= 8 else 2 if M <= 16 else 4 if M <= 32 else 8
+    for warps in (8, 4, 2, 1):
+        if K % (128 * warps) == 0:
+            if NT <= 2:
+                return Cfg(NT, warps, 8, 2, False, 3)
+            return Cfg(NT, warps, 2, 0, True, 1, ROLL=True)
+    raise SpecqError(f"w4mma: K={K} is not a multiple of 128")
+
+
+def kernel(c: Cfg, KBW: int, fp16: bool):
+    key = (c, KBW, fp16)
+    k = _KERNELS.get(key)
+    if k is None:
+        with _LOCK:
+            k = _KERNELS.get(key)
+            if k is None:
+                if not hasattr(torch.cuda, "_compile_kernel"):
+                    raise SpecqError(f"w4mma needs torch.cuda._compile_kernel (NVRTC), not in torch {torch.__version__}")
+                src = source(c.NT, KBW, c.P, c.WARPS, fp16, c.MINB, c.L2HINT, c.XR, c.PRE, c.ROLL)
+                k = _KERNELS[key] = torch.cuda._compile_kernel(src, "w4mma")
+    return k
+
+
+def w4mma_linear(x: torch.Tensor, w: MMAWeight, cfg: Cfg | None = None) -> torch.Tensor:
+    """x [M, K] (M <= MAX_M, 16-bit, CUDA) @ W^T -> [M, N]."""
+    M, K = x.shape
+    if K != w.K or M > MAX_M or M < 1:
+        raise SpecqError(f"w4mma: x {tuple(x.shape)} against weight K={w.K} (M <= {MAX_M})")
+    c = cfg or default_config(M, w.N, K)
+    KBW = K // 64 // c.WARPS
+    c = c._replace(P=max(2, min(c.P, KBW)), XR=min(c.XR, 2))
+    if x.stride(-1) != 1 or (x.stride(0) * 2) % 16 or x.data_ptr() % 16:
+        x = x.contiguous().clone()
+    y = torch.empty(M, w.N, dtype=x.dtype, device=x.device)
+    kernel(c, KBW, w.fp16)(grid=(w.N // 16, 1, 1), block=(c.WARPS * 32, 1, 1),
+                           args=[w.words, w.sz, x, y, M, K, x.stride(0), y.stride(0)])
+    return y
