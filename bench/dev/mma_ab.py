@@ -2,6 +2,7 @@
 every variant checked against the reference first (rel err <= 1e-2, bf16, and fp16 on one shape), then the
 whole layer timed in one CUDA graph (10 layers per replay, bench/kernels.graph_time), all in one run.
 PYTHONPATH=$PWD python bench/dev/mma_ab.py [llama3-8b] [llama3-70b]"""
+import os
 import sys
 import time
 from pathlib import Path
@@ -48,7 +49,7 @@ def main():
         r16 = x16.float() @ ref.dequant_w4(q, s.half(), z).float().T
         print("fp16 check", ((C.w4mma_linear(x16, w16).float() - r16).norm() / r16.norm()).item(), flush=True)
         bad = set()
-        for m in (1, 2, 4, 8, 16, 32, 64):
+        for m in [int(v) for v in os.environ.get("MS", "1,2,4,8,16,32,64").split(",")]:
             xs = {d["K"]: torch.randn(m, d["K"], device="cuda", dtype=torch.bfloat16) for d in ws}
             for d in ws:
                 q, s, z = d["raw"] = d["w4a16_raw"]

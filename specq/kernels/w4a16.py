@@ -18,6 +18,7 @@ the H100 streams 3-14% faster than 64-byte pieces of 64 rows (bench/results/h100
 """
 from __future__ import annotations
 
+import os
 import weakref
 from typing import NamedTuple
 
@@ -25,6 +26,7 @@ import torch
 
 from ..errors import SpecqError
 from .common import HAS_TRITON, INTERPRET, tl, triton, use_asm, use_triton, version
+from . import w4mma
 from .ref import SHIFTS, dequant_w4, unpack_int4
 
 
@@ -34,6 +36,10 @@ SLICES = True          # default word layout (see repack_int4)
 # int32 load (cp.async-able); 2 = the split's packed [PER, BN] tile loaded once before the loop. 1 and 2 are
 # candidates from the sm_90 SASS (the 2-byte loads are issued between the MMAs), not yet timed on the H100.
 SZ_MODE = 0
+# Which int4 copies prepare_w4a16 keeps on CUDA: "both" (default: the CUDA few-token kernel's for M <= 16, the
+# Triton kernel's beyond), "mma" (one copy; M > 16 runs the CUDA kernel 16 tokens at a time: for models whose two
+# copies would not fit, e.g. 70B on 80 GB), "triton" (the Triton kernel for every M).
+LAYOUTS = os.environ.get("SPECQ_W4_LAYOUTS", "both")
 
 
 class Partial(NamedTuple):
@@ -62,6 +68,7 @@ class W4A16Weight(NamedTuple):
     slices: bool            # word layout (repack_int4): 4 dots of 32 k per block, else 1 dot of 128 k
     tiled: bool = False     # tile-major storage (tile_major): each [64 rows, 128 k] block is 4 KB contiguous
     sz: torch.Tensor | None = None   # int32 [K//128, N]: scale bits | zero bits << 16 (kernel SZ modes 1, 2)
+    mma: object = None      # w4mma.MMAWeight: the CUDA kernel's layout, used for M <= w4mma.MAX_SMALL_M on CUDA
 
 
 def repack_int4(qweight: torch.Tensor, slices: bool) -> torch.Tensor:
@@ -92,10 +99,11 @@ def tile_major(words: torch.Tensor) -> torch.Tensor:
 
 
 def prepare_w4a16(qweight, scales, zeros, group_size=None, dtype=None, slices=SLICES, tiled=None,
-                  packed=None) -> W4A16Weight:
+                  packed=None, mma=None) -> W4A16Weight:
     """One-time repack of canonical int4 weights for w4a16_linear (dtype: activation dtype). packed: also keep the
     packed scale/zero words the kernel's SZ modes 1 and 2 read (default: when SZ_MODE asks for them; they double
-    the scale memory, about 2 GB at 70B)."""
+    the scale memory, about 2 GB at 70B). mma: also keep the few-token CUDA kernel's layout (w4mma.py; default:
+    on CUDA where NVRTC is available and the shape fits; a second copy of the int4 words)."""
     N, W = qweight.shape
     K = W * 8
     G = K if group_size in (None, -1, 0) else int(group_size)
@@ -118,8 +126,15 @@ def prepare_w4a16(qweight, scales, zeros, group_size=None, dtype=None, slices=SL
     sz = None
     if SZ_MODE != 0 if packed is None else packed:
         sz = ((s.view(torch.int16).to(torch.int32) & 0xFFFF) | (z.view(torch.int16).to(torch.int32) << 16)).contiguous()
+    if mma is None:
+        mma = qweight.is_cuda and w4mma.available() and w4mma.supported(N, K, G) and LAYOUTS != "triton"
+    mw = w4mma.prepare_mma(qweight, scales, zeros, G, dtype) if mma else None
+    if mw is not None and LAYOUTS == "mma":       # one copy of the words: every M through the CUDA kernel
+        e = torch.empty(0, dtype=torch.int32, device=qweight.device)
+        return W4A16Weight(e, s.new_empty(0, N), z.new_empty(0, N), locks, G, N, K, (qweight, scales, zeros), slices,
+                           tiled, None, mw)
     return W4A16Weight(tile_major(words) if tiled else words, s, z, locks, G, N, K, (qweight, scales, zeros),
-                       slices, tiled, sz)
+                       slices, tiled, sz, mw)
 
 
 _LOCKS = 4096          # tile counters per weight: n_tiles * m_tiles of a split launch must fit
@@ -173,6 +188,14 @@ def w4a16_linear(x, qweight, scales=None, zeros=None, group_size=None, cfg=None,
         q, s, z = w.raw
         y = x2 @ dequant_w4(q, s, z).to(x2.dtype).T
         return y.to(x.dtype).reshape(*lead, w.N)
+    if (w.mma is not None and x2.is_cuda and (x2.dtype == torch.float16) == w.mma.fp16
+            and (cfg is None and x2.shape[0] <= w4mma.MAX_SMALL_M or w.qweight.numel() == 0)):
+        S = w4mma.MAX_SMALL_M
+        y = torch.cat([w4mma.w4mma_linear(x2[i:i + S], w.mma) for i in range(0, x2.shape[0], S)]) \
+            if x2.shape[0] > S else w4mma.w4mma_linear(x2, w.mma)
+        return y.to(x.dtype).reshape(*lead, w.N)
+    if w.qweight.numel() == 0:
+        raise SpecqError("w4a16: weight prepared without the Triton layout (SPECQ_W4_LAYOUTS=mma) for this input")
     y = _launch(x2.contiguous(), w, cfg, use_asm(x2) if asm is None else asm)
     return y.to(x.dtype).reshape(*lead, w.N)
 
@@ -181,7 +204,7 @@ def w4a16_fused(x2, w: W4A16Weight, contribute, cfg=None):
     """x2 [M, K] @ W^T with one more partial from another kernel: contribute(Partial) launches it (on any
     stream; the caller joins that stream before using y). None when the Triton path does not apply."""
     if (w.group_size < 0 or not use_triton(x2) or x2.shape[0] == 0 or x2.dtype not in (torch.float16, torch.bfloat16)
-            or x2.dtype != w.scales.dtype or x2.shape[-1] != w.K):
+            or x2.dtype != w.scales.dtype or x2.shape[-1] != w.K or w.qweight.numel() == 0):
         return None
     return _launch(x2.contiguous(), w, cfg, use_asm(x2), contribute)
 

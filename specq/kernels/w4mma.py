@@ -21,6 +21,7 @@ packed fma adds -(MAGIC + z) (exact small integers); the group scale multiplies 
 """
 from __future__ import annotations
 
+import os
 import threading
 from typing import NamedTuple
 
@@ -30,6 +31,7 @@ from ..errors import SpecqError
 from .ref import unpack_int4
 
 MAX_M = 64             # NT = 8 n8 tiles at most
+MAX_SMALL_M = 16       # w4a16_linear uses this kernel up to here (beyond, the Triton kernel is faster on the H100)
 _SRC = r"""
 typedef unsigned int u32;
 typedef unsigned short u16;
@@ -272,6 +274,12 @@ def pack_sz(scales: torch.Tensor, zeros: torch.Tensor, K: int, fp16: bool) -> to
     return word.view(N // 16, 16, K // 128).transpose(1, 2).contiguous()
 
 
+def available() -> bool:
+    """NVRTC through torch (CUDA builds of torch >= 2.8), not disabled by SPECQ_NO_MMA=1."""
+    return (hasattr(torch.cuda, "_compile_kernel") and torch.version.cuda is not None
+            and os.environ.get("SPECQ_NO_MMA", "0") != "1")
+
+
 def supported(N: int, K: int, group_size: int) -> bool:
     return N % 16 == 0 and K % 128 == 0 and (group_size in (-1, 0, None) or group_size % 128 == 0)
 
@@ -329,8 +337,14 @@ class Cfg(NamedTuple):
 
 
 def default_config(M: int, N: int, K: int) -> Cfg:
-    """Warps over K so that each takes an even number of 64-k blocks (H100 A/B: bench/dev/mma_ab.py)."""
+    """Warps over K so that each takes an even number of 64-k blocks. H100, Llama-3-8B layer (bench/dev/mma_ab.py,
+    kernels_w4a16_dev.txt run 11): M <= 8 fastest with 16 warps and 2 CTAs per SM (48.0 us at M = 1 against 51.5
+    with 8 warps), M <= 16 with 8 warps, 2 CTAs (62.7 us); NT = 4 / 8 (M > 16) lose to the Triton kernel."""
     NT = 1 if M <= 8 else 2 if M <= 16 else 4 if M <= 32 else 8
+    if NT == 1 and K % 2048 == 0:
+        return Cfg(NT, 16, 8, 2, False, 2)
+    if NT == 2 and K % 1024 == 0:
+        return Cfg(NT, 8, 8, 2, False, 2)
     for warps in (8, 4, 2, 1):
         if K % (128 * warps) == 0:
             if NT <= 2:
