@@ -10,6 +10,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from specq.bench.e2e import main  # noqa: E402
+from specq.errors import SpecqError  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except SpecqError as e:      # bad arguments: one line, no traceback
+        sys.exit(f"bench/e2e.py: error: {e}")

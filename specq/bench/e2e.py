@@ -188,10 +188,10 @@ def run_spec(ph: Phase, name: str, prof: dict, n_tokens: int, seed: int = 0) -> 
     return {"tokens": emitted, "steps": steps, "seconds": dt, "tok_s": emitted / dt, "tau": emitted / steps}
 
 
-def measure_costs(ph: Phase, prof: dict, trees: list[str], reps: int) -> tuple[dict, dict]:
+def measure_costs(ph: Phase, prof: dict, trees: list[str], reps: int, ms=MS) -> tuple[dict, dict]:
     """T(M) of the target (causal chains, mid-context) and the draft costs the planner needs."""
     L, g = ph.P + 32, ph.g
-    T = {M: g.time(lambda M=M: ph.tv.run(chain_parents(M), L), reps, wall=True) for M in MS}   # as the loop sees it
+    T = {M: g.time(lambda M=M: ph.tv.run(chain_parents(M), L), reps, wall=True) for M in ms}   # as the loop sees it
     costs = {"tree": {}, "keep": g.time(lambda: ph.tkeep.run(path_to_depth(chain_parents(4), 3), L), reps)}
     for name in trees:
         s = prof["structures"][name]
@@ -242,7 +242,7 @@ def bench_phase(res: dict, model_name: str, shape: str, fmt: str, side: Side | N
         return
     ph = Phase(target, side, S, a.prompt, compile=a.compile)
     trees = [m for m in a.methods if m.startswith("tree-")]
-    T, costs = measure_costs(ph, prof, trees, a.reps)
+    T, costs = measure_costs(ph, prof, trees, a.reps, getattr(a, "ms", MS))
     res["latency"] += [{"model": model_name, "format": fmt, "M": M, "ms": t * 1e3, "ratio_vs_M1": t / T[1]} for M, t in T.items()]
     ranked = plan_structures(T, prof, costs, plain_s=plain)
     pred = {r["name"]: r for r in ranked}
@@ -348,6 +348,8 @@ def parse_args(argv):
                    "...; the acceptance profile's chain drafts were a 4-bit copy of the target)")
     p.add_argument("--tiny", action="store_true", help="toy shapes for every model (CPU tests)")
     p.add_argument("--time-budget", type=float, default=320.0, help="seconds after which optional runs are skipped")
+    p.add_argument("--ms", default=",".join(map(str, MS)), help="token counts M of the measured T(M) curve (the "
+                   "planner interpolates between them; keep the largest >= the biggest structure verified)")
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--compile", action="store_true", help="every forward (plain step, verification, draft-model "
                    "step) torch.compile'd, then captured as CUDA graphs (row key step: compiled / graph)")
@@ -355,6 +357,12 @@ def parse_args(argv):
                    "step (JSON key plain_compiled)")
     a = p.parse_args(argv)
     a.methods = [m for m in a.methods.split(",") if m]
+    try:
+        a.ms = tuple(sorted({int(v) for v in a.ms.split(",") if v}))
+    except ValueError:
+        raise SpecqError(f"--ms: a comma list of integers, not {a.ms!r}") from None
+    if not a.ms or a.ms[0] != 1 or a.ms[-1] > 128:
+        raise SpecqError(f"--ms must start at 1 and stay <= 128 (got {a.ms})")
     for m in a.methods:
         parse_method(m)
     a.phases = [tuple(x.split(":")) for x in a.phases.split(",") if x]
