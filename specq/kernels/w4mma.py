@@ -353,8 +353,9 @@ def default_config(M: int, N: int, K: int) -> Cfg:
     raise SpecqError(f"w4mma: K={K} is not a multiple of 128")
 
 
-def kernel(c: Cfg, KBW: int, fp16: bool):
-    key = (c, KBW, fp16)
+def kernel(c: Cfg, KBW: int, fp16: bool, device: int = 0):
+    """The compiled kernel for one configuration, loaded into `device`'s context (call under that device)."""
+    key = (c, KBW, fp16, device)
     k = _KERNELS.get(key)
     if k is None:
         with _LOCK:
@@ -378,6 +379,7 @@ def w4mma_linear(x: torch.Tensor, w: MMAWeight, cfg: Cfg | None = None) -> torch
     if x.stride(-1) != 1 or (x.stride(0) * 2) % 16 or x.data_ptr() % 16:
         x = x.contiguous().clone()
     y = torch.empty(M, w.N, dtype=x.dtype, device=x.device)
-    kernel(c, KBW, w.fp16)(grid=(w.N // 16, 1, 1), block=(c.WARPS * 32, 1, 1),
-                           args=[w.words, w.sz, x, y, M, K, x.stride(0), y.stride(0)])
+    with torch.cuda.device(x.device):            # module and stream of x's GPU, whatever the current device is
+        kernel(c, KBW, w.fp16, x.device.index or 0)(grid=(w.N // 16, 1, 1), block=(c.WARPS * 32, 1, 1),
+                                                    args=[w.words, w.sz, x, y, M, K, x.stride(0), y.stride(0)])
     return y
