@@ -122,10 +122,8 @@ def prepare_w4a16(qweight, scales, zeros, group_size=None, dtype=None, slices=SL
     z = zeros.to(dtype).repeat_interleave(rep, dim=1).t().contiguous()
     locks = torch.zeros(_LOCKS, dtype=torch.int32, device=qweight.device)
     tiled = (TILED if tiled is None else tiled) and N % TILE_ROWS == 0
-    words = repack_int4(qweight, slices)
-    sz = None
-    if SZ_MODE != 0 if packed is None else packed:
-        sz = ((s.view(torch.int16).to(torch.int32) & 0xFFFF) | (z.view(torch.int16).to(torch.int32) << 16)).contiguous()
+    if LAYOUTS not in ("both", "mma", "triton"):
+        raise SpecqError(f"SPECQ_W4_LAYOUTS={LAYOUTS!r}: expected both, mma or triton")
     if mma is None:
         mma = qweight.is_cuda and w4mma.available() and w4mma.supported(N, K, G) and LAYOUTS != "triton"
     mw = w4mma.prepare_mma(qweight, scales, zeros, G, dtype) if mma else None
@@ -133,6 +131,10 @@ def prepare_w4a16(qweight, scales, zeros, group_size=None, dtype=None, slices=SL
         e = torch.empty(0, dtype=torch.int32, device=qweight.device)
         return W4A16Weight(e, s.new_empty(0, N), z.new_empty(0, N), locks, G, N, K, (qweight, scales, zeros), slices,
                            tiled, None, mw)
+    words = repack_int4(qweight, slices)
+    sz = None
+    if SZ_MODE != 0 if packed is None else packed:
+        sz = ((s.view(torch.int16).to(torch.int32) & 0xFFFF) | (z.view(torch.int16).to(torch.int32) << 16)).contiguous()
     return W4A16Weight(tile_major(words) if tiled else words, s, z, locks, G, N, K, (qweight, scales, zeros),
                        slices, tiled, sz, mw)
 

@@ -90,3 +90,20 @@ def test_e2e_bad_side_format(capsys):
     with pytest.raises(SystemExit) as e:
         main(["--out", "/tmp/x", "--side-format", "w5a5"])
     assert e.value.code == 2 and "invalid choice" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("ms,msg", [("2,4", "start at 1"), ("1,x", "comma list of integers"), ("1,256", "<= 128")])
+def test_e2e_bad_ms_one_line(ms, msg):
+    """bench/e2e.py --ms: bad values give one error line and a non-zero exit, no traceback."""
+    import subprocess
+    import sys
+    root = Path(__file__).resolve().parents[2]
+    r = subprocess.run([sys.executable, str(root / "bench" / "e2e.py"), "--out", "/tmp/x", "--ms", ms],
+                       capture_output=True, text=True, cwd=root, timeout=120)
+    assert r.returncode != 0 and msg in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_e2e_ms_parsed():
+    from specq.bench.e2e import parse_args
+    assert parse_args(["--out", "/tmp/x", "--ms", "16,1,4,4"]).ms == (1, 4, 16)

@@ -93,3 +93,19 @@ def test_mma_only_layout(monkeypatch):
     x = torch.randn(20, 256).to(torch.bfloat16)
     r = x.float() @ ref.dequant_w4(q, s, z).float().T
     assert ((W.w4a16_linear(x, w).float() - r).norm() / r.norm()).item() < 1e-2
+
+
+def test_bad_layouts_value_is_one_error(monkeypatch):
+    monkeypatch.setattr(W, "LAYOUTS", "fast")
+    q, s, z = ref.random_w4a16(64, 256, 128, sym=True, dtype=torch.bfloat16)
+    with pytest.raises(SpecqError, match="SPECQ_W4_LAYOUTS"):
+        W.prepare_w4a16(q, s, z, 128)
+
+
+def test_w4mma_linear_rejects_bad_shapes():
+    """Checked before anything touches the GPU: wrong K, no tokens, more than MAX_M tokens."""
+    q, s, z = ref.random_w4a16(32, 256, 128, sym=True, dtype=torch.bfloat16)
+    w = w4mma.prepare_mma(q, s, z, 128)
+    for x in (torch.zeros(2, 128), torch.zeros(0, 256), torch.zeros(w4mma.MAX_M + 1, 256)):
+        with pytest.raises(SpecqError, match="w4mma"):
+            w4mma.w4mma_linear(x.to(torch.bfloat16), w)
