@@ -32,7 +32,7 @@ from .ref import unpack_int4
 
 MAX_M = 64             # NT = 8 n8 tiles at most
 MAX_SMALL_M = 16       # w4a16_linear uses this kernel up to here (beyond, the Triton kernel is faster on the H100)
-_SRC = r"""
+_HELPERS = r"""
 typedef unsigned int u32;
 typedef unsigned short u16;
 #define MAGIC MAGIC_BITS
@@ -94,6 +94,8 @@ __device__ __forceinline__ void mma(float* c, u32 a0, u32 a1, u32 a2, u32 a3, u3
         : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
+"""
+_SMALL = r"""
 // qw: [N/16, K/64, 32, 4] words; sz: [N/16, K/128, 16]; x: [M, K] (row stride sxm); y: [M, N] (row stride sym)
 extern "C" __global__ void __launch_bounds__(WARPS * 32, MINB)
 w4mma(const uint4* __restrict__ qw, const u32* __restrict__ sz, const u16* __restrict__ x, u16* __restrict__ y,
@@ -237,6 +239,12 @@ class MMAWeight(NamedTuple):
     fp16: bool
 
 
+def helpers(fp16: bool) -> str:
+    """The device functions shared by the few-token and the wide kernel (w4wide.py), constants substituted."""
+    magic, one = ("0x64006400", "0x3C003C00") if fp16 else ("0x43004300", "0x3F803F80")
+    return _HELPERS.replace("MAGIC_BITS", magic + "u").replace("ONE_BITS", one + "u")
+
+
 def source(NT: int, KBW: int, P: int, WARPS: int, fp16: bool, minb: int = 1, l2hint: bool = False, XR: int = 2,
            pre: bool = False, roll: bool = False) -> str:
     """The kernel's CUDA C for one configuration (compile-time constants substituted)."""
@@ -245,7 +253,7 @@ def source(NT: int, KBW: int, P: int, WARPS: int, fp16: bool, minb: int = 1, l2h
     head = (f"#define NT {NT}\n#define KBW {KBW}\n#define P {P}\n#define WARPS {WARPS}\n#define MINB {minb}\n"
             f"#define ROLL {int(roll)}\n#define XR {XR}\n#define PRE {int(pre)}\n#define FP16 {int(fp16)}\n#define MAGIC_STR \"{magic}\"\n#define HTYPE \"{ht}\"\n"
             f"#define ETYPE \"{et}\"\n#define LDHINT \"{'.L2::256B' if l2hint else ''}\"\n")
-    return head + _SRC.replace("MAGIC_BITS", magic + "u").replace("ONE_BITS", one + "u")
+    return head + helpers(fp16) + _SMALL
 
 
 def repack_mma(qweight: torch.Tensor) -> torch.Tensor:
