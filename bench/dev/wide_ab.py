@@ -21,14 +21,14 @@ VARIANTS = {
     "def": V.WideCfg(),
     "roll": V.WideCfg(ROLL=True),
     "p2": V.WideCfg(P=2),
+    "s3": V.WideCfg(S=3),
+    "s2": V.WideCfg(S=2),
     "t264": V.WideCfg(TARGET=264),
-    "t66": V.WideCfg(TARGET=66),
-    "rt1": V.WideCfg(RT=1),
-    "rt1m2": V.WideCfg(RT=1, MINB=2),
-    "rt1w4m2": V.WideCfg(RT=1, WARPS=4, MINB=2),
     "w4": V.WideCfg(WARPS=4),
-    "w4m2": V.WideCfg(WARPS=4, MINB=2),
-    "rt4w4": V.WideCfg(RT=4, WARPS=4),
+    "w4t264": V.WideCfg(WARPS=4, TARGET=264),
+    "rt4p2": V.WideCfg(RT=4, WARPS=4, P=2),
+    "rt4w8p2": V.WideCfg(RT=4, WARPS=8, P=2),
+    "rt1": V.WideCfg(RT=1),
 }
 if os.environ.get("VARIANTS"):
     VARIANTS = {k: VARIANTS[k] for k in os.environ["VARIANTS"].split(",")}

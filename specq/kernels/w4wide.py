@@ -34,10 +34,16 @@ __device__ __forceinline__ float ldcg(const float* p) {       // L2, not L1: oth
     asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(v) : "l"(p));
     return v;
 }
+__device__ __forceinline__ void cpa(u32 dst, const void* src, int bytes) {   // 16 B, zero-filled past `bytes`
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" :: "r"(dst), "l"(src), "r"(bytes));
+}
+#define ROWS (NT * 8)           // token rows staged per block (tokens >= M zero-filled)
+#define XSTR 144                // bytes per staged row: 128 of x + 16 of padding (conflict-free 16-byte reads)
 extern "C" __global__ void __launch_bounds__(WARPS * 32, MINB)
 w4wide(const uint4* __restrict__ qw, const u32* __restrict__ sz, const u16* __restrict__ x, u16* __restrict__ y,
        float* __restrict__ ws, int* __restrict__ locks, int M, int N, int K, int sxm, int sym)
 {
+    __shared__ __align__(16) unsigned char xs[S][ROWS * XSTR];   // x of blocks b .. b+S-1: [token][64 k]
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, t = lane & 3;
     const int KB = K >> 6;
@@ -50,13 +56,18 @@ w4wide(const uint4* __restrict__ qw, const u32* __restrict__ sz, const u16* __re
         wp[r] = qw + ((size_t)(tile0 + r) * KB + kb0) * 32 + lane;
         sp[r] = sz + ((size_t)(tile0 + r) * (KB >> 1) + (kb0 >> 1)) * 16 + g;
     }
-    const uint2* xp[NT];
-    bool xv[NT];
+    const u16* xg = x + (size_t)kb0 * 64;
+    const u32 xs0 = (u32)__cvta_generic_to_shared(&xs[0][0]);
+#define STAGE(blk, st) \
+    for (int q = threadIdx.x; q < ROWS * 8; q += WARPS * 32) { \
+        const int m = q >> 3, c = q & 7; \
+        cpa(xs0 + (st) * (ROWS * XSTR) + m * XSTR + c * 16, xg + (size_t)(m < M ? m : 0) * sxm + (blk) * 64 + c * 8, \
+            m < M ? 16 : 0); \
+    }
 #pragma unroll
-    for (int n = 0; n < NT; n++) {
-        const int m = g + 8 * n;
-        xv[n] = m < M;
-        xp[n] = (const uint2*)(x + (size_t)(xv[n] ? m : 0) * sxm + (size_t)kb0 * 64 + 16 * t);
+    for (int i = 0; i < S - 1; i++) {
+        if (i < KBW) { STAGE(i, i) }
+        asm volatile("cp.async.commit_group;");
     }
     float acc[RT][NT][4];
 #pragma unroll
@@ -84,6 +95,11 @@ w4wide(const uint4* __restrict__ qw, const u32* __restrict__ sz, const u16* __re
 #pragma unroll
     for (int i = 0; i < P; i++) {
         const int b = c0 + i;
+        asm volatile("cp.async.wait_group %0;" :: "n"(S - 2));
+        __syncthreads();                          // block b staged; every warp is done with block b - 1's stage
+        if (b + S - 1 < KBW) { STAGE(b + S - 1, (b + S - 1) % S) }
+        asm volatile("cp.async.commit_group;");
+        const unsigned char* xb = &xs[b % S][0] + g * XSTR + 32 * t;
         uint4 w[RT];
 #pragma unroll
         for (int r = 0; r < RT; r++) {
@@ -99,19 +115,29 @@ w4wide(const uint4* __restrict__ qw, const u32* __restrict__ sz, const u16* __re
             }
         }
 #pragma unroll
-        for (int j = 0; j < 4; j++) {
-            uint2 xq[NT];
-#pragma unroll
-            for (int n = 0; n < NT; n++) xq[n] = xv[n] ? ldx2(xp[n] + b * 16 + j) : make_uint2(0, 0);
+        for (int jp = 0; jp < 2; jp++) {            // mma steps j = 2 jp, 2 jp + 1
+            u32 a[RT][2][4];
 #pragma unroll
             for (int r = 0; r < RT; r++) {
                 const u32 nzg = (s[r][0] & 0xFFFFu) * 0x10001u, nzh = (s[r][1] & 0xFFFFu) * 0x10001u;
                 const u32 sg = (s[r][0] >> 16) * 0x10001u, sh = (s[r][1] >> 16) * 0x10001u;
-                const u32 wj = j == 0 ? w[r].x : j == 1 ? w[r].y : j == 2 ? w[r].z : w[r].w;
-                const u32 a0 = deqs(wj, nzg, sg), a1 = deqs(wj >> 4, nzh, sh);
-                const u32 a2 = deqs(wj >> 8, nzg, sg), a3 = deqs(wj >> 12, nzh, sh);
 #pragma unroll
-                for (int n = 0; n < NT; n++) mma(acc[r][n], a0, a1, a2, a3, xq[n].x, xq[n].y);
+                for (int jj = 0; jj < 2; jj++) {
+                    const u32 wj = jp == 0 ? (jj == 0 ? w[r].x : w[r].y) : (jj == 0 ? w[r].z : w[r].w);
+                    a[r][jj][0] = deqs(wj, nzg, sg);
+                    a[r][jj][1] = deqs(wj >> 4, nzh, sh);
+                    a[r][jj][2] = deqs(wj >> 8, nzg, sg);
+                    a[r][jj][3] = deqs(wj >> 12, nzh, sh);
+                }
+            }
+#pragma unroll
+            for (int n = 0; n < NT; n++) {
+                const uint4 v = *(const uint4*)(xb + n * 8 * XSTR + 16 * jp);   // token 8n + g, k 16t + 8jp .. + 7
+#pragma unroll
+                for (int r = 0; r < RT; r++) {
+                    mma(acc[r][n], a[r][0][0], a[r][0][1], a[r][0][2], a[r][0][3], v.x, v.y);
+                    mma(acc[r][n], a[r][1][0], a[r][1][1], a[r][1][2], a[r][1][3], v.z, v.w);
+                }
             }
         }
     }
@@ -172,6 +198,7 @@ class WideCfg(NamedTuple):
     MINB: int = 1           # __launch_bounds__ min blocks per SM
     TARGET: int = 132       # CTAs wanted when SPLIT = 0
     ROLL: bool = False      # keep the loop over chunks of P blocks rolled
+    S: int = 4              # x stages in shared memory (cp.async pipeline, one 64-k block each)
 
 
 def token_tiles(M: int) -> int:
@@ -219,7 +246,7 @@ def source(c: WideCfg, NT: int, KBW: int, fp16: bool) -> str:
     """The kernel's CUDA C for one resolved configuration."""
     magic, ht, et = ("0x64006400", "f16x2", "f16") if fp16 else ("0x43004300", "bf16x2", "bf16")
     head = (f"#define NT {NT}\n#define RT {c.RT}\n#define KBW {KBW}\n#define P {c.P}\n#define WARPS {c.WARPS}\n"
-            f"#define SPLIT {c.SPLIT}\n#define MINB {c.MINB}\n#define ROLL {int(c.ROLL)}\n#define FP16 {int(fp16)}\n"
+            f"#define SPLIT {c.SPLIT}\n#define S {c.S}\n#define MINB {c.MINB}\n#define ROLL {int(c.ROLL)}\n#define FP16 {int(fp16)}\n"
             f"#define MAGIC_STR \"{magic}\"\n#define HTYPE \"{ht}\"\n#define ETYPE \"{et}\"\n#define LDHINT \"\"\n")
     return head + w4mma.helpers(fp16) + _WIDE
 
