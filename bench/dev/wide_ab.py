@@ -1,4 +1,4 @@
-"""A/B of the wide W4A16 CUDA kernel (specq/kernels/w4wide.py, 17..64 tokens) against the Triton kernel and torch
+"""A/B of the wide W4A16 CUDA kernel (bench/dev/w4wide_exp.py, 17..64 tokens) against the Triton kernel and torch
 int4 on one GPU: every variant checked against the reference first (rel err <= 1e-2), then timed per matmul and
 as the whole layer in one CUDA graph (bench/kernels.graph_time), all in one run.
 PYTHONPATH=$PWD MS=32,64 python bench/dev/wide_ab.py [llama3-8b] [llama3-70b]"""
@@ -15,7 +15,7 @@ from bench.kernels import graph_time, layer_fns, make_weights  # noqa: E402
 from specq.errors import SpecqError  # noqa: E402
 from specq.kernels import ref  # noqa: E402
 from specq.kernels import w4a16 as W  # noqa: E402
-from specq.kernels import w4wide as V  # noqa: E402
+from bench.dev import w4wide_exp as V  # noqa: E402
 
 VARIANTS = {
     "def": V.WideCfg(),
@@ -29,6 +29,13 @@ VARIANTS = {
     "rt4p2": V.WideCfg(RT=4, WARPS=4, P=2),
     "rt4w8p2": V.WideCfg(RT=4, WARPS=8, P=2),
     "rt1": V.WideCfg(RT=1),
+    "w4m3": V.WideCfg(WARPS=4, MINB=3),
+    "w8m2": V.WideCfg(MINB=2),
+    "w4t66": V.WideCfg(WARPS=4, TARGET=66),
+    "w4t66m3": V.WideCfg(WARPS=4, TARGET=66, MINB=3),
+    "w2m4": V.WideCfg(WARPS=2, MINB=4),
+    "w4s2m3": V.WideCfg(WARPS=4, S=2, MINB=3),
+    "w4s3m3": V.WideCfg(WARPS=4, S=3, MINB=3),
 }
 if os.environ.get("VARIANTS"):
     VARIANTS = {k: VARIANTS[k] for k in os.environ["VARIANTS"].split(",")}

@@ -240,7 +240,7 @@ class MMAWeight(NamedTuple):
 
 
 def helpers(fp16: bool) -> str:
-    """The device functions shared by the few-token and the wide kernel (w4wide.py), constants substituted."""
+    """The device functions shared by the few-token kernel and the experimental wide kernel (bench/dev/w4wide_exp.py)."""
     magic, one = ("0x64006400", "0x3C003C00") if fp16 else ("0x43004300", "0x3F803F80")
     return _HELPERS.replace("MAGIC_BITS", magic + "u").replace("ONE_BITS", one + "u")
 

@@ -1,4 +1,4 @@
-"""W4A16 for 17..64 tokens (speculative verification of chains and trees): a CUDA C kernel compiled at run time by
+"""EXPERIMENT (not used by specq: slower than the Triton kernel, see kernels_w4a16_dev.txt run 12). W4A16 for 17..64 tokens (speculative verification of chains and trees): a CUDA C kernel compiled at run time by
 NVRTC, on the same weight layout as the few-token kernel (w4mma.py: int32 [N/16, K/64, 32, 4] words and
 [N/16, K/128, 16] scale/zero words), so one copy of the int4 weights serves every M.
 
@@ -21,8 +21,8 @@ from typing import NamedTuple
 
 import torch
 
-from ..errors import SpecqError
-from . import w4mma
+from specq.errors import SpecqError
+from specq.kernels import w4mma
 
 MAX_M = 64
 _WIDE = r"""
