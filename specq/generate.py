@@ -25,7 +25,8 @@ def check_lengths(model: Transformer, n_prompt: int, max_new_tokens: int, extra:
 class Decoder:
     """Owns a model's static cache for one sequence. prefill(ids) and step(token) return logits [V]."""
 
-    def __init__(self, model: Transformer, max_len: int, cuda_graph: bool | None = None, compile: bool | str = False):
+    def __init__(self, model: Transformer, max_len: int, cuda_graph: bool | None = None, compile: bool | str = False,
+                 regional: bool = False):
         self.model, self.S = model, max_len
         model.setup_cache(max_len)
         dev = model.device
@@ -44,7 +45,12 @@ class Decoder:
         if compile:   # quantized Linears enter the compiled step as one opaque op each (specq.quant.opaque)
             from .quant.opaque import register_all
             register_all(model)
-        self.fn = torch.compile(self._step_eager, fullgraph=True, dynamic=False, mode=mode) if compile else self._step_eager
+        # regional: each layer compiled once for all layers (model.compile_blocks), the step itself eager
+        if compile and regional:
+            model.compile_blocks(dynamic=False, mode=mode)
+            self.fn = self._step_eager
+        else:
+            self.fn = torch.compile(self._step_eager, fullgraph=True, dynamic=False, mode=mode) if compile else self._step_eager
         if self.use_graph:
             self.ids = torch.zeros(1, dtype=torch.long, device=dev)
             self.pos = torch.zeros(1, dtype=torch.long, device=dev)

@@ -20,20 +20,25 @@ def main():
     ap.add_argument("--fmt", default="w4a16")
     ap.add_argument("--shape", default="llama3-8b")
     ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--regional", action="store_true", help="with --compile: Transformer.compile_blocks")
+    ap.add_argument("--no-table", action="store_true")
     a = ap.parse_args()
     model = build_random(config(a.shape), a.fmt, "cuda", torch.bfloat16)
-    dec = Decoder(model, 512, compile=a.compile)
+    tc = time.perf_counter()
+    dec = Decoder(model, 512, compile=a.compile, regional=a.regional)
     logits = dec.prefill(torch.randint(0, model.cfg.vocab_size, (128,)))
     dec.step_greedy(int(logits.argmax()))
     for _ in range(5):
         dec.step_greedy(None)
     torch.cuda.synchronize()
+    print(f"compile + capture + first steps: {time.perf_counter() - tc:.1f} s")
     t0 = time.perf_counter()
     for _ in range(50):
         dec.step_greedy(None)
     torch.cuda.synchronize()
-    print(f"{a.shape} {a.fmt} compile={a.compile}: {50 / (time.perf_counter() - t0):.1f} tok/s")
-    print(kernel_table(lambda: dec.step_greedy(None), 20, "step"))
+    print(f"{a.shape} {a.fmt} compile={a.compile} regional={a.regional}: {50 / (time.perf_counter() - t0):.1f} tok/s")
+    if not a.no_table:
+        print(kernel_table(lambda: dec.step_greedy(None), 20, "step"))
 
 
 def kernel_table(fn, calls: int, what: str = "call", top: int = 15, width: int = 90) -> str:

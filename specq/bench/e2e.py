@@ -95,7 +95,8 @@ def run_plain(target, S: int, P: int, n: int, compile: bool = False) -> float:
     ops): seconds per token (prefill excluded)."""
     from ..generate import Decoder
     dev = target.device
-    dec = Decoder(target, S, compile=compile)
+    from . import e2e_units
+    dec = Decoder(target, S, compile=compile, regional=e2e_units.REGIONAL)
     logits = dec.prefill(torch.randint(0, target.cfg.vocab_size, (P,)))
     dec.step_greedy(int(logits.argmax()))
     for _ in range(3):
@@ -219,7 +220,7 @@ def bench_phase(res: dict, model_name: str, shape: str, fmt: str, side: Side | N
     target = build_random(cfg, fmt, dev, dtype, share_codes=cfg.num_layers * cfg.hidden_size >= 80 * 8192)
     roof = H100_BW / weight_bytes_per_token(cfg, fmt)
     label = f"controlled:{prof['name']}"
-    base = dict(model=model_name, format=fmt, roofline_tok_s=roof, step="compiled" if a.compile else "graph")
+    base = dict(model=model_name, format=fmt, roofline_tok_s=roof, step=("compiled-blocks" if a.compile_mode == "blocks" else "compiled") if a.compile else "graph")
     S = a.prompt + a.tokens + 256
     plain = run_plain(target, S, a.prompt, a.plain_tokens, compile=a.compile)
     if a.compile_plain:   # the compiled step beside the graph-only one (rows keep the graph-only baseline)
@@ -353,6 +354,9 @@ def parse_args(argv):
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--compile", action="store_true", help="every forward (plain step, verification, draft-model "
                    "step) torch.compile'd, then captured as CUDA graphs (row key step: compiled / graph)")
+    p.add_argument("--compile-mode", default="whole", choices=("whole", "blocks"), help="with --compile: one "
+                   "torch.compile of each whole forward (whole), or each model's decoder layer compiled once for all "
+                   "its layers with the loop around them eager (blocks: regional compilation, far shorter compiles)")
     p.add_argument("--compile-plain", action="store_true", help="also time plain decoding with the torch.compile'd "
                    "step (JSON key plain_compiled)")
     a = p.parse_args(argv)
@@ -374,6 +378,8 @@ def parse_args(argv):
 def main(argv=None) -> int:
     a = parse_args(argv)
     a.t_start = time.perf_counter()
+    from . import e2e_units
+    e2e_units.REGIONAL = a.compile and a.compile_mode == "blocks"
     if a.compile:   # one compiled function per work unit and model: more than dynamo's default 8 entries
         import torch._dynamo.config as dcfg
         for k in ("cache_size_limit", "recompile_limit", "accumulated_cache_size_limit", "accumulated_recompile_limit"):

@@ -18,6 +18,9 @@ import torch
 
 from ..spec.tree import ancestor_mask, positions
 
+REGIONAL = False    # compile: each model's layers compiled once for all layers (Transformer.compile_blocks), the
+                    # verifier / draft step around them eager, instead of one torch.compile of the whole forward
+
 
 class Graphs:
     def __init__(self, device):
@@ -89,7 +92,9 @@ class Verifier:
         if compile:
             from ..quant.opaque import register_all
             register_all(model)
-            self.fwd = torch.compile(self._fwd, fullgraph=True, dynamic=True)
+            self.fwd = self._fwd if REGIONAL else torch.compile(self._fwd, fullgraph=True, dynamic=True)
+            if REGIONAL:
+                model.compile_blocks()
 
     def _fwd(self, tm, depth, ids, ar, L, j):
         M = tm.shape[0]
@@ -158,7 +163,9 @@ class ChainDrafter:
         if compile:
             from ..quant.opaque import register_all
             register_all(model)
-            self.one = torch.compile(self._one, fullgraph=True, dynamic=False)
+            self.one = self._one if REGIONAL else torch.compile(self._one, fullgraph=True, dynamic=False)
+            if REGIONAL:
+                model.compile_blocks()
 
     def _one(self, x, pos, j):
         mask = j[None, :] <= pos[:, None]

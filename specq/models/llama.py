@@ -147,6 +147,21 @@ class Transformer(nn.Module):
             a.cache = cache_cls(a.nkv, size, a.hd, dtype, device, **kw)
         self.cache_size = size
 
+    def compile_blocks(self, dynamic=None, mode=None):
+        """Regional compilation: every decoder layer torch.compile'd in place, plus the final norm. The layers
+        share one compiled graph (their weights, caches and quantized-Linear handles are graph inputs), so
+        compiling costs one layer, not num_layers of them; the loop over layers, the embedding and lm_head stay
+        eager (CUDA graphs capture them all the same). dynamic=None: dynamo's automatic dynamic shapes."""
+        from ..quant.opaque import register_all
+        register_all(self)
+        key = (dynamic, mode)
+        if getattr(self, "_compiled_blocks", None) != key:
+            for blk in self.layers:
+                blk.compile(fullgraph=True, dynamic=dynamic, mode=mode)
+            self.norm.compile(fullgraph=True, dynamic=dynamic)
+            self._compiled_blocks = key
+        return self
+
     def keep(self, src, dst):
         """Move K/V of slots src [P] to slots dst [P] in every layer (accept a tree path)."""
         if torch.equal(src, dst):

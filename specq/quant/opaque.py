@@ -4,7 +4,9 @@ The GPU kernels of the quantized Linears keep Python state (prepared weight layo
 split-K counters, lazily registered kernels) that dynamo cannot trace with fullgraph=True. While compiling,
 a quantized module's matmul becomes `torch.ops.specq.qmatmul(x2, key, N)`: inductor fuses everything around
 it (norms, rope, SiLU) and calls the module's own eager matmul at run time (inside CUDA graphs too).
-Eager code never goes through the op. key = id(module), held in a weak registry.
+Eager code never goes through the op. The module is named by a handle: a one-element CPU tensor attribute of
+the module, looked up by its data pointer in a weak registry. Being a tensor, the handle is a graph input, not
+a constant, so every layer of a model shares one compiled graph (compile_blocks: regional compilation).
 """
 from __future__ import annotations
 
@@ -17,9 +19,9 @@ FORCE = False    # tests: route CPU tensors through the op as well (normally CUD
 
 
 @torch.library.custom_op("specq::qmatmul", mutates_args=())
-def qmatmul(x2: torch.Tensor, key: int, n: int) -> torch.Tensor:
-    """x2 [M, K] -> [M, n] = the registered module's matmul (no bias)."""
-    m = _MODULES.get(key)
+def qmatmul(x2: torch.Tensor, handle: torch.Tensor, n: int) -> torch.Tensor:
+    """x2 [M, K] -> [M, n] = the matmul (no bias) of the module registered under handle (see handle_of)."""
+    m = _MODULES.get(handle.data_ptr())
     if m is None:
         from ..errors import SpecqError
         raise SpecqError("a compiled quantized Linear is not registered: call specq.quant.opaque.register_all(model) "
@@ -28,8 +30,18 @@ def qmatmul(x2: torch.Tensor, key: int, n: int) -> torch.Tensor:
 
 
 @qmatmul.register_fake
-def _(x2, key, n):
+def _(x2, handle, n):
     return x2.new_empty(x2.shape[0], n)
+
+
+def handle_of(module) -> torch.Tensor:
+    """The module's handle (created on first use) after registering the module under it."""
+    h = module.__dict__.get("_opaque_handle")
+    if h is None:
+        h = module.__dict__["_opaque_handle"] = torch.zeros(1, dtype=torch.int8)
+    if _MODULES.get(h.data_ptr()) is not module:
+        _MODULES[h.data_ptr()] = module
+    return h
 
 
 def register_all(model: torch.nn.Module) -> int:
@@ -37,7 +49,7 @@ def register_all(model: torch.nn.Module) -> int:
     n = 0
     for m in model.modules():
         if hasattr(m, "matmul2d"):
-            _MODULES[id(m)] = m
+            handle_of(m)
             n += 1
     return n
 
@@ -46,7 +58,7 @@ def matmul(module, x2: torch.Tensor) -> torch.Tensor:
     """module.matmul2d(x2), through the opaque op while torch.compile traces a CUDA (or FORCE'd) input."""
     if torch.compiler.is_compiling():
         if x2.is_cuda or FORCE:
-            return torch.ops.specq.qmatmul(x2, id(module), module.out_features)
-    elif _MODULES.get(id(module)) is not module:   # eager calls register the module for a later compile
-        _MODULES[id(module)] = module
+            return torch.ops.specq.qmatmul(x2, module._opaque_handle, module.out_features)
+    else:                                          # eager calls register the module for a later compile
+        handle_of(module)
     return module.matmul2d(x2)
