@@ -148,17 +148,18 @@ class Transformer(nn.Module):
         self.cache_size = size
 
     def compile_blocks(self, dynamic=None, mode=None):
-        """Regional compilation: every decoder layer torch.compile'd in place, plus the final norm. The layers
-        share one compiled graph (their weights, caches and quantized-Linear handles are graph inputs), so
-        compiling costs one layer, not num_layers of them; the loop over layers, the embedding and lm_head stay
-        eager (CUDA graphs capture them all the same). dynamic=None: dynamo's automatic dynamic shapes."""
+        """Regional compilation: every decoder layer torch.compile'd in place. The layers share one compiled graph
+        (their weights, caches and quantized-Linear handles are graph inputs, not constants), so compiling costs one
+        layer, not num_layers of them. The head (final norm + lm_head) is a second graph; the loop over layers and
+        the embedding stay eager (CUDA graphs capture them all the same). dynamic=None: dynamo's automatic dynamic shapes."""
         from ..quant.opaque import register_all
         register_all(self)
         key = (dynamic, mode)
         if getattr(self, "_compiled_blocks", None) != key:
             for blk in self.layers:
                 blk.compile(fullgraph=True, dynamic=dynamic, mode=mode)
-            self.norm.compile(fullgraph=True, dynamic=dynamic)
+            # final norm + lm_head in one graph (inductor fuses the norm into the M=1 lm_head reduction)
+            self.__dict__["_head_compiled"] = torch.compile(self.head, fullgraph=True, dynamic=dynamic, mode=mode)
             self._compiled_blocks = key
         return self
 
@@ -185,10 +186,14 @@ class Transformer(nn.Module):
         cos, sin = self.rope(pos)
         for layer in self.layers:
             x = layer(x, cos, sin, slots, mask)
+        head = self.__dict__.get("_head_compiled") or self.head
+        logits, h = head(x, logits_rows)
+        return (logits, h) if return_hidden else logits
+
+    def head(self, x, logits_rows=None):  # x [M, D] -> logits [M', V] float32, final-norm output h [M, D]
         h = self.norm(x)
         hl = h if logits_rows is None else h[logits_rows]
-        logits = self.lm_head(hl).float()
-        return (logits, h) if return_hidden else logits
+        return self.lm_head(hl).float(), h
 
 
 def causal_mask(start: int, m: int, size: int, device=None):

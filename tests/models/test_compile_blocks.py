@@ -20,7 +20,7 @@ def test_layers_share_one_graph_and_match_eager(monkeypatch):
     counters.clear()
     model.compile_blocks(dynamic=False)
     out = model(x, pos, pos, mask, return_hidden=False)
-    # one graph for the three layers (a per-layer constant would compile three), one for the final norm
+    # one graph for the three layers (a per-layer constant would compile three), one for the head
     assert counters["stats"]["unique_graphs"] == 2
     torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
     torch._dynamo.reset()
