@@ -26,7 +26,7 @@ class Decoder:
     """Owns a model's static cache for one sequence. prefill(ids) and step(token) return logits [V]."""
 
     def __init__(self, model: Transformer, max_len: int, cuda_graph: bool | None = None, compile: bool | str = False,
-                 regional: bool = False):
+                 regional: bool | None = None):
         self.model, self.S = model, max_len
         model.setup_cache(max_len)
         dev = model.device
@@ -46,6 +46,10 @@ class Decoder:
             from .quant.opaque import register_all
             register_all(model)
         # regional: each layer compiled once for all layers (model.compile_blocks), the step itself eager
+        # (default: specq.models.llama.COMPILE_BLOCKS)
+        if regional is None:
+            from .models import llama
+            regional = llama.COMPILE_BLOCKS
         if compile and regional:
             model.compile_blocks(dynamic=False, mode=mode)
             self.fn = self._step_eager

@@ -54,3 +54,19 @@ def test_bench_latency_tiny_model(capsys, tmp_path):
     assert out.with_suffix(".png").exists()
     rc, _, err = run(capsys, "bench", "latency", "--model", str(d), "--ms", "0")
     assert rc == 2 and "--ms" in err
+
+
+@pytest.mark.parametrize("argv,compiled,blocks", [
+    (["generate", "hi"], False, False),
+    (["generate", "hi", "--compile"], True, False),
+    (["generate", "hi", "--compile-blocks"], True, True),
+    (["serve", "--compile-blocks"], True, True),
+    (["bench", "spec", "--compile-blocks"], True, True),
+])
+def test_compile_flags(monkeypatch, argv, compiled, blocks):
+    """--compile-blocks implies --compile and switches the process to regional compilation."""
+    from specq.cli import build_parser, compile_flag
+    from specq.models import llama
+    monkeypatch.setattr(llama, "COMPILE_BLOCKS", False)
+    assert compile_flag(build_parser().parse_args(argv)) is compiled
+    assert llama.COMPILE_BLOCKS is blocks

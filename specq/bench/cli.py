@@ -29,6 +29,8 @@ def add_parser(sub):
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
     s.add_argument("--compile", action="store_true", help="GPU: torch.compile the plain decode step and the "
                    "verification / draft-model steps (both sides of every speedup), inside their CUDA graphs")
+    from ..cli import COMPILE_BLOCKS_HELP
+    s.add_argument("--compile-blocks", action="store_true", help=COMPILE_BLOCKS_HELP)
 
     def run(a):
         from .spec import main

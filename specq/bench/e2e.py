@@ -95,8 +95,7 @@ def run_plain(target, S: int, P: int, n: int, compile: bool = False) -> float:
     ops): seconds per token (prefill excluded)."""
     from ..generate import Decoder
     dev = target.device
-    from . import e2e_units
-    dec = Decoder(target, S, compile=compile, regional=e2e_units.REGIONAL)
+    dec = Decoder(target, S, compile=compile)
     logits = dec.prefill(torch.randint(0, target.cfg.vocab_size, (P,)))
     dec.step_greedy(int(logits.argmax()))
     for _ in range(3):
@@ -377,9 +376,16 @@ def parse_args(argv):
 
 def main(argv=None) -> int:
     a = parse_args(argv)
+    from ..models import llama
+    saved, llama.COMPILE_BLOCKS = llama.COMPILE_BLOCKS, a.compile and a.compile_mode == "blocks"
+    try:
+        return _main(a, sys.argv[1:] if argv is None else argv)
+    finally:
+        llama.COMPILE_BLOCKS = saved
+
+
+def _main(a, argv) -> int:
     a.t_start = time.perf_counter()
-    from . import e2e_units
-    e2e_units.REGIONAL = a.compile and a.compile_mode == "blocks"
     if a.compile:   # one compiled function per work unit and model: more than dynamo's default 8 entries
         import torch._dynamo.config as dcfg
         for k in ("cache_size_limit", "recompile_limit", "accumulated_cache_size_limit", "accumulated_recompile_limit"):
@@ -394,7 +400,7 @@ def main(argv=None) -> int:
     a.methods = [m for m in a.methods if m not in drop]
     out = Path(a.out)
     res = {"rows": [], "latency": [], "planner": [], "errors": [],
-           "command": "PYTHONPATH=$PWD python3 bench/e2e.py " + " ".join(sys.argv[1:] if argv is None else argv),
+           "command": "PYTHONPATH=$PWD python3 bench/e2e.py " + " ".join(argv),
            "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "torch": torch.__version__, "side": {"shape": a.side_shape, "format": a.side_format},

@@ -17,9 +17,7 @@ import time
 import torch
 
 from ..spec.tree import ancestor_mask, positions
-
-REGIONAL = False    # compile: each model's layers compiled once for all layers (Transformer.compile_blocks), the
-                    # verifier / draft step around them eager, instead of one torch.compile of the whole forward
+from ..models import llama
 
 
 class Graphs:
@@ -92,8 +90,8 @@ class Verifier:
         if compile:
             from ..quant.opaque import register_all
             register_all(model)
-            self.fwd = self._fwd if REGIONAL else torch.compile(self._fwd, fullgraph=True, dynamic=True)
-            if REGIONAL:
+            self.fwd = self._fwd if llama.COMPILE_BLOCKS else torch.compile(self._fwd, fullgraph=True, dynamic=True)
+            if llama.COMPILE_BLOCKS:
                 model.compile_blocks()
 
     def _fwd(self, tm, depth, ids, ar, L, j):
@@ -163,8 +161,8 @@ class ChainDrafter:
         if compile:
             from ..quant.opaque import register_all
             register_all(model)
-            self.one = self._one if REGIONAL else torch.compile(self._one, fullgraph=True, dynamic=False)
-            if REGIONAL:
+            self.one = self._one if llama.COMPILE_BLOCKS else torch.compile(self._one, fullgraph=True, dynamic=False)
+            if llama.COMPILE_BLOCKS:
                 model.compile_blocks()
 
     def _one(self, x, pos, j):

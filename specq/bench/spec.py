@@ -210,13 +210,15 @@ def main(a) -> int:
     except ValueError:
         raise SpecqError(f"invalid --tree {a.tree!r}: expected top_k:depth:total_tokens, integers >= 1, "
                          "e.g. 16:5:80") from None
+    from ..cli import compile_flag
+    compile = compile_flag(a)
     llm = LLM(a.model, device=a.device, dtype=a.dtype, quant=quant)
     spec_kw = dict(k=a.draft_len, n_drafts=a.n_drafts, eagle_head=a.eagle_head, draft_model=a.draft_model,
                    intermediate=a.intermediate, top_k=top_k, depth=depth, total_tokens=total)
     dev = torch.cuda.get_device_name() if llm.device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()})"
     res = {"rows": [], "model": a.model, "format": a.format, "bench": a.bench, "per_category": a.per_category,
            "max_new_tokens": a.max_new_tokens, "eagle_tree": a.tree, "command": "specq " + " ".join(sys.argv[1:]), "device": dev,
-           "torch": torch.__version__, "date": datetime.date.today().isoformat(), "compile": a.compile,
+           "torch": torch.__version__, "date": datetime.date.today().isoformat(), "compile": "blocks" if getattr(a, "compile_blocks", False) else a.compile,
            "note": "speedup = tok/s over plain decoding (specq, CUDA-graph step on GPU) of the same model and format "
                    "in the same run; tau = tokens emitted per target forward, bonus included"}
 
@@ -233,7 +235,7 @@ def main(a) -> int:
             out.with_suffix(".md").write_text(markdown(rows) + "\n")
 
     rows = bench(llm, methods, temps, a.bench, a.per_category, a.max_new_tokens, a.seed, spec_kw, not a.no_progress,
-                 on_rows=save, compile=a.compile)
+                 on_rows=save, compile=compile)
     save(rows, final=True)
     print(markdown(rows))
     if a.out:

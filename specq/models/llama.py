@@ -51,6 +51,11 @@ class KVCache(nn.Module):
         self.v[:, dst] = self.v[:, src]
 
 
+# Regional compilation wherever a whole forward would be torch.compile'd (Decoder, TreeRunner, the e2e units):
+# Transformer.compile_blocks instead, the code around the layers eager. Set by `--compile-blocks` (CLI) and
+# `bench/e2e.py --compile-mode blocks`; far shorter compiles at 32-80 layers, a step ~2% slower (docs/results.md).
+COMPILE_BLOCKS = False
+
 KERNEL_MAX_M = 64      # CUDA, up to this many tokens: specq.kernels.attention (flash-decoding) instead of SDPA
 
 

@@ -159,8 +159,12 @@ class TreeRunner:
         if compile:
             from ..quant.opaque import register_all
             register_all(model)
-            self.tree_fn = torch.compile(self._tree_fn, dynamic=True)
-            self.fwd_fn = torch.compile(self._fwd_fn, dynamic=True)
+            from ..models import llama
+            if llama.COMPILE_BLOCKS:       # regional: the model's layers compiled, the steps around them eager
+                model.compile_blocks()
+            else:
+                self.tree_fn = torch.compile(self._tree_fn, dynamic=True)
+                self.fwd_fn = torch.compile(self._fwd_fn, dynamic=True)
 
     # -- static buffers of one bucket
     def _bufs(self, M: int, V: int | None = None, fwd: bool = False):

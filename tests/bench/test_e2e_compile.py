@@ -107,3 +107,32 @@ def test_e2e_bad_ms_one_line(ms, msg):
 def test_e2e_ms_parsed():
     from specq.bench.e2e import parse_args
     assert parse_args(["--out", "/tmp/x", "--ms", "16,1,4,4"]).ms == (1, 4, 16)
+
+
+@torch.inference_mode()
+def test_compile_blocks_units_match_eager(monkeypatch):
+    """bench/e2e.py --compile-mode blocks: the verifier and the draft chain over regionally compiled layers give the
+    eager units' outputs (eager outputs taken first: compile_blocks compiles the model's layers in place)."""
+    from specq.models import llama
+    torch.manual_seed(2)
+    m = build_random(config("tiny"), "w4a16", "cpu", torch.float32)
+    m.setup_cache(64)
+    for layer in m.layers:
+        layer.self_attn.cache.k.normal_()
+        layer.self_attn.cache.v.normal_()
+    g = Graphs("cpu")
+    eager, d0 = Verifier(m, 64, g, "e"), ChainDrafter(m, 64, g, "x")
+    cases = (chain_parents(1), chain_parents(4), [-1, 0, 0, 1, 2, 2])
+    ref = [eager.run(p, 20) for p in cases]
+    chain = d0.run(3, 30)
+    monkeypatch.setattr(llama, "COMPILE_BLOCKS", True)
+    torch._dynamo.reset()
+    comp, d1 = Verifier(m, 64, g, "c", compile=True), ChainDrafter(m, 64, g, "y", compile=True)
+    assert comp.fwd == comp._fwd and m.layers[0]._compiled_call_impl is not None
+    comp.shapes, d1.ids = eager.shapes, d0.ids
+    for p, (t0, h0) in zip(cases, ref):
+        t1, h1 = comp.run(p, 20)
+        assert torch.equal(t0, t1)
+        assert torch.allclose(h0, h1, atol=1e-4, rtol=1e-4)
+    assert torch.equal(chain, d1.run(3, 30))
+    torch._dynamo.reset()

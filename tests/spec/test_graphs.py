@@ -256,3 +256,33 @@ def test_compiled_runner_equals_eager():
     f0 = eager.forward(ids, slots, slots, mask, P + 2)
     f1 = comp.forward(ids, slots, slots, mask, P + 2)
     torch.testing.assert_close(f1[0], f0[0], atol=1e-4, rtol=1e-4)
+
+
+@torch.no_grad()
+def test_compiled_blocks_runner_equals_eager(monkeypatch):
+    """TreeRunner(compile=True) under regional compilation (specq.models.llama.COMPILE_BLOCKS, the CLI's
+    --compile-blocks): the model's layers compiled in place, the step eager; same logits, walk and cache as the
+    eager runner (whose outputs are taken before the layers are compiled)."""
+    from specq.models import llama
+    model = tiny()
+    g = torch.Generator().manual_seed(4)
+    S, P = 96, 11
+    saved = filled(model, S, P, g)
+    trees = [random_tree(n, g) for n in (1, 4, 9)]
+    eager = TreeRunner(model, graphs=False, pad=True)
+    ref = []
+    for d in trees:
+        restore(model, saved)
+        ref.append(eager.tree(d.tokens, d.parents, d.depths(), d.ancestor_mask(), P, rule="greedy"))
+    monkeypatch.setattr(llama, "COMPILE_BLOCKS", True)
+    torch._dynamo.reset()
+    comp = TreeRunner(model, graphs=False, pad=True, compile=True)
+    assert all(hasattr(blk, "_compiled_call_impl") and blk._compiled_call_impl is not None for blk in model.layers)
+    for d, (l0, h0, r0, i0, _) in zip(trees, ref):
+        restore(model, saved)
+        l1, h1, r1, i1, _ = comp.tree(d.tokens, d.parents, d.depths(), d.ancestor_mask(), P, rule="greedy")
+        torch.testing.assert_close(l1, l0, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(h1, h0, atol=1e-4, rtol=1e-4)
+        a = int(r0[0])
+        assert r1[:a + 2].tolist() == r0[:a + 2].tolist() and i1[:a].tolist() == i0[:a].tolist()
+    torch._dynamo.reset()
