@@ -51,7 +51,7 @@ class Decoder:
             from .models import llama
             regional = llama.COMPILE_BLOCKS
         if compile and regional:
-            model.compile_blocks(dynamic=False, mode=mode)
+            model.compile_blocks(mode=mode)     # automatic dynamic shapes, like the runners (one wrapper each)
             self.fn = self._step_eager
         else:
             self.fn = torch.compile(self._step_eager, fullgraph=True, dynamic=False, mode=mode) if compile else self._step_eager
