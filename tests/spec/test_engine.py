@@ -379,8 +379,8 @@ def test_cache_growth_doubles_and_compiled_steps_do_not_recompile():
 
 
 def test_greedy_lossless_compiled_blocks(monkeypatch):
-    """--compile-blocks (specq.models.llama.COMPILE_BLOCKS): the plain Decoder, the target's and the draft model's
-    runners and the EAGLE steps over regionally compiled layers (several models, token counts and cache sizes
+    """--compile-blocks (specq.models.llama.COMPILE_BLOCKS): the plain Decoder, the W4A16 target's and the draft
+    model's runners and the EAGLE steps over regionally compiled layers (several models, token counts and cache sizes
     through one compiled Block.forward) never hit dynamo's recompile limit, and greedy output equals plain greedy."""
     import torch._dynamo
     from specq.engine import compile_steps
@@ -388,9 +388,12 @@ def test_greedy_lossless_compiled_blocks(monkeypatch):
     from specq.models import llama
     from specq.spec.eagle import EagleHead, EagleProposer
     from specq.spec.graphs import runner_for
+    from specq.quant import opaque, quantize_model
     t = tiny(seed=11)
+    quantize_model(t, fmt="w4a16", method="rtn", group_size=32, fit_group=True, progress=False)
     refs = [naive_greedy(t, p, 20) for p in PROMPTS[:2]]
     head = EagleHead(t.cfg).bind(t).eval()
+    monkeypatch.setattr(opaque, "FORCE", True)                  # quantized Linears as the opaque op, as on CUDA
     monkeypatch.setattr(llama, "COMPILE_BLOCKS", True)
     torch._dynamo.reset()
     dec = Decoder(t, 64, cuda_graph=False, compile=True)         # plain decoding compiled first, as bench spec does
