@@ -67,3 +67,19 @@ def test_plan_structures_picks_by_verification_cost():
     assert plan_structures(flat, prof, {}, plain_s=0.005)[0]["name"] == "none"  # no proposer measured
     with pytest.raises(SpecqError):
         plan_structures({2: 0.01}, prof, costs)
+
+
+def test_tau_bound_caps_every_planned_speedup():
+    """tau_bound: the largest expected tau of the profile's structures; no structure's planned speedup over plain
+    decoding exceeds it, even with free drafting and verification; the bundled SmolLM2 profile's bound is < 3."""
+    from specq.bench.controlled import load_profile
+    from specq.bench.latency import plan_structures, tau_bound
+    prof = toy_profile()
+    b = tau_bound(prof, ["tree-10", "tree-60"])
+    assert b["structure"] == "tree-60" and b["tau"] == pytest.approx(1 + 0.9 + 0.72 + 0.504 + 0.3024)
+    free = {"chain_token": 0.0, "tree": {"tree-10": 0.0, "tree-60": 0.0}, "hier_round": 0.0}
+    ranked = plan_structures({m: 0.01 for m in (1, 2, 4, 8, 16, 32, 64)}, prof, free)
+    assert max(r["tok_s"] for r in ranked) == pytest.approx(b["tau"] / 0.01)
+    assert tau_bound(prof)["tau"] < b["tau"]                 # without the trees: chains and hier only
+    smol = tau_bound(load_profile(None), ["tree-10", "tree-30-d3", "tree-60"])
+    assert 2.5 < smol["tau"] < 3.0 + 0.2 and smol["structure"].startswith(("chain", "hier"))

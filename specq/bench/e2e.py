@@ -26,7 +26,7 @@ from ..errors import SpecqError
 from .controlled import (Acceptance, chain_cond, load_profile, mean_sd, path_to_depth, step_tokens_dist, struct_depth,
                          tree_shape)
 from .e2e_units import ChainDrafter, EagleDrafter, Graphs, Keeper, Verifier, chain_parents
-from .latency import plan_structures
+from .latency import plan_structures, tau_bound
 from .randmodel import FORMATS, build_eagle_head, build_random, config, weight_bytes_per_token
 
 H100_BW = 3.35e12          # bytes/s, H100 SXM HBM3 (the roofline's bandwidth)
@@ -245,6 +245,7 @@ def bench_phase(res: dict, model_name: str, shape: str, fmt: str, side: Side | N
     T, costs = measure_costs(ph, prof, trees, a.reps, getattr(a, "ms", MS))
     res["latency"] += [{"model": model_name, "format": fmt, "M": M, "ms": t * 1e3, "ratio_vs_M1": t / T[1]} for M, t in T.items()]
     ranked = plan_structures(T, prof, costs, plain_s=plain)
+    bound = tau_bound(prof, trees, HIER_TREE)
     pred = {r["name"]: r for r in ranked}
     choice = ranked[0]["name"]
     log(f"  T(M) ms: " + " ".join(f"{M}:{t * 1e3:.2f}" for M, t in T.items()) + f" | planner: {choice} "
@@ -273,7 +274,10 @@ def bench_phase(res: dict, model_name: str, shape: str, fmt: str, side: Side | N
                            "ratio_at_expected_tau": (norm[choice] / norm[nbest]) if choice in norm else None,
                            "costs_ms": {k: ({n: t * 1e3 for n, t in v.items()} if isinstance(v, dict) else v * 1e3)
                                         for k, v in costs.items()},
-                           "top5": [(r["name"], r["tok_s"]) for r in ranked[:5]]})
+                           "top5": [(r["name"], r["tok_s"]) for r in ranked[:5]],
+                           "speedup_bound": bound["tau"], "speedup_bound_structure": bound["structure"]})
+    log(f"  speedup bound of this profile: {bound['tau']:.2f}x ({bound['structure']}: its expected tau; free drafting "
+        f"and verification)")
     ph.release()
     del ph, target
 

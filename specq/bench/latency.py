@@ -100,6 +100,17 @@ def plan_structures(T: dict[int, float], profile: dict, costs: dict, plain_s: fl
     return sorted(out, key=lambda r: -r["tok_s"])
 
 
+def tau_bound(profile: dict, trees=(), hier_tree: str = "tree-30-d3") -> dict:
+    """The largest expected tau (tokens per target forward, bonus included) among the structures plan_structures
+    considers for this profile: {"tau": .., "structure": ..}. No speculative step beats plain decoding by more than
+    this factor (it would need verification as cheap as one token and free drafting: speedup = tau * T(1) /
+    step time <= tau), so it bounds every measured speedup under a controlled-acceptance profile."""
+    costs = {"chain_token": 0.0, "tree": {t: 0.0 for t in trees if t in profile["structures"]}, "hier_round": 0.0}
+    ranked = plan_structures({1: 1.0}, profile, costs, hier_tree=hier_tree)
+    best = max(ranked, key=lambda r: r["tau"])
+    return {"tau": best["tau"], "structure": best["name"]}
+
+
 def _all(cond, n):  # probability that all n drafts of a chain are accepted
     p = 1.0
     for d in range(n):
