@@ -16,7 +16,6 @@ group scale folded in ((q - z) * s, one rounding), then NT n8 token tiles of mma
 """
 from __future__ import annotations
 
-import threading
 from typing import NamedTuple
 
 import torch
@@ -251,22 +250,11 @@ def source(c: WideCfg, NT: int, KBW: int, fp16: bool) -> str:
     return head + w4mma.helpers(fp16) + _WIDE
 
 
-_KERNELS: dict = {}
-_LOCK = threading.Lock()
 _LOCKS: dict = {}
 
 
 def kernel(c: WideCfg, NT: int, KBW: int, fp16: bool, device: int = 0):
-    key = (c, NT, KBW, fp16, device)
-    k = _KERNELS.get(key)
-    if k is None:
-        with _LOCK:
-            k = _KERNELS.get(key)
-            if k is None:
-                if not hasattr(torch.cuda, "_compile_kernel"):
-                    raise SpecqError(f"w4wide needs torch.cuda._compile_kernel (NVRTC), not in torch {torch.__version__}")
-                k = _KERNELS[key] = torch.cuda._compile_kernel(source(c, NT, KBW, fp16), "w4wide")
-    return k
+    return w4mma.compiled(("w4wide", c, NT, KBW, fp16, device), lambda: source(c, NT, KBW, fp16), "w4wide")
 
 
 def locks_for(w: w4mma.MMAWeight) -> torch.Tensor:

@@ -361,19 +361,24 @@ def default_config(M: int, N: int, K: int) -> Cfg:
     raise SpecqError(f"w4mma: K={K} is not a multiple of 128")
 
 
-def kernel(c: Cfg, KBW: int, fp16: bool, device: int = 0):
-    """The compiled kernel for one configuration, loaded into `device`'s context (call under that device)."""
-    key = (c, KBW, fp16, device)
+def compiled(key, make_source, name: str):
+    """The NVRTC-compiled kernel `name` for a cache key (its CUDA C from make_source(), compiled once per key, loaded
+    into the current device's context: call under that device)."""
     k = _KERNELS.get(key)
     if k is None:
         with _LOCK:
             k = _KERNELS.get(key)
             if k is None:
                 if not hasattr(torch.cuda, "_compile_kernel"):
-                    raise SpecqError(f"w4mma needs torch.cuda._compile_kernel (NVRTC), not in torch {torch.__version__}")
-                src = source(c.NT, KBW, c.P, c.WARPS, fp16, c.MINB, c.L2HINT, c.XR, c.PRE, c.ROLL)
-                k = _KERNELS[key] = torch.cuda._compile_kernel(src, "w4mma")
+                    raise SpecqError(f"{name} needs torch.cuda._compile_kernel (NVRTC), not in torch {torch.__version__}")
+                k = _KERNELS[key] = torch.cuda._compile_kernel(make_source(), name)
     return k
+
+
+def kernel(c: Cfg, KBW: int, fp16: bool, device: int = 0):
+    """The compiled kernel for one configuration, loaded into `device`'s context (call under that device)."""
+    return compiled(("w4mma", c, KBW, fp16, device),
+                    lambda: source(c.NT, KBW, c.P, c.WARPS, fp16, c.MINB, c.L2HINT, c.XR, c.PRE, c.ROLL), "w4mma")
 
 
 def w4mma_linear(x: torch.Tensor, w: MMAWeight, cfg: Cfg | None = None) -> torch.Tensor:

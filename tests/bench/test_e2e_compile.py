@@ -14,15 +14,20 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@torch.inference_mode()
-def test_compiled_units_match_eager():
-    torch.manual_seed(0)
+def filled_tiny(seed):
+    """A tiny W4A16 model with a 64-slot cache of random K/V, and a CPU Graphs."""
+    torch.manual_seed(seed)
     m = build_random(config("tiny"), "w4a16", "cpu", torch.float32)
     m.setup_cache(64)
     for layer in m.layers:
         layer.self_attn.cache.k.normal_()
         layer.self_attn.cache.v.normal_()
-    g = Graphs("cpu")
+    return m, Graphs("cpu")
+
+
+@torch.inference_mode()
+def test_compiled_units_match_eager():
+    m, g = filled_tiny(0)
     eager, comp = Verifier(m, 64, g, "e"), Verifier(m, 64, g, "c", compile=True)
     comp.shapes = eager.shapes                        # the same random draft tokens
     for parents in (chain_parents(1), chain_parents(3), chain_parents(6), [-1, 0, 0, 1, 2, 2]):
@@ -114,13 +119,7 @@ def test_compile_blocks_units_match_eager(monkeypatch):
     """bench/e2e.py --compile-mode blocks: the verifier and the draft chain over regionally compiled layers give the
     eager units' outputs (eager outputs taken first: compile_blocks compiles the model's layers in place)."""
     from specq.models import llama
-    torch.manual_seed(2)
-    m = build_random(config("tiny"), "w4a16", "cpu", torch.float32)
-    m.setup_cache(64)
-    for layer in m.layers:
-        layer.self_attn.cache.k.normal_()
-        layer.self_attn.cache.v.normal_()
-    g = Graphs("cpu")
+    m, g = filled_tiny(2)
     eager, d0 = Verifier(m, 64, g, "e"), ChainDrafter(m, 64, g, "x")
     cases = (chain_parents(1), chain_parents(4), [-1, 0, 0, 1, 2, 2])
     ref = [eager.run(p, 20) for p in cases]
