@@ -96,16 +96,20 @@ def test_e2e_tiny_end_to_end(tmp_path, capsys):
     assert "| llama3-8b | w4a16 | chain-3 |" in capsys.readouterr().out
 
 
-def test_e2e_tiny_compiled(tmp_path):
-    """--compile: every work unit compiled (CPU inductor); rows say so, nothing fails."""
+@pytest.mark.parametrize("mode", ["whole", "blocks"])
+def test_e2e_tiny_compiled(tmp_path, mode):
+    """--compile (--compile-mode whole / blocks): every work unit compiled (CPU inductor); rows say so, nothing
+    fails, and the regional switch is the process's again afterwards."""
+    from specq.models import llama
     prof_path = write_profile(tmp_path / "p.json")
     out = tmp_path / "out"
     rc = main(["--out", str(out), "--tiny", "--device", "cpu", "--dtype", "float32", "--profile", str(prof_path),
                "--phases", "llama3-8b:w4a16:spec", "--methods", "chain-2,tree-10,hier-4", "--tokens", "24",
-               "--plain-tokens", "2", "--reps", "1", "--no-plot", "--compile"])
-    assert rc == 0
+               "--plain-tokens", "2", "--reps", "1", "--no-plot", "--compile", "--compile-mode", mode])
+    assert rc == 0 and llama.COMPILE_BLOCKS is False
     res = json.loads((out / "e2e.json").read_text())
     assert not res["errors"]
     rows = [r for r in res["rows"] if r["model"] == "llama3-8b"]
     assert {r["structure"] for r in rows} >= {"none", "chain-2", "tree-10", "hier-4"}
-    assert all(r["step"] == "compiled" and r["tok_s"] > 0 for r in rows)
+    assert all(r["step"] == {"whole": "compiled", "blocks": "compiled-blocks"}[mode] and r["tok_s"] > 0 for r in rows)
+    assert 1 <= res["planner"][0]["speedup_bound"] and res["planner"][0]["speedup_bound_structure"]
