@@ -183,7 +183,9 @@ class ChainDrafter:
 
 
 class EagleDrafter:
-    """compile: the commit (symbolic a) and the tree growth (one compile per tree shape) are torch.compile'd."""
+    """compile: the commit (symbolic a) and the tree growth (one compile per tree shape) are torch.compile'd; under
+    llama.COMPILE_BLOCKS only the head's decoder layer is (one compile for every tree shape: most of the
+    whole-compile time of bench/e2e.py went to these tree steps)."""
 
     def __init__(self, head, S: int, graphs: Graphs, tag: str, top_k: int = 10, max_commit: int = 16,
                  compile: bool = False):
@@ -197,7 +199,9 @@ class EagleDrafter:
         self.last = torch.zeros(D, device=dev, dtype=head.dtype)
         self.root_logp = torch.zeros(V, device=dev)
         self.commit_fn, self.tree_fn = self._commit, self._tree
-        if compile:
+        if compile and llama.COMPILE_BLOCKS:     # regional: the head's decoder layer compiled, the steps eager
+            llama.compile_layers(head.layers)
+        elif compile:
             self.commit_fn = torch.compile(self._commit, dynamic=True)
             self.tree_fn = torch.compile(self._tree, dynamic=False)
 

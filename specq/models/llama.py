@@ -122,6 +122,20 @@ class Block(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+def compile_layers(layers, dynamic=None, mode=None) -> None:
+    """torch.compile each decoder layer in place (regional compilation; Transformer.compile_blocks, EAGLE heads).
+    Block.forward is one code object for every model in the process (target, draft, intermediate, EAGLE head),
+    token count and cache size: more cache entries than dynamo's default 8, so the limits are raised; and
+    fullgraph=False: a variant past the limit runs eager (with dynamo's warning) instead of failing a request."""
+    import torch._dynamo.config as dcfg
+    for k, v in (("cache_size_limit", 64), ("recompile_limit", 64), ("accumulated_cache_size_limit", 512),
+                 ("accumulated_recompile_limit", 512)):
+        if hasattr(dcfg, k):
+            setattr(dcfg, k, max(getattr(dcfg, k), v))
+    for blk in layers:
+        blk.compile(fullgraph=False, dynamic=dynamic, mode=mode)
+
+
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -157,22 +171,11 @@ class Transformer(nn.Module):
         (their weights, caches and quantized-Linear handles are graph inputs, not constants), so compiling costs one
         layer, not num_layers of them. The head (final norm + lm_head) is a second graph; the loop over layers and
         the embedding stay eager (CUDA graphs capture them all the same). dynamic=None: dynamo's automatic dynamic shapes."""
-        import torch._dynamo.config as dcfg
         from ..quant.opaque import register_all
         register_all(self)
-        # Block.forward is one code object for every model in the process (target, draft, intermediate, EAGLE
-        # head), token count and cache size: more cache entries than dynamo's default 8. fullgraph=False: a new
-        # variant past the limit runs eager (with dynamo's warning) instead of failing the request.
-        for k in ("cache_size_limit", "recompile_limit"):
-            if hasattr(dcfg, k):
-                setattr(dcfg, k, max(getattr(dcfg, k), 64))
-        for k in ("accumulated_cache_size_limit", "accumulated_recompile_limit"):
-            if hasattr(dcfg, k):
-                setattr(dcfg, k, max(getattr(dcfg, k), 512))
         key = (dynamic, mode)
         if getattr(self, "_compiled_blocks", None) != key:
-            for blk in self.layers:
-                blk.compile(fullgraph=False, dynamic=dynamic, mode=mode)
+            compile_layers(self.layers, dynamic, mode)
             # final norm + lm_head in one graph (inductor fuses the norm into the M=1 lm_head reduction)
             self.__dict__["_head_compiled"] = torch.compile(self.head, dynamic=dynamic, mode=mode)
             self._compiled_blocks = key

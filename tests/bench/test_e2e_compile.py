@@ -39,22 +39,40 @@ def test_compiled_units_match_eager():
     assert torch.equal(d0.run(3, 30), d1.run(3, 30))
 
 
+@pytest.mark.parametrize("blocks", [False, True])
 @torch.inference_mode()
-def test_compiled_eagle_drafter_matches_eager():
+def test_compiled_eagle_drafter_matches_eager(monkeypatch, blocks):
+    """EagleDrafter(compile=True): whole commit / tree steps compiled, or (blocks) only the head's layer compiled
+    in place; eager outputs are taken first (the in-place compile would reach the eager drafter too)."""
+    from specq.models import llama
     torch.manual_seed(1)
     m = build_random(config("tiny"), "bf16", "cpu", torch.float32)
     head = build_eagle_head(m, "cpu", torch.float32)
     head.setup_cache(96)
     g = Graphs("cpu")
-    e0, e1 = EagleDrafter(head, 96, g, "a", top_k=4), EagleDrafter(head, 96, g, "b", top_k=4, compile=True)
+    e0 = EagleDrafter(head, 96, g, "a", top_k=4)
+    cases = ((1, (3, 10)), (3, (3, 10)), (2, (2, 7)))
+    ref, snaps = [], []
+
+    def kv():
+        return [(l.self_attn.cache.k.clone(), l.self_attn.cache.v.clone()) for l in head.layers]
+    for a, (depth, total) in cases:
+        snaps.append(kv())                                # the head's cache before each case, for the second pass
+        e0.commit(a, 40)
+        ref.append((e0.root_logp.clone(), e0.tree(depth, total, 40)))
+    monkeypatch.setattr(llama, "COMPILE_BLOCKS", blocks)
+    torch._dynamo.reset()
+    e1 = EagleDrafter(head, 96, g, "b", top_k=4, compile=True)
+    assert (e1.tree_fn == e1._tree) is blocks and (head.layers[0]._compiled_call_impl is not None) is blocks
     e1.ids, e1.feats = e0.ids, e0.feats
-    for a, (depth, total) in ((1, (3, 10)), (3, (3, 10)), (2, (2, 7))):
-        outs = []
-        for e in (e0, e1):
-            e.commit(a, 40)
-            outs.append((e.root_logp.clone(), e.tree(depth, total, 40)))
-        torch.testing.assert_close(outs[1][0], outs[0][0], atol=1e-4, rtol=1e-4)
-        assert torch.equal(outs[0][1], outs[1][1])
+    for (a, (depth, total)), (lp0, t0), snap in zip(cases, ref, snaps):
+        for l, (k, v) in zip(head.layers, snap):
+            l.self_attn.cache.k.copy_(k)
+            l.self_attn.cache.v.copy_(v)
+        e1.commit(a, 40)
+        torch.testing.assert_close(e1.root_logp, lp0, atol=1e-4, rtol=1e-4)
+        assert torch.equal(e1.tree(depth, total, 40), t0)
+    torch._dynamo.reset()
 
 
 def _merge_mod():
