@@ -58,7 +58,12 @@ def matmul(module, x2: torch.Tensor) -> torch.Tensor:
     """module.matmul2d(x2), through the opaque op while torch.compile traces a CUDA (or FORCE'd) input."""
     if torch.compiler.is_compiling():
         if x2.is_cuda or FORCE:
-            return torch.ops.specq.qmatmul(x2, module._opaque_handle, module.out_features)
+            h = module.__dict__.get("_opaque_handle")
+            if h is None:
+                from ..errors import SpecqError
+                raise SpecqError(f"a quantized Linear ({type(module).__name__}) met torch.compile unregistered: call "
+                                 "specq.quant.opaque.register_all(model) before compiling (specq's Decoder does)")
+            return torch.ops.specq.qmatmul(x2, h, module.out_features)
     else:                                          # eager calls register the module for a later compile
         handle_of(module)
     return module.matmul2d(x2)

@@ -35,3 +35,18 @@ def test_compiled_quantized_model_matches_eager(tmp_path, monkeypatch):
     ops = [nd for nd in graphs[0].graph.nodes if "specq.qmatmul" in str(nd.target)]
     assert len(graphs) == 1 and len(ops) == n           # one opaque call per quantized Linear, no graph break
     torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
+
+
+def test_unregistered_module_under_compile_is_one_clear_error(monkeypatch):
+    """A quantized Linear that reaches torch.compile without a handle (never registered, never run eagerly) stops
+    tracing with the SpecqError that says what to call, not an AttributeError."""
+    import pytest
+    monkeypatch.setattr(opaque, "FORCE", True)
+    lin = W8A8Linear(64, 32)
+    lin.sw.uniform_(0.001, 0.01)
+    assert "_opaque_handle" not in lin.__dict__
+    torch._dynamo.reset()
+    with pytest.raises(Exception) as ei:
+        torch.compile(lambda x: lin(x), fullgraph=True, backend="eager")(torch.randn(2, 64))
+    torch._dynamo.reset()
+    assert "register_all" in str(ei.value)              # SpecqError's text (dynamo may wrap the exception)
