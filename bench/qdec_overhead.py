@@ -3,7 +3,8 @@ random weights (timings do not depend on values), batch 1, bf16 activations.
 
     python bench/qdec_overhead.py --out $OUT/qdec_overhead.json
 
-Bases, each timed alone and with QDEC: specq's W4A16 Triton GEMV (specq.kernels.w4a16_linear), torch's
+Bases, each timed alone and with QDEC: specq's W4A16 default (the CUDA few-token kernel at one token) and its
+Triton GEMV (specq.kernels.w4a16_linear), torch's
 int4 tinygemm (aten._weight_int4pack_mm, g128), and bf16 cuBLAS for scale; 3 bit only when a 3-bit GPU
 kernel is registered with specq.quant.wq. Compensation: 4-bit residual rows read zero-copy from pinned host memory,
 selection + fetch on a side stream, joined with one add (on specq's W4A16 base: no add, the fetch writes one
@@ -202,8 +203,14 @@ def main():
     bases = []
     try:
         from specq.kernels import prepare_w4a16, w4a16_linear
-        bases.append((4, "specq W4A16 Triton GEMV (specq.kernels.w4a16_linear, g128)",
+        from functools import partial
+        # w4a16_linear's default at one token is the CUDA few-token kernel (w4mma) where prepare_w4a16 built its
+        # layout; the fused QDEC path (no add kernel) exists on the Triton GEMV only, so the "fused" rows of the
+        # first base switch kernels: its "side+add" rows keep the CUDA GEMV. The second base is the Triton GEMV.
+        bases.append((4, "specq W4A16 default (CUDA w4mma at M <= 16; fused QDEC path on the Triton GEMV), g128",
                       lambda K, N: SpecqW4(K, N, dev, prepare_w4a16, w4a16_linear)))
+        bases.append((4, "specq W4A16 Triton GEMV (specq.kernels.w4a16_linear, g128)",
+                      lambda K, N: SpecqW4(K, N, dev, partial(prepare_w4a16, mma=False), w4a16_linear)))
     except Exception as e:
         log(f"specq W4A16 kernel unavailable: {e}")
     bases.append((4, "torch int4 tinygemm (aten._weight_int4pack_mm, g128)", lambda K, N: TinyGemm(K, N, dev)))
