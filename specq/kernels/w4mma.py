@@ -31,6 +31,10 @@ from ..errors import SpecqError
 from .ref import unpack_int4
 
 MAX_M = 64             # NT = 8 n8 tiles at most
+# EXPERIMENT, not measured yet (off by default): SPECQ_PDL=1 launches the kernel with programmatic dependent
+# launch (specq.kernels.pdl): its weight prefetch may overlap the previous kernel (with TORCHINDUCTOR_ENABLE_PDL=1,
+# inductor's kernels trigger their dependents early), x is read after griddepcontrol.wait
+PDL = os.environ.get("SPECQ_PDL", "0") == "1"
 MAX_SMALL_M = 16       # w4a16_linear uses this kernel up to here (beyond, the Triton kernel is faster on the H100)
 _HELPERS = r"""
 typedef unsigned int u32;
@@ -55,6 +59,19 @@ __device__ __forceinline__ uint4 ldw(const uint4* p) {
                  : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
     return v;
 }
+#if PDL     // x is the previous kernel's output, possibly still being written when this grid starts: coherent loads,
+            // ordered after griddepcontrol.wait (ptxas moves .nc loads across it)
+__device__ __forceinline__ uint4 ldx(const uint4* p) {
+    uint4 v;
+    asm volatile("ld.global.v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p) : "memory");
+    return v;
+}
+__device__ __forceinline__ uint2 ldx2(const uint2* p) {
+    uint2 v;
+    asm volatile("ld.global.v2.u32 {%0,%1}, [%2];" : "=r"(v.x), "=r"(v.y) : "l"(p) : "memory");
+    return v;
+}
+#else
 __device__ __forceinline__ uint4 ldx(const uint4* p) {
     uint4 v;
     asm volatile("ld.global.nc.v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
@@ -65,6 +82,7 @@ __device__ __forceinline__ uint2 ldx2(const uint2* p) {
     asm volatile("ld.global.nc.v2.u32 {%0,%1}, [%2];" : "=r"(v.x), "=r"(v.y) : "l"(p));
     return v;
 }
+#endif
 __device__ __forceinline__ u32 lds(const u32* p) {
     u32 v;
     asm volatile("ld.global.nc.u32 %0, [%1];" : "=r"(v) : "l"(p));
@@ -132,6 +150,14 @@ w4mma(const uint4* __restrict__ qw, const u32* __restrict__ sz, const u16* __res
             if (i % 2 == 0) { sb[i / 2][0] = lds(sp + (i / 2) * 16); sb[i / 2][1] = lds(sp + (i / 2) * 16 + 8); }
         }
     }
+#if PDL
+    // launched with programmatic dependent launch: the weight prefetch above may overlap the previous kernel; x
+    // (its output) is read only after this wait
+#pragma unroll
+    for (int i = 0; i < P; i++)          // ptxas may sink the ring's loads below the wait: prefetch into L2 first
+        if (i < KBW) asm volatile("prefetch.global.L2::evict_last [%0];" :: "l"(wp + i * 32) : "memory");
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
 #pragma unroll
     for (int i = 0; i < XR; i++)
 #pragma unroll
@@ -215,6 +241,9 @@ w4mma(const uint4* __restrict__ qw, const u32* __restrict__ sz, const u16* __res
         }
     }
     }
+#if PDL
+    asm volatile("griddepcontrol.launch_dependents;");        // the next kernel may start its own prologue
+#endif
 #pragma unroll
     for (int n = 0; n < NT; n++) red[warp][n][lane] = make_float4(acc[n][0], acc[n][1], acc[n][2], acc[n][3]);
     __syncthreads();
@@ -246,12 +275,12 @@ def helpers(fp16: bool) -> str:
 
 
 def source(NT: int, KBW: int, P: int, WARPS: int, fp16: bool, minb: int = 1, l2hint: bool = False, XR: int = 2,
-           pre: bool = False, roll: bool = False) -> str:
+           pre: bool = False, roll: bool = False, pdl: bool = False) -> str:
     """The kernel's CUDA C for one configuration (compile-time constants substituted)."""
     magic, one, ht, et = ("0x64006400", "0x3C003C00", "f16x2", "f16") if fp16 else \
         ("0x43004300", "0x3F803F80", "bf16x2", "bf16")
     head = (f"#define NT {NT}\n#define KBW {KBW}\n#define P {P}\n#define WARPS {WARPS}\n#define MINB {minb}\n"
-            f"#define ROLL {int(roll)}\n#define XR {XR}\n#define PRE {int(pre)}\n#define FP16 {int(fp16)}\n#define MAGIC_STR \"{magic}\"\n#define HTYPE \"{ht}\"\n"
+            f"#define PDL {int(pdl)}\n#define ROLL {int(roll)}\n#define XR {XR}\n#define PRE {int(pre)}\n#define FP16 {int(fp16)}\n#define MAGIC_STR \"{magic}\"\n#define HTYPE \"{ht}\"\n"
             f"#define ETYPE \"{et}\"\n#define LDHINT \"{'.L2::256B' if l2hint else ''}\"\n")
     return head + helpers(fp16) + _SMALL
 
@@ -377,8 +406,8 @@ def compiled(key, make_source, name: str):
 
 def kernel(c: Cfg, KBW: int, fp16: bool, device: int = 0):
     """The compiled kernel for one configuration, loaded into `device`'s context (call under that device)."""
-    return compiled(("w4mma", c, KBW, fp16, device),
-                    lambda: source(c.NT, KBW, c.P, c.WARPS, fp16, c.MINB, c.L2HINT, c.XR, c.PRE, c.ROLL), "w4mma")
+    return compiled(("w4mma", c, KBW, fp16, device, PDL),
+                    lambda: source(c.NT, KBW, c.P, c.WARPS, fp16, c.MINB, c.L2HINT, c.XR, c.PRE, c.ROLL, PDL), "w4mma")
 
 
 def w4mma_linear(x: torch.Tensor, w: MMAWeight, cfg: Cfg | None = None) -> torch.Tensor:
@@ -393,6 +422,11 @@ def w4mma_linear(x: torch.Tensor, w: MMAWeight, cfg: Cfg | None = None) -> torch
         x = x.contiguous().clone()
     y = torch.empty(M, w.N, dtype=x.dtype, device=x.device)
     with torch.cuda.device(x.device):            # module and stream of x's GPU, whatever the current device is
-        kernel(c, KBW, w.fp16, x.device.index or 0)(grid=(w.N // 16, 1, 1), block=(c.WARPS * 32, 1, 1),
-                                                    args=[w.words, w.sz, x, y, M, K, x.stride(0), y.stride(0)])
+        k = kernel(c, KBW, w.fp16, x.device.index or 0)
+        args = [w.words, w.sz, x, y, M, K, x.stride(0), y.stride(0)]
+        if PDL:
+            from .pdl import launch
+            launch(k, (w.N // 16, 1, 1), (c.WARPS * 32, 1, 1), args)
+        else:
+            k(grid=(w.N // 16, 1, 1), block=(c.WARPS * 32, 1, 1), args=args)
     return y
