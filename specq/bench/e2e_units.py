@@ -88,11 +88,7 @@ class Verifier:
         self.shapes: dict = {}
         self.fwd = self._fwd
         if compile:
-            from ..quant.opaque import register_all
-            register_all(model)
-            self.fwd = self._fwd if llama.COMPILE_BLOCKS else torch.compile(self._fwd, fullgraph=True, dynamic=True)
-            if llama.COMPILE_BLOCKS:
-                model.compile_blocks()
+            self.fwd = llama.compile_step(model, self._fwd, fullgraph=True, dynamic=True)
 
     def _fwd(self, tm, depth, ids, ar, L, j):
         M = tm.shape[0]
@@ -159,11 +155,7 @@ class ChainDrafter:
         self.j = torch.arange(S, device=dev)
         self.one = self._one
         if compile:
-            from ..quant.opaque import register_all
-            register_all(model)
-            self.one = self._one if llama.COMPILE_BLOCKS else torch.compile(self._one, fullgraph=True, dynamic=False)
-            if llama.COMPILE_BLOCKS:
-                model.compile_blocks()
+            self.one = llama.compile_step(model, self._one, fullgraph=True, dynamic=False)
 
     def _one(self, x, pos, j):
         mask = j[None, :] <= pos[:, None]

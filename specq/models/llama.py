@@ -136,6 +136,17 @@ def compile_layers(layers, dynamic=None, mode=None) -> None:
         blk.compile(fullgraph=False, dynamic=dynamic, mode=mode)
 
 
+def compile_step(model, fn, **kw):
+    """A step function of `model` made ready for torch.compile: its quantized Linears registered as opaque ops,
+    then either fn itself over regionally compiled layers (COMPILE_BLOCKS) or torch.compile(fn, **kw)."""
+    from ..quant.opaque import register_all
+    register_all(model)
+    if COMPILE_BLOCKS:
+        model.compile_blocks()
+        return fn
+    return torch.compile(fn, **kw)
+
+
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()

@@ -156,15 +156,10 @@ class TreeRunner:
         # attention as opaque ops), then captured per bucket like the eager ones
         self.compile = compile
         self.tree_fn, self.fwd_fn = self._tree_fn, self._fwd_fn
-        if compile:
-            from ..quant.opaque import register_all
-            register_all(model)
-            from ..models import llama
-            if llama.COMPILE_BLOCKS:       # regional: the model's layers compiled, the steps around them eager
-                model.compile_blocks()
-            else:
-                self.tree_fn = torch.compile(self._tree_fn, dynamic=True)
-                self.fwd_fn = torch.compile(self._fwd_fn, dynamic=True)
+        if compile:    # (under llama.COMPILE_BLOCKS: the model's layers compiled, the steps around them eager)
+            from ..models.llama import compile_step
+            self.tree_fn = compile_step(model, self._tree_fn, dynamic=True)
+            self.fwd_fn = compile_step(model, self._fwd_fn, dynamic=True)
 
     # -- static buffers of one bucket
     def _bufs(self, M: int, V: int | None = None, fwd: bool = False):

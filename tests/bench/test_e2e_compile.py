@@ -108,11 +108,15 @@ def test_merge_runs(tmp_path):
             mod.merge([pa, tmp_path / bad])
 
 
-def test_e2e_bad_side_format(capsys):
+@pytest.mark.parametrize("flag,value", [("--side-format", "w5a5"), ("--compile-mode", "regional")])
+def test_e2e_bad_choice(capsys, flag, value):
     from specq.bench.e2e import main
+    from specq.models import llama
     with pytest.raises(SystemExit) as e:
-        main(["--out", "/tmp/x", "--side-format", "w5a5"])
-    assert e.value.code == 2 and "invalid choice" in capsys.readouterr().err
+        main(["--out", "/tmp/x", flag, value])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "invalid choice" in err and "Traceback" not in err
+    assert llama.COMPILE_BLOCKS is False                     # rejected before the switch is touched
 
 
 @pytest.mark.parametrize("ms,msg", [("2,4", "start at 1"), ("1,x", "comma list of integers"), ("1,256", "<= 128")])
