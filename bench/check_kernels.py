@@ -88,8 +88,49 @@ def check(quick=False, ms=MS, models=None, out=print, w4a16_only=False):
                     report("w4a8-noasm" + ("-g128" if grouped else "-pc"), shape, max(ms), rel(y, r), y)
                 del q, sw, gs, w, r
             torch.cuda.empty_cache()
+    fails += check_fused(models, out, rows, g)
     out(f"check_kernels: {len(rows) - fails} passed, {fails} failed")
     return fails, rows
+
+
+def check_fused(models, out, rows, g) -> int:
+    """The few-token CUDA kernel with its fused prologue (RMSNorm; SiLU-and-multiply) and residual epilogue
+    against the separate torch ops around the same kernel unfused; also prints the share of bit-equal outputs."""
+    import torch.nn.functional as F
+    from specq.kernels import w4mma
+    from specq.models.llama import RMSNorm
+    if not w4mma.available():
+        out("fused: w4mma not available, skipped")
+        return 0
+    fails, dev = 0, "cuda"
+    for model in models:
+        for lname, K, N in MODELS[model]:
+            q, s, z = ref.random_w4a16(N, K, 128, True, torch.bfloat16, dev, g)
+            mw = w4mma.prepare_mma(q, s, z, 128, torch.bfloat16)
+            norm = RMSNorm(K, 1e-5).to(dev, torch.bfloat16)
+            with torch.no_grad():
+                norm.weight.copy_(1 + 0.1 * torch.randn(K, generator=g).to(dev))
+            for m in (1, 2, 4, 8, 16):
+                x = torch.randn(m, K, generator=g).to(dev, torch.bfloat16) * 3
+                xx = torch.randn(m, 2 * K, generator=g).to(dev, torch.bfloat16) * 2
+                res = torch.randn(m, N, generator=g).to(dev, torch.bfloat16)
+                gg, uu = xx.split(K, dim=-1)
+                cases = [("res", lambda: w4mma.w4mma_linear(x, mw, res=res), lambda: res + w4mma.w4mma_linear(x, mw))]
+                if w4mma.fusable(m, K):
+                    cases += [("norm", lambda: w4mma.w4mma_linear(x, mw, norm_w=norm.weight, eps=1e-5),
+                               lambda: w4mma.w4mma_linear(norm(x), mw)),
+                              ("silu+res", lambda: w4mma.w4mma_linear(xx, mw, silu=True, res=res),
+                               lambda: res + w4mma.w4mma_linear(F.silu(gg) * uu, mw))]
+                for name, f, r in cases:
+                    with torch.no_grad():
+                        y, yr = f(), r()
+                    e = rel(y, yr)
+                    ok = e <= TOL and bool(torch.isfinite(y).all())
+                    fails += not ok
+                    rows.append((f"w4mma-fused-{name}", f"{model}/{lname}", m, e, ok))
+                    out(f"{'ok ' if ok else 'BAD'} w4mma-fused-{name:9s} {model}/{lname:8s} M={m:<3d} rel_err={e:.2e} "
+                        f"bit-equal {(y == yr).float().mean().item():.4f}")
+    return fails
 
 
 if __name__ == "__main__":

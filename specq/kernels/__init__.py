@@ -32,6 +32,26 @@ def wq_kernel(x2, module):
     return w4a16_linear(x2, wq_w4a16(module, x2.dtype))
 
 
+def wq_fuse_ok(module) -> bool:
+    """A 4-bit WQLinear (CUDA) the few-token CUDA kernel takes: shape, group and small integer zero points."""
+    import os
+    from . import w4a16, w4mma
+    K, N, G = module.in_features, module.out_features, module.group_size
+    if os.environ.get("SPECQ_NO_FUSE", "0") == "1":     # A/B switch: the unfused ops around the same kernel
+        return False
+    if not (w4mma.available() and w4a16.LAYOUTS != "triton" and w4mma.supported(N, K, G)):
+        return False
+    z = module.zeros.float()
+    return bool(((z == z.round()) & (z.abs() <= 64)).all())
+
+
+def wq_fused(x2, module, norm_w, eps, silu, res):
+    """WQLinear.fused2d: res + (prologue(x2) @ W^T) in one w4mma launch (module.can_fuse said it fits)."""
+    from . import w4mma
+    w = wq_w4a16(module, x2.dtype)
+    return w4mma.w4mma_linear(x2, w.mma, norm_w=norm_w, eps=eps, silu=silu, res=res)
+
+
 def _cached(module, name, key, make):
     w = getattr(module, name, None)
     if w is None or getattr(module, name + "_key", None) != key:

@@ -31,10 +31,6 @@ from ..errors import SpecqError
 from .ref import unpack_int4
 
 MAX_M = 64             # NT = 8 n8 tiles at most
-# EXPERIMENT, not measured yet (off by default): SPECQ_PDL=1 launches the kernel with programmatic dependent
-# launch (specq.kernels.pdl): its weight prefetch may overlap the previous kernel (with TORCHINDUCTOR_ENABLE_PDL=1,
-# inductor's kernels trigger their dependents early), x is read after griddepcontrol.wait
-PDL = os.environ.get("SPECQ_PDL", "0") == "1"
 MAX_SMALL_M = 16       # w4a16_linear uses this kernel up to here (beyond, the Triton kernel is faster on the H100)
 _HELPERS = r"""
 typedef unsigned int u32;
@@ -59,19 +55,6 @@ __device__ __forceinline__ uint4 ldw(const uint4* p) {
                  : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
     return v;
 }
-#if PDL     // x is the previous kernel's output, possibly still being written when this grid starts: coherent loads,
-            // ordered after griddepcontrol.wait (ptxas moves .nc loads across it)
-__device__ __forceinline__ uint4 ldx(const uint4* p) {
-    uint4 v;
-    asm volatile("ld.global.v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p) : "memory");
-    return v;
-}
-__device__ __forceinline__ uint2 ldx2(const uint2* p) {
-    uint2 v;
-    asm volatile("ld.global.v2.u32 {%0,%1}, [%2];" : "=r"(v.x), "=r"(v.y) : "l"(p) : "memory");
-    return v;
-}
-#else
 __device__ __forceinline__ uint4 ldx(const uint4* p) {
     uint4 v;
     asm volatile("ld.global.nc.v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
@@ -82,7 +65,6 @@ __device__ __forceinline__ uint2 ldx2(const uint2* p) {
     asm volatile("ld.global.nc.v2.u32 {%0,%1}, [%2];" : "=r"(v.x), "=r"(v.y) : "l"(p));
     return v;
 }
-#endif
 __device__ __forceinline__ u32 lds(const u32* p) {
     u32 v;
     asm volatile("ld.global.nc.u32 %0, [%1];" : "=r"(v) : "l"(p));
@@ -96,6 +78,28 @@ __device__ __forceinline__ float scale_of(u32 w) {
 #else
     return __uint_as_float(w & 0xFFFF0000u);
 #endif
+}
+__device__ __forceinline__ float f32(u16 h) {
+#if FP16
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+#else
+    return __uint_as_float((u32)h << 16);
+#endif
+}
+__device__ __forceinline__ u16 to16(float f);
+__device__ __forceinline__ u32 norm2(u32 v, u32 w, float r) {   // RMSNorm of a 16-bit pair: w * (x * r), as torch
+    const u16 a = to16(f32((u16)(v & 0xFFFF)) * r), b = to16(f32((u16)(v >> 16)) * r);
+    return (u32)to16(f32((u16)(w & 0xFFFF)) * f32(a)) | (u32)to16(f32((u16)(w >> 16)) * f32(b)) << 16;
+}
+__device__ __forceinline__ u16 silu16(u16 g) {                   // F.silu in the 16-bit type: g / (1 + exp(-g))
+    const float f = f32(g);
+    return to16(f / (1.0f + expf(-f)));
+}
+__device__ __forceinline__ u32 silumul2(u32 g, u32 u) {          // silu(g) * u of a pair, two roundings as torch
+    return (u32)to16(f32(silu16((u16)(g & 0xFFFF))) * f32((u16)(u & 0xFFFF)))
+         | (u32)to16(f32(silu16((u16)(g >> 16))) * f32((u16)(u >> 16))) << 16;
 }
 __device__ __forceinline__ u16 to16(float f) {
     u16 h;
@@ -115,11 +119,17 @@ __device__ __forceinline__ void mma(float* c, u32 a0, u32 a1, u32 a2, u32 a3, u3
 """
 _SMALL = r"""
 // qw: [N/16, K/64, 32, 4] words; sz: [N/16, K/128, 16]; x: [M, K] (row stride sxm); y: [M, N] (row stride sym)
+// PRO 1: x <- RMSNorm(x) with weight nw [K]; PRO 2: x [M, 2K] = gate | up, x <- silu(gate) * up; the transformed x
+// of every token goes to shared memory first (xs [M, K/8] uint4, dynamic). RES: y <- res + y (res [M, N], row
+// stride srm), rounded as torch rounds y then the sum.
 extern "C" __global__ void __launch_bounds__(WARPS * 32, MINB)
 w4mma(const uint4* __restrict__ qw, const u32* __restrict__ sz, const u16* __restrict__ x, u16* __restrict__ y,
-      int M, int K, int sxm, int sym)
+      int M, int K, int sxm, int sym, const u16* __restrict__ nw, const u16* __restrict__ res, int srm)
 {
     __shared__ float4 red[WARPS][NT][32];
+#if PRO
+    extern __shared__ uint4 xs[];
+#endif
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, t = lane & 3;
     const int tile = blockIdx.x;
@@ -133,7 +143,11 @@ w4mma(const uint4* __restrict__ qw, const u32* __restrict__ sz, const u16* __res
     for (int n = 0; n < NT; n++) {
         const int m = g + 8 * n;
         xv[n] = m < M;
+#if PRO
+        xp[n] = xs + (size_t)(xv[n] ? m : 0) * (K >> 3) + kb0 * 8 + 2 * t;
+#else
         xp[n] = (const uint4*)(x + (size_t)(xv[n] ? m : 0) * sxm + (size_t)kb0 * 64 + 16 * t);
+#endif
     }
     float acc[NT][4], tmp[NT][4];
 #pragma unroll
@@ -150,21 +164,60 @@ w4mma(const uint4* __restrict__ qw, const u32* __restrict__ sz, const u16* __res
             if (i % 2 == 0) { sb[i / 2][0] = lds(sp + (i / 2) * 16); sb[i / 2][1] = lds(sp + (i / 2) * 16 + 8); }
         }
     }
-#if PDL
-    // launched with programmatic dependent launch: the weight prefetch above may overlap the previous kernel; x
-    // (its output) is read only after this wait
+#if PRO    // the weight ring above is in flight while the CTA builds the transformed x
+    {
+        const int K8 = K >> 3;
+#if PRO == 1
+        __shared__ float part[16][WARPS];
+        __shared__ float rs[16];
+        for (int m = 0; m < M; m++) {                            // sum of squares of each token, fp32
+            float ss = 0.f;
+            for (int c = threadIdx.x; c < K8; c += WARPS * 32) {
+                const uint4 v = ldx((const uint4*)(x + (size_t)m * sxm) + c);
+                const u32 vs[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
-    for (int i = 0; i < P; i++)          // ptxas may sink the ring's loads below the wait: prefetch into L2 first
-        if (i < KBW) asm volatile("prefetch.global.L2::evict_last [%0];" :: "l"(wp + i * 32) : "memory");
-    asm volatile("griddepcontrol.wait;" ::: "memory");
+                for (int j = 0; j < 4; j++) {
+                    const float a = f32((u16)(vs[j] & 0xFFFF)), b = f32((u16)(vs[j] >> 16));
+                    ss += a * a + b * b;
+                }
+            }
+#pragma unroll
+            for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xFFFFFFFFu, ss, o);
+            if (lane == 0) part[m][warp] = ss;
+        }
+        __syncthreads();
+        if (threadIdx.x < M) {
+            float s = 0.f;
+            for (int v = 0; v < WARPS; v++) s += part[threadIdx.x][v];
+            rs[threadIdx.x] = rsqrtf(s / (float)K + EPS);
+        }
+        __syncthreads();
+#endif
+        for (int i = threadIdx.x; i < M * K8; i += WARPS * 32) {
+            const int m = i / K8, c = i - m * K8;
+            const uint4 v = ldx((const uint4*)(x + (size_t)m * sxm) + c);
+#if PRO == 1
+            const uint4 w = ldx((const uint4*)nw + c);
+            const float r = rs[m];
+            xs[i] = make_uint4(norm2(v.x, w.x, r), norm2(v.y, w.y, r), norm2(v.z, w.z, r), norm2(v.w, w.w, r));
+#else
+            const uint4 u = ldx((const uint4*)(x + (size_t)m * sxm + K) + c);
+            xs[i] = make_uint4(silumul2(v.x, u.x), silumul2(v.y, u.y), silumul2(v.z, u.z), silumul2(v.w, u.w));
+#endif
+        }
+        __syncthreads();
+    }
+#define LDX(p) (*(p))
+#else
+#define LDX(p) ldx(p)
 #endif
 #pragma unroll
     for (int i = 0; i < XR; i++)
 #pragma unroll
         for (int n = 0; n < NT; n++) {
             const uint4 z = make_uint4(0, 0, 0, 0);
-            xb[i][n][0] = (i < KBW && xv[n]) ? ldx(xp[n] + i * 8) : z;
-            xb[i][n][1] = (i < KBW && xv[n]) ? ldx(xp[n] + i * 8 + 1) : z;
+            xb[i][n][0] = (i < KBW && xv[n]) ? LDX(xp[n] + i * 8) : z;
+            xb[i][n][1] = (i < KBW && xv[n]) ? LDX(xp[n] + i * 8 + 1) : z;
         }
     u32 s0 = 0, s1 = 0;
 #if ROLL
@@ -198,8 +251,8 @@ w4mma(const uint4* __restrict__ qw, const u32* __restrict__ sz, const u16* __res
             xa[n][0] = xb[i % XR][n][0];
             xa[n][1] = xb[i % XR][n][1];
             if (b + XR < KBW && xv[n]) {
-                xb[i % XR][n][0] = ldx(xp[n] + (b + XR) * 8);
-                xb[i % XR][n][1] = ldx(xp[n] + (b + XR) * 8 + 1);
+                xb[i % XR][n][0] = LDX(xp[n] + (b + XR) * 8);
+                xb[i % XR][n][1] = LDX(xp[n] + (b + XR) * 8 + 1);
             }
         }
         const u32 nzg = (s0 & 0xFFFFu) * 0x10001u, nzh = (s1 & 0xFFFFu) * 0x10001u;
@@ -222,7 +275,12 @@ w4mma(const uint4* __restrict__ qw, const u32* __restrict__ sz, const u16* __res
                 const uint4 xq4 = xa[n][j / 2];
                 const uint2 xq = (j % 2) ? make_uint2(xq4.z, xq4.w) : make_uint2(xq4.x, xq4.y);
 #else
+#if PRO
+                const uint4 xq4 = xv[n] ? xp[n][b * 8 + j / 2] : make_uint4(0, 0, 0, 0);
+                const uint2 xq = (j % 2) ? make_uint2(xq4.z, xq4.w) : make_uint2(xq4.x, xq4.y);
+#else
                 const uint2 xq = xv[n] ? ldx2((const uint2*)(xp[n] + b * 8) + j) : make_uint2(0, 0);
+#endif
 #endif
 #if PRE
                 mma(acc[n], a0, a1, a2, a3, xq.x, xq.y);
@@ -241,9 +299,6 @@ w4mma(const uint4* __restrict__ qw, const u32* __restrict__ sz, const u16* __res
         }
     }
     }
-#if PDL
-    asm volatile("griddepcontrol.launch_dependents;");        // the next kernel may start its own prologue
-#endif
 #pragma unroll
     for (int n = 0; n < NT; n++) red[warp][n][lane] = make_float4(acc[n][0], acc[n][1], acc[n][2], acc[n][3]);
     __syncthreads();
@@ -254,7 +309,11 @@ w4mma(const uint4* __restrict__ qw, const u32* __restrict__ sz, const u16* __res
         for (int v = 0; v < WARPS; v++) s += ((const float*)&red[v][n][l])[r];
         const int row = tile * 16 + (l >> 2) + 8 * (r >> 1);
         const int tok = 8 * n + 2 * (l & 3) + (r & 1);
+#if RES
+        if (tok < M) y[(size_t)tok * sym + row] = to16(f32(to16(s)) + f32(res[(size_t)tok * srm + row]));
+#else
         if (tok < M) y[(size_t)tok * sym + row] = to16(s);
+#endif
     }
 }
 """
@@ -275,12 +334,13 @@ def helpers(fp16: bool) -> str:
 
 
 def source(NT: int, KBW: int, P: int, WARPS: int, fp16: bool, minb: int = 1, l2hint: bool = False, XR: int = 2,
-           pre: bool = False, roll: bool = False, pdl: bool = False) -> str:
-    """The kernel's CUDA C for one configuration (compile-time constants substituted)."""
+           pre: bool = False, roll: bool = False, pro: int = 0, res: bool = False, eps: float = 0.0) -> str:
+    """The kernel's CUDA C for one configuration (compile-time constants substituted). pro: 0 none, 1 RMSNorm
+    (epsilon eps), 2 SiLU-and-multiply of x's halves; res: add a residual to the output."""
     magic, one, ht, et = ("0x64006400", "0x3C003C00", "f16x2", "f16") if fp16 else \
         ("0x43004300", "0x3F803F80", "bf16x2", "bf16")
     head = (f"#define NT {NT}\n#define KBW {KBW}\n#define P {P}\n#define WARPS {WARPS}\n#define MINB {minb}\n"
-            f"#define PDL {int(pdl)}\n#define ROLL {int(roll)}\n#define XR {XR}\n#define PRE {int(pre)}\n#define FP16 {int(fp16)}\n#define MAGIC_STR \"{magic}\"\n#define HTYPE \"{ht}\"\n"
+            f"#define PRO {int(pro)}\n#define RES {int(res)}\n#define EPS {float(eps)!r}f\n#define ROLL {int(roll)}\n#define XR {XR}\n#define PRE {int(pre)}\n#define FP16 {int(fp16)}\n#define MAGIC_STR \"{magic}\"\n#define HTYPE \"{ht}\"\n"
             f"#define ETYPE \"{et}\"\n#define LDHINT \"{'.L2::256B' if l2hint else ''}\"\n")
     return head + helpers(fp16) + _SMALL
 
@@ -404,29 +464,55 @@ def compiled(key, make_source, name: str):
     return k
 
 
-def kernel(c: Cfg, KBW: int, fp16: bool, device: int = 0):
+def kernel(c: Cfg, KBW: int, fp16: bool, device: int = 0, pro: int = 0, res: bool = False, eps: float = 0.0):
     """The compiled kernel for one configuration, loaded into `device`'s context (call under that device)."""
-    return compiled(("w4mma", c, KBW, fp16, device, PDL),
-                    lambda: source(c.NT, KBW, c.P, c.WARPS, fp16, c.MINB, c.L2HINT, c.XR, c.PRE, c.ROLL, PDL), "w4mma")
+    return compiled(("w4mma", c, KBW, fp16, device, pro, res, eps),
+                    lambda: source(c.NT, KBW, c.P, c.WARPS, fp16, c.MINB, c.L2HINT, c.XR, c.PRE, c.ROLL, pro, res, eps),
+                    "w4mma")
 
 
-def w4mma_linear(x: torch.Tensor, w: MMAWeight, cfg: Cfg | None = None) -> torch.Tensor:
-    """x [M, K] (M <= MAX_M, 16-bit, CUDA) @ W^T -> [M, N]."""
-    M, K = x.shape
-    if K != w.K or M > MAX_M or M < 1:
-        raise SpecqError(f"w4mma: x {tuple(x.shape)} against weight K={w.K} (M <= {MAX_M})")
+FUSE_SMEM = 96 * 1024  # fused prologue: the transformed x of all M tokens in shared memory, M * K * 2 bytes at most
+
+
+def fusable(M: int, K: int) -> bool:
+    """A fused prologue (norm / SiLU-and-multiply) fits for M tokens of width K."""
+    return 1 <= M <= MAX_SMALL_M and M * K * 2 <= FUSE_SMEM
+
+
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    """t with unit last stride and 16-byte aligned rows (a copy only when needed)."""
+    if t.stride(-1) != 1 or (t.dim() > 1 and (t.stride(0) * 2) % 16) or t.data_ptr() % 16:
+        t = t.contiguous().clone()
+    return t
+
+
+def w4mma_linear(x: torch.Tensor, w: MMAWeight, cfg: Cfg | None = None, norm_w: torch.Tensor | None = None,
+                 eps: float = 0.0, silu: bool = False, res: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, K] (M <= MAX_M, 16-bit, CUDA) @ W^T -> [M, N]. Fused, in one kernel (M tokens fitting fusable()):
+    norm_w [K]: x <- RMSNorm(x) (epsilon eps) first;  silu: x [M, 2K] = gate | up, x <- silu(gate) * up first;
+    res [M, N]: returns res + x @ W^T. Each step rounds to x's dtype as the separate torch ops do."""
+    M, Kx = x.shape
+    pro = 1 if norm_w is not None else 2 if silu else 0
+    K = Kx // 2 if pro == 2 else Kx
+    if K != w.K or M > MAX_M or M < 1 or (pro == 2 and Kx != 2 * w.K) or (norm_w is not None and silu):
+        raise SpecqError(f"w4mma: x {tuple(x.shape)} against weight K={w.K} (M <= {MAX_M}, silu={silu})")
+    if pro and not fusable(M, K):
+        raise SpecqError(f"w4mma: a fused prologue needs M * K * 2 <= {FUSE_SMEM} (M={M}, K={K})")
+    if res is not None and (tuple(res.shape) != (M, w.N) or res.dtype != x.dtype or res.stride(-1) != 1):
+        raise SpecqError(f"w4mma: residual {tuple(res.shape)} {res.dtype} does not match the output ({M}, {w.N})")
     c = cfg or default_config(M, w.N, K)
     KBW = K // 64 // c.WARPS
     c = c._replace(P=max(2, min(c.P, KBW)), XR=min(c.XR, 2))
-    if x.stride(-1) != 1 or (x.stride(0) * 2) % 16 or x.data_ptr() % 16:
-        x = x.contiguous().clone()
+    x = _aligned(x)
+    if norm_w is not None:
+        norm_w = _aligned(norm_w.to(x.dtype))
     y = torch.empty(M, w.N, dtype=x.dtype, device=x.device)
+    shm = M * K * 2 if pro else 0
     with torch.cuda.device(x.device):            # module and stream of x's GPU, whatever the current device is
-        k = kernel(c, KBW, w.fp16, x.device.index or 0)
-        args = [w.words, w.sz, x, y, M, K, x.stride(0), y.stride(0)]
-        if PDL:
-            from .pdl import launch
-            launch(k, (w.N // 16, 1, 1), (c.WARPS * 32, 1, 1), args)
-        else:
-            k(grid=(w.N // 16, 1, 1), block=(c.WARPS * 32, 1, 1), args=args)
+        k = kernel(c, KBW, w.fp16, x.device.index or 0, pro, res is not None, float(eps) if pro == 1 else 0.0)
+        if shm >= 48 * 1024 and shm > getattr(k, "_max_shared_mem_bytes", 0):
+            k.set_shared_memory_config(shm)
+        args = [w.words, w.sz, x, y, M, K, x.stride(0), y.stride(0), norm_w if norm_w is not None else x,
+                res if res is not None else y, res.stride(0) if res is not None else 0]
+        k(grid=(w.N // 16, 1, 1), block=(c.WARPS * 32, 1, 1), args=args, shared_mem=shm)
     return y

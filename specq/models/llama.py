@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import fused
 from .config import ModelConfig, rope_inv_freq
 
 
@@ -73,9 +74,11 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.nh * self.hd, cfg.hidden_size, bias=False)
         self.cache: KVCache | None = None
 
-    def forward(self, x, cos, sin, slots, mask):  # x [M, D]; mask [M, S] bool
+    def forward(self, x, cos, sin, slots, mask, norm=None, residual=None):  # x [M, D]; mask [M, S] bool
+        """attention(norm(x)) (+ residual): the norm and the residual add go to fused.linear with qkv / o_proj."""
         M = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.nh * self.hd, self.nkv * self.hd, self.nkv * self.hd], dim=-1)
+        qkv = fused.linear(self.qkv_proj, x, norm=norm)
+        q, k, v = qkv.split([self.nh * self.hd, self.nkv * self.hd, self.nkv * self.hd], dim=-1)
         q = q.view(M, self.nh, self.hd).transpose(0, 1)     # [H, M, hd]
         k = k.view(M, self.nkv, self.hd).transpose(0, 1)    # [Hkv, M, hd]
         v = v.view(M, self.nkv, self.hd).transpose(0, 1)
@@ -86,7 +89,7 @@ class Attention(nn.Module):
             from ..kernels import attention as DA
             if DA.usable(q, K, mask):
                 y = DA.attention(q, K, V, mask)                                  # [H, M, hd]
-                return self.o_proj(y.transpose(0, 1).reshape(M, self.nh * self.hd))
+                return fused.linear(self.o_proj, y.transpose(0, 1).reshape(M, self.nh * self.hd), residual=residual)
         # grouped-query attention without copying K/V per query head: the rep query heads that share a KV head
         # become rep * M query rows of that head (head h uses KV head h // rep, as repeat_interleave would)
         rep = self.nh // self.nkv
@@ -94,7 +97,7 @@ class Attention(nn.Module):
         mg = mask.repeat(rep, 1) if rep > 1 else mask        # [rep*M, S]
         y = F.scaled_dot_product_attention(qg.unsqueeze(0), K.unsqueeze(0), V.unsqueeze(0), attn_mask=mg)
         y = y[0].reshape(self.nh, M, self.hd)                # [H, M, hd]
-        return self.o_proj(y.transpose(0, 1).reshape(M, self.nh * self.hd))
+        return fused.linear(self.o_proj, y.transpose(0, 1).reshape(M, self.nh * self.hd), residual=residual)
 
 
 class MLP(nn.Module):
@@ -104,9 +107,9 @@ class MLP(nn.Module):
         self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
-    def forward(self, x):
-        g, u = self.gate_up_proj(x).split(self.inter, dim=-1)
-        return self.down_proj(F.silu(g) * u)
+    def forward(self, x, norm=None, residual=None):  # x [M, D] -> down(silu(g) * u) (+ residual), g | u = gate_up(norm(x))
+        gu = fused.linear(self.gate_up_proj, x, norm=norm)                   # [M, 2I]
+        return fused.linear(self.down_proj, gu, silu=True, residual=residual)
 
 
 class Block(nn.Module):
@@ -118,8 +121,9 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, x, cos, sin, slots, mask):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, slots, mask)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        # x + attn(norm1(x)), then x + mlp(norm2(x)): norms and residual adds fused into the matmuls where they can
+        x = self.self_attn(x, cos, sin, slots, mask, norm=self.input_layernorm, residual=x)
+        return self.mlp(x, norm=self.post_attention_layernorm, residual=x)
 
 
 def compile_layers(layers, dynamic=None, mode=None) -> None:

@@ -86,6 +86,43 @@ class WQLinear(nn.Module):
         from ..kernels import wq_w4a16
         return wq_w4a16(self, dtype)
 
+    def prepare_fuse(self) -> bool:
+        """Decide (once; reads the zero points) whether the few-token CUDA kernel can take this Linear with a fused
+        norm / SiLU prologue and residual epilogue (specq.models.fused)."""
+        ok = self.__dict__.get("_fuse_ok")
+        if ok is None:
+            if self.bits == 4 and self.perm is None and self.bias is None and self.qweight.is_cuda:
+                from ..kernels import wq_fuse_ok
+                ok = wq_fuse_ok(self)
+            else:
+                ok = False
+            self.__dict__["_fuse_ok"] = ok
+        return ok
+
+    def can_fuse(self, x2, norm, silu, residual) -> bool:  # x2 [M, K] (silu: [M, 2K]); residual [M, N]
+        if not x2.is_cuda or x2.dtype not in (torch.bfloat16, torch.float16):
+            return False
+        ok = self.__dict__.get("_fuse_ok")
+        if ok is None:          # decided eagerly (opaque.register_all before a compile; eager calls here)
+            if torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing():
+                return False
+            ok = self.prepare_fuse()
+        if not ok:
+            return False
+        from ..kernels import w4mma
+        M, K = x2.shape[0], self.in_features
+        if M > w4mma.MAX_SMALL_M or x2.shape[1] != (2 * K if silu else K):
+            return False
+        if (norm is not None or silu) and (not w4mma.fusable(M, K) or (norm is not None and silu)):
+            return False
+        if norm is not None and (norm.weight.dtype != x2.dtype or norm.weight.shape != (K,)):
+            return False
+        return residual is None or (residual.dtype == x2.dtype and tuple(residual.shape) == (M, self.out_features))
+
+    def fused2d(self, x2, norm_w, eps, silu, res):  # -> res + matmul(prologue(x2)) [M, N], on the CUDA kernel
+        from ..kernels import wq_fused
+        return wq_fused(x2, self, norm_w, eps, silu, res)
+
     def forward(self, x):  # x [..., K] -> [..., N]
         shp = x.shape
         y = opaque.matmul(self, x.reshape(-1, shp[-1])).reshape(*shp[:-1], self.out_features)

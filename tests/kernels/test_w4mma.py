@@ -109,3 +109,20 @@ def test_w4mma_linear_rejects_bad_shapes():
     for x in (torch.zeros(2, 128), torch.zeros(0, 256), torch.zeros(w4mma.MAX_M + 1, 256)):
         with pytest.raises(SpecqError, match="w4mma"):
             w4mma.w4mma_linear(x.to(torch.bfloat16), w)
+
+
+def test_fused_variants_source_and_compile(tmp_path):
+    """The fused prologue / epilogue variants are complete CUDA C; with nvcc present they compile for sm_90."""
+    import shutil
+    import subprocess
+    srcs = {(pro, res): w4mma.source(1, 14, 8, 16, False, 2, False, 2, False, False, pro, res, 1e-5)
+            for pro in (0, 1, 2) for res in (False, True)}
+    assert "#define PRO 1" in srcs[1, False] and "#define RES 1" in srcs[0, True] and "#define EPS 1e-05f" in srcs[1, True]
+    if shutil.which("nvcc") is None:
+        pytest.skip("nvcc not installed: source checked only")
+    for (pro, res), src in srcs.items():
+        f = tmp_path / f"k{pro}{int(res)}.cu"
+        f.write_text(src)
+        r = subprocess.run(["nvcc", "-cubin", "-arch=sm_90", "-o", str(f.with_suffix(".cubin")), str(f)],
+                           capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr[-2000:]
