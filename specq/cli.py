@@ -28,6 +28,9 @@ def add_quant_args(p: argparse.ArgumentParser):
                    help="calibration method (default rtn; smoothquant for w8a8/w4a8)")
     g.add_argument("--group-size", type=int, default=128, help="weight group size; -1 = per output channel (default 128; "
                    "where it does not divide a layer's input size, the largest smaller group that does is used)")
+    g.add_argument("--quant-lm-head", action="store_true",
+                   help="also quantize lm_head (RTN, weight-only formats; as gpt-fast int4 does); default: lm_head "
+                        "stays in the compute dtype")
     from .compensate.tune import add_compensate_arg
     add_compensate_arg(g)
 
@@ -76,9 +79,14 @@ def spec_from_args(a) -> dict | None:
 
 
 def quant_from_args(a) -> dict | None:
+    if a.quant_lm_head:
+        from .quant.quantize import check_lm_head
+        if a.format == "none":
+            raise SpecqError("--quant-lm-head needs --format (w4a16, w3a16, w2a16)")
+        check_lm_head(a.format)                          # before the (slow) model load
     if a.format == "none":
         return None
-    return dict(fmt=a.format, method=a.method, group_size=a.group_size)
+    return dict(fmt=a.format, method=a.method, group_size=a.group_size, **({"lm_head": True} if a.quant_lm_head else {}))
 
 
 def compile_flag(a) -> bool:

@@ -23,6 +23,9 @@ def run(capsys, *argv):
     (["bench", "spec", "--tree", "16:5"], "invalid --tree"),
     (["bench", "spec", "--tree", "0:5:80"], "invalid --tree"),
     (["train-eagle", "--self-instruct", "1.5", "--out", "/nonexistent/never/made"], "invalid --self-instruct"),
+    (["generate", "hi", "--format", "w8a8", "--quant-lm-head"], "weight-only"),
+    (["generate", "hi", "--quant-lm-head"], "--quant-lm-head needs --format"),
+    (["bench", "spec", "--format", "w4a8", "--quant-lm-head"], "weight-only"),
 ])
 def test_bad_arguments(capsys, argv, msg):
     rc, out, err = run(capsys, *argv)

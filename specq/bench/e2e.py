@@ -10,6 +10,7 @@ does the real GPU work of the right shapes (specq.bench.e2e_units):
   hier-m    EAGLE head on the 1B model drafts a 30-node tree, the 1B model verifies it (tree mask),
             repeated until the linear draft has >= m tokens; the target verifies that chain
 and the planner's choice (plan_structures on the measured T(M) and draft costs) next to the measured best.
+--quant-head: the target's lm_head in W4A16 too in w4a16 phases (gpt-fast's int4 mode); row key lm_head.
 """
 from __future__ import annotations
 
@@ -216,21 +217,24 @@ def bench_phase(res: dict, model_name: str, shape: str, fmt: str, side: Side | N
     dev, dtype = torch.device(a.device), getattr(torch, a.dtype)
     cfg = config(shape)
     t0 = time.perf_counter()
-    target = build_random(cfg, fmt, dev, dtype, share_codes=cfg.num_layers * cfg.hidden_size >= 80 * 8192)
-    roof = H100_BW / weight_bytes_per_token(cfg, fmt)
+    qh = a.quant_head and fmt == "w4a16"                 # the target's lm_head in W4A16 too (gpt-fast int4)
+    target = build_random(cfg, fmt, dev, dtype, share_codes=cfg.num_layers * cfg.hidden_size >= 80 * 8192,
+                          quant_head=qh)
+    roof = H100_BW / weight_bytes_per_token(cfg, fmt, quant_head=qh)
     label = f"controlled:{prof['name']}"
-    base = dict(model=model_name, format=fmt, roofline_tok_s=roof, step=("compiled-blocks" if a.compile_mode == "blocks" else "compiled") if a.compile else "graph")
+    base = dict(model=model_name, format=fmt, lm_head="w4a16" if qh else "bf16", roofline_tok_s=roof,
+                step=("compiled-blocks" if a.compile_mode == "blocks" else "compiled") if a.compile else "graph")
     S = a.prompt + a.tokens + 256
     plain = run_plain(target, S, a.prompt, a.plain_tokens, compile=a.compile)
     if a.compile_plain:   # the compiled step beside the graph-only one (rows keep the graph-only baseline)
         try:
             res.setdefault("plain_compiled", []).append(
-                {"model": model_name, "format": fmt, "tok_s": 1 / run_plain(target, S, a.prompt, a.plain_tokens, True),
-                 "graph_only_tok_s": 1 / plain})
+                {"model": model_name, "format": fmt, "lm_head": base["lm_head"],
+                 "tok_s": 1 / run_plain(target, S, a.prompt, a.plain_tokens, True), "graph_only_tok_s": 1 / plain})
             log(f"  compiled plain step: {res['plain_compiled'][-1]['tok_s']:.1f} tok/s")
         except Exception as e:  # report and go on
             res["errors"].append(f"{model_name} {fmt}: compiled plain step failed: {type(e).__name__}: {e}"[:300])
-    log(f"[{time.perf_counter() - a.t_start:5.0f}s] {model_name} {fmt}: built+plain in {time.perf_counter() - t0:.1f}s: "
+    log(f"[{time.perf_counter() - a.t_start:5.0f}s] {model_name} {fmt}{' (W4A16 lm_head)' if qh else ''}: built+plain in {time.perf_counter() - t0:.1f}s: "
         f"{1 / plain:.1f} tok/s (roofline {roof:.0f})")
     res["rows"].append({**base, "method": "none", "structure": "none", "acceptance": "none", "tok_s": 1 / plain,
                         "tau": 1.0, "speedup": 1.0})
@@ -326,7 +330,7 @@ def real_rows(path: Path) -> list[dict]:
     out = []
     for r in d["rows"]:
         if r["category"] == "overall" and r["temperature"] == 0:
-            out.append(dict(model="smollm2", format="bf16", method=r["method"], structure=r["method"],
+            out.append(dict(model="smollm2", format="bf16", lm_head="bf16", method=r["method"], structure=r["method"],
                             acceptance="real" if r["method"] != "none" else "none", tok_s=r["tok_s"], tau=r["tau"],
                             speedup=r["tok_s"] / plain[0.0], roofline_tok_s=roof, device=r.get("device"),
                             source=f"{path.name} ({d.get('date')})"))
@@ -350,6 +354,8 @@ def parse_args(argv):
     p.add_argument("--side-shape", default="llama3.2-1b", help="draft / intermediate model shape")
     p.add_argument("--side-format", default="bf16", choices=FORMATS, help="draft / intermediate model weight format (bf16, w4a16, "
                    "...; the acceptance profile's chain drafts were a 4-bit copy of the target)")
+    p.add_argument("--quant-head", action="store_true", help="quantize the target's lm_head to W4A16 too (w4a16 "
+                   "phases only), as gpt-fast int4 does (row key lm_head: w4a16 / bf16; side models keep theirs)")
     p.add_argument("--tiny", action="store_true", help="toy shapes for every model (CPU tests)")
     p.add_argument("--time-budget", type=float, default=320.0, help="seconds after which optional runs are skipped")
     p.add_argument("--ms", default=",".join(map(str, MS)), help="token counts M of the measured T(M) curve (the "
@@ -408,6 +414,7 @@ def _main(a, argv) -> int:
            "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "torch": torch.__version__, "side": {"shape": a.side_shape, "format": a.side_format},
+           "quant_head": a.quant_head,
            "profile": {"name": prof["name"], "source": prof["source"],
                        "structures": {k: {"tau": v.get("tau"), "cond": v["cond"], "nodes": v["nodes"]}
                                       for k, v in prof["structures"].items()}},
@@ -418,7 +425,8 @@ def _main(a, argv) -> int:
                      "chain acceptance beyond the measured depth is taken as 0. tok_s = decode tokens/s (prefill "
                      "excluded); tau = tokens per target forward incl. the bonus token; roofline_tok_s = "
                      f"{H100_BW:.3g} B/s / weight bytes read per token (decoder linears as the kernels store them "
-                     "+ bf16 lm_head; KV cache excluded), the same for every row of a model/format; "
+                     "+ the lm_head: bf16, or W4A16 with --quant-head (row key lm_head); KV cache excluded), the same for "
+                     "every row of a model/format; "
                      "speedup = tok_s / plain tok_s of the same model and format in this run. "
                      "smollm2 rows with acceptance 'real' are copied from the H100 run in their 'source'.")}
     res["rows"] += real_rows(REAL_ROWS)

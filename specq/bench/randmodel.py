@@ -4,7 +4,8 @@ weight values; values are random, never zero.
 
 Formats: bf16 (nn.Linear), w4a16 (WQLinear g128: whatever its CUDA path does), w8a8 and w4a8 g128
 (specq's Triton int8 kernels through small modules below: W8A8Linear / W4A8Linear run reference
-integer math and have no CUDA kernel path).
+integer math and have no CUDA kernel path). lm_head: in dtype (tied when the config ties it), or with
+quant_head a W4A16 WQLinear of its own (w4a16 models only).
 share_codes: random 4-bit codes drawn once per matrix shape and handed to every layer's module; each
 module still makes its own kernel-layout copy, so every layer reads its own weights from memory
 (a layer's weights are far larger than the L2 cache). Saves a second copy of a 70B model's codes.
@@ -69,10 +70,12 @@ def linear_bytes(fmt: str, K: int, N: int) -> int:
     raise SpecqError(f"unknown format {fmt!r} (known: {', '.join(FORMATS)})")
 
 
-def weight_bytes_per_token(cfg: ModelConfig, fmt: str) -> int:
-    """Weight bytes read per decoded token: every decoder Linear + the bf16 lm_head (embedding: one row)."""
+def weight_bytes_per_token(cfg: ModelConfig, fmt: str, quant_head: bool = False) -> int:
+    """Weight bytes read per decoded token: every decoder Linear + the lm_head (bf16, or in `fmt` with
+    quant_head, as build_random makes it) (embedding: one row)."""
     per_layer = sum(linear_bytes(fmt, K, N) for K, N in linear_shapes(cfg).values())
-    return cfg.num_layers * per_layer + 2 * cfg.vocab_size * cfg.hidden_size
+    V, D = cfg.vocab_size, cfg.hidden_size
+    return cfg.num_layers * per_layer + (linear_bytes(fmt, D, V) if quant_head else 2 * V * D)
 
 
 class KernelW8A8(nn.Module):
@@ -157,10 +160,14 @@ def make_linear(fmt: str, K: int, N: int, device, dtype, shared: dict | None = N
 
 @torch.no_grad()
 def build_random(cfg: ModelConfig, fmt: str, device, dtype=torch.bfloat16, seed: int = 0,
-                 share_codes: bool = False) -> Transformer:
-    """Transformer of cfg's shape with random weights; decoder Linears in `fmt`, the rest in dtype."""
+                 share_codes: bool = False, quant_head: bool = False) -> Transformer:
+    """Transformer of cfg's shape with random weights; decoder Linears in `fmt`, the rest in dtype.
+    quant_head (w4a16 only): lm_head is a W4A16 WQLinear [K=D, N=V] of its own codes (never shared), untied
+    from embed_tokens even when tie_word_embeddings (gpt-fast's int4 mode)."""
     if fmt not in FORMATS:
         raise SpecqError(f"unknown format {fmt!r} (known: {', '.join(FORMATS)})")
+    if quant_head and fmt != "w4a16":
+        raise SpecqError(f"a quantized lm_head is built for w4a16 only, not {fmt}")
     torch.manual_seed(seed)
     device = torch.device(device)
     with torch.device("meta"):
@@ -171,7 +178,10 @@ def build_random(cfg: ModelConfig, fmt: str, device, dtype=torch.bfloat16, seed:
         return nn.Parameter(torch.randn(*shape, device=device, dtype=dtype) * std + mean, requires_grad=False)
 
     model.embed_tokens.weight = param(V, D)
-    model.lm_head.weight = model.embed_tokens.weight if cfg.tie_word_embeddings else param(V, D)
+    if quant_head:
+        model.lm_head = make_linear("w4a16", D, V, device, dtype)
+    else:
+        model.lm_head.weight = model.embed_tokens.weight if cfg.tie_word_embeddings else param(V, D)
     model.norm.weight = param(D, mean=1.0)
     shared = {} if share_codes else None
     shapes = linear_shapes(cfg)

@@ -202,7 +202,8 @@ def main(a) -> int:
     from ..api import LLM
     methods = parse_methods(a.methods)
     temps = [float(t) for t in a.temperatures.split(",")]
-    quant = None if a.format == "none" else dict(fmt=a.format, method=a.method, group_size=a.group_size)
+    from ..cli import compile_flag, quant_from_args
+    quant = quant_from_args(a)
     try:   # checked before the model loads
         top_k, depth, total = (int(v) for v in a.tree.split(":"))
         if min(top_k, depth, total) < 1:
@@ -210,7 +211,6 @@ def main(a) -> int:
     except ValueError:
         raise SpecqError(f"invalid --tree {a.tree!r}: expected top_k:depth:total_tokens, integers >= 1, "
                          "e.g. 16:5:80") from None
-    from ..cli import compile_flag
     compile = compile_flag(a)
     llm = LLM(a.model, device=a.device, dtype=a.dtype, quant=quant)
     spec_kw = dict(k=a.draft_len, n_drafts=a.n_drafts, eagle_head=a.eagle_head, draft_model=a.draft_model,
@@ -221,6 +221,8 @@ def main(a) -> int:
            "torch": torch.__version__, "date": datetime.date.today().isoformat(), "compile": "blocks" if getattr(a, "compile_blocks", False) else a.compile,
            "note": "speedup = tok/s over plain decoding (specq, CUDA-graph step on GPU) of the same model and format "
                    "in the same run; tau = tokens emitted per target forward, bonus included"}
+    if quant and quant.get("lm_head"):
+        res["lm_head"] = "quantized"
 
     def save(rows, final=False):
         for r in rows:

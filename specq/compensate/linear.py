@@ -191,7 +191,8 @@ def collect_activations(model, calib: torch.Tensor, names, max_rows: int = 512):
 @torch.no_grad()
 def compensate_model(model, fp, k_fraction: float | dict = 0.01, selector: str = "approx", calib=None,
                      bits: int | None = 4):
-    """Wrap every WQLinear of `model` in a CompensatedLinear (in place; returns model).
+    """Wrap every decoder WQLinear of `model` in a CompensatedLinear (in place; returns model); a quantized
+    lm_head (quantize_model(lm_head=True)) is left as it is.
 
     fp: full-precision weights ({WQLinear: W} from keep_fp_weights(), {module name: W}, or the fp
         model with the same module names - not valid after AWQ folding, use keep_fp_weights there).
@@ -199,7 +200,7 @@ def compensate_model(model, fp, k_fraction: float | dict = 0.01, selector: str =
         qkv_proj, o_proj, gate_up_proj, down_proj. calib: LongTensor [n, L] tokens (required by approx).
     """
     types = _quantized_types()
-    targets = [(nm, m) for nm, m in model.named_modules() if isinstance(m, types)]
+    targets = [(nm, m) for nm, m in model.named_modules() if isinstance(m, types) and nm != "lm_head"]
     if not targets:
         raise SpecqError("no weight-only quantized Linear (WQLinear) found: quantize the model first")
     stats = {}

@@ -45,11 +45,11 @@ def wq_fuse_ok(module) -> bool:
     return bool(((z == z.round()) & (z.abs() <= 64)).all())
 
 
-def wq_fused(x2, module, norm_w, eps, silu, res):
-    """WQLinear.fused2d: res + (prologue(x2) @ W^T) in one w4mma launch (module.can_fuse said it fits)."""
+def wq_fused(x2, module, norm_w, eps, res):
+    """WQLinear.fused2d: res + (rmsnorm(x2) @ W^T) in one w4mma launch (module.can_fuse said it fits)."""
     from . import w4mma
     w = wq_w4a16(module, x2.dtype)
-    return w4mma.w4mma_linear(x2, w.mma, norm_w=norm_w, eps=eps, silu=silu, res=res)
+    return w4mma.w4mma_linear(x2, w.mma, norm_w=norm_w, eps=eps, res=res)
 
 
 def _cached(module, name, key, make):

@@ -93,14 +93,6 @@ __device__ __forceinline__ u32 norm2(u32 v, u32 w, float r) {   // RMSNorm of a 
     const u16 a = to16(f32((u16)(v & 0xFFFF)) * r), b = to16(f32((u16)(v >> 16)) * r);
     return (u32)to16(f32((u16)(w & 0xFFFF)) * f32(a)) | (u32)to16(f32((u16)(w >> 16)) * f32(b)) << 16;
 }
-__device__ __forceinline__ u16 silu16(u16 g) {                   // F.silu in the 16-bit type: g / (1 + exp(-g))
-    const float f = f32(g);
-    return to16(f / (1.0f + expf(-f)));
-}
-__device__ __forceinline__ u32 silumul2(u32 g, u32 u) {          // silu(g) * u of a pair, two roundings as torch
-    return (u32)to16(f32(silu16((u16)(g & 0xFFFF))) * f32((u16)(u & 0xFFFF)))
-         | (u32)to16(f32(silu16((u16)(g >> 16))) * f32((u16)(u >> 16))) << 16;
-}
 __device__ __forceinline__ u16 to16(float f) {
     u16 h;
 #if FP16
@@ -119,9 +111,10 @@ __device__ __forceinline__ void mma(float* c, u32 a0, u32 a1, u32 a2, u32 a3, u3
 """
 _SMALL = r"""
 // qw: [N/16, K/64, 32, 4] words; sz: [N/16, K/128, 16]; x: [M, K] (row stride sxm); y: [M, N] (row stride sym)
-// PRO 1: x <- RMSNorm(x) with weight nw [K]; PRO 2: x [M, 2K] = gate | up, x <- silu(gate) * up; the transformed x
-// of every token goes to shared memory first (xs [M, K/8] uint4, dynamic). RES: y <- res + y (res [M, N], row
-// stride srm), rounded as torch rounds y then the sum.
+// PRO: x <- RMSNorm(x) with weight nw [K], each warp writing its K slice of every token to shared memory first
+// (xs [M, K/8] uint4, dynamic). RES: y <- res + y (res [M, N], row stride srm), rounded as torch rounds y, then
+// the sum. (A SiLU-and-multiply prologue for down_proj was tried and dropped: every CTA recomputes the whole K of
+// SiLU, which cost 8.4 us per layer more than a separate kernel, bench/results/h100/kernels_w4a16_dev.txt.)
 extern "C" __global__ void __launch_bounds__(WARPS * 32, MINB)
 w4mma(const uint4* __restrict__ qw, const u32* __restrict__ sz, const u16* __restrict__ x, u16* __restrict__ y,
       int M, int K, int sxm, int sym, const u16* __restrict__ nw, const u16* __restrict__ res, int srm)
@@ -164,48 +157,50 @@ w4mma(const uint4* __restrict__ qw, const u32* __restrict__ sz, const u16* __res
             if (i % 2 == 0) { sb[i / 2][0] = lds(sp + (i / 2) * 16); sb[i / 2][1] = lds(sp + (i / 2) * 16 + 8); }
         }
     }
-#if PRO    // the weight ring above is in flight while the CTA builds the transformed x
+#if PRO    // the weight ring above is in flight while each warp builds the transformed x of its own K slice
     {
+        constexpr int PER = (KBW * 8 + 31) / 32;                 // uint4 of x per lane and token
         const int K8 = K >> 3;
-#if PRO == 1
         __shared__ float part[16][WARPS];
-        __shared__ float rs[16];
-        for (int m = 0; m < M; m++) {                            // sum of squares of each token, fp32
-            float ss = 0.f;
-            for (int c = threadIdx.x; c < K8; c += WARPS * 32) {
-                const uint4 v = ldx((const uint4*)(x + (size_t)m * sxm) + c);
-                const u32 vs[4] = {v.x, v.y, v.z, v.w};
+        for (int m = 0; m < M; m++) {
+            const uint4* xr = (const uint4*)(x + (size_t)m * sxm) + kb0 * 8;
+            uint4 v[PER];
 #pragma unroll
-                for (int j = 0; j < 4; j++) {
-                    const float a = f32((u16)(vs[j] & 0xFFFF)), b = f32((u16)(vs[j] >> 16));
-                    ss += a * a + b * b;
+            for (int i = 0; i < PER; i++) {                       // all loads first (one L2 round trip)
+                const int c = lane + 32 * i;
+                if (c < KBW * 8) v[i] = __ldg(xr + c);
+            }
+            float ss = 0.f;                                       // sum of squares, fp32: warp slice, then CTA
+#pragma unroll
+            for (int i = 0; i < PER; i++) {
+                if (lane + 32 * i < KBW * 8) {
+                    const u32 vs[4] = {v[i].x, v[i].y, v[i].z, v[i].w};
+#pragma unroll
+                    for (int j = 0; j < 4; j++) {
+                        const float a = f32((u16)(vs[j] & 0xFFFF)), b = f32((u16)(vs[j] >> 16));
+                        ss += a * a + b * b;
+                    }
                 }
             }
 #pragma unroll
             for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xFFFFFFFFu, ss, o);
             if (lane == 0) part[m][warp] = ss;
+            __syncthreads();                                      // M is the same for every thread
+            float tot = 0.f;
+#pragma unroll
+            for (int w = 0; w < WARPS; w++) tot += part[m][w];
+            const float r = rsqrtf(tot / (float)K + EPS);
+#pragma unroll
+            for (int i = 0; i < PER; i++) {
+                const int c = lane + 32 * i;
+                if (c < KBW * 8) {
+                    const uint4 w = __ldg((const uint4*)nw + kb0 * 8 + c);
+                    xs[m * K8 + kb0 * 8 + c] = make_uint4(norm2(v[i].x, w.x, r), norm2(v[i].y, w.y, r),
+                                                          norm2(v[i].z, w.z, r), norm2(v[i].w, w.w, r));
+                }
+            }
         }
-        __syncthreads();
-        if (threadIdx.x < M) {
-            float s = 0.f;
-            for (int v = 0; v < WARPS; v++) s += part[threadIdx.x][v];
-            rs[threadIdx.x] = rsqrtf(s / (float)K + EPS);
-        }
-        __syncthreads();
-#endif
-        for (int i = threadIdx.x; i < M * K8; i += WARPS * 32) {
-            const int m = i / K8, c = i - m * K8;
-            const uint4 v = ldx((const uint4*)(x + (size_t)m * sxm) + c);
-#if PRO == 1
-            const uint4 w = ldx((const uint4*)nw + c);
-            const float r = rs[m];
-            xs[i] = make_uint4(norm2(v.x, w.x, r), norm2(v.y, w.y, r), norm2(v.z, w.z, r), norm2(v.w, w.w, r));
-#else
-            const uint4 u = ldx((const uint4*)(x + (size_t)m * sxm + K) + c);
-            xs[i] = make_uint4(silumul2(v.x, u.x), silumul2(v.y, u.y), silumul2(v.z, u.z), silumul2(v.w, u.w));
-#endif
-        }
-        __syncthreads();
+        __syncwarp();                                             // a warp reads back only its own slice
     }
 #define LDX(p) (*(p))
 #else
@@ -334,9 +329,9 @@ def helpers(fp16: bool) -> str:
 
 
 def source(NT: int, KBW: int, P: int, WARPS: int, fp16: bool, minb: int = 1, l2hint: bool = False, XR: int = 2,
-           pre: bool = False, roll: bool = False, pro: int = 0, res: bool = False, eps: float = 0.0) -> str:
-    """The kernel's CUDA C for one configuration (compile-time constants substituted). pro: 0 none, 1 RMSNorm
-    (epsilon eps), 2 SiLU-and-multiply of x's halves; res: add a residual to the output."""
+           pre: bool = False, roll: bool = False, pro: bool = False, res: bool = False, eps: float = 0.0) -> str:
+    """The kernel's CUDA C for one configuration (compile-time constants substituted). pro: RMSNorm prologue
+    (epsilon eps); res: add a residual to the output."""
     magic, one, ht, et = ("0x64006400", "0x3C003C00", "f16x2", "f16") if fp16 else \
         ("0x43004300", "0x3F803F80", "bf16x2", "bf16")
     head = (f"#define NT {NT}\n#define KBW {KBW}\n#define P {P}\n#define WARPS {WARPS}\n#define MINB {minb}\n"
@@ -464,18 +459,18 @@ def compiled(key, make_source, name: str):
     return k
 
 
-def kernel(c: Cfg, KBW: int, fp16: bool, device: int = 0, pro: int = 0, res: bool = False, eps: float = 0.0):
+def kernel(c: Cfg, KBW: int, fp16: bool, device: int = 0, pro: bool = False, res: bool = False, eps: float = 0.0):
     """The compiled kernel for one configuration, loaded into `device`'s context (call under that device)."""
     return compiled(("w4mma", c, KBW, fp16, device, pro, res, eps),
                     lambda: source(c.NT, KBW, c.P, c.WARPS, fp16, c.MINB, c.L2HINT, c.XR, c.PRE, c.ROLL, pro, res, eps),
                     "w4mma")
 
 
-FUSE_SMEM = 96 * 1024  # fused prologue: the transformed x of all M tokens in shared memory, M * K * 2 bytes at most
+FUSE_SMEM = 96 * 1024  # fused norm: the normalized x of all M tokens in shared memory, M * K * 2 bytes at most
 
 
 def fusable(M: int, K: int) -> bool:
-    """A fused prologue (norm / SiLU-and-multiply) fits for M tokens of width K."""
+    """The fused RMSNorm prologue fits for M tokens of width K."""
     return 1 <= M <= MAX_SMALL_M and M * K * 2 <= FUSE_SMEM
 
 
@@ -487,15 +482,14 @@ def _aligned(t: torch.Tensor) -> torch.Tensor:
 
 
 def w4mma_linear(x: torch.Tensor, w: MMAWeight, cfg: Cfg | None = None, norm_w: torch.Tensor | None = None,
-                 eps: float = 0.0, silu: bool = False, res: torch.Tensor | None = None) -> torch.Tensor:
-    """x [M, K] (M <= MAX_M, 16-bit, CUDA) @ W^T -> [M, N]. Fused, in one kernel (M tokens fitting fusable()):
-    norm_w [K]: x <- RMSNorm(x) (epsilon eps) first;  silu: x [M, 2K] = gate | up, x <- silu(gate) * up first;
-    res [M, N]: returns res + x @ W^T. Each step rounds to x's dtype as the separate torch ops do."""
-    M, Kx = x.shape
-    pro = 1 if norm_w is not None else 2 if silu else 0
-    K = Kx // 2 if pro == 2 else Kx
-    if K != w.K or M > MAX_M or M < 1 or (pro == 2 and Kx != 2 * w.K) or (norm_w is not None and silu):
-        raise SpecqError(f"w4mma: x {tuple(x.shape)} against weight K={w.K} (M <= {MAX_M}, silu={silu})")
+                 eps: float = 0.0, res: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, K] (M <= MAX_M, 16-bit, CUDA) @ W^T -> [M, N]. Fused, in one kernel: norm_w [K] (M tokens fitting
+    fusable()): x <- RMSNorm(x) (epsilon eps) first; res [M, N]: returns res + x @ W^T. Each step rounds to x's
+    dtype as the separate torch ops do (bit-equal to them on the H100, bench/check_kernels.py)."""
+    M, K = x.shape
+    pro = norm_w is not None
+    if K != w.K or M > MAX_M or M < 1:
+        raise SpecqError(f"w4mma: x {tuple(x.shape)} against weight K={w.K} (M <= {MAX_M})")
     if pro and not fusable(M, K):
         raise SpecqError(f"w4mma: a fused prologue needs M * K * 2 <= {FUSE_SMEM} (M={M}, K={K})")
     if res is not None and (tuple(res.shape) != (M, w.N) or res.dtype != x.dtype or res.stride(-1) != 1):
@@ -509,7 +503,7 @@ def w4mma_linear(x: torch.Tensor, w: MMAWeight, cfg: Cfg | None = None, norm_w: 
     y = torch.empty(M, w.N, dtype=x.dtype, device=x.device)
     shm = M * K * 2 if pro else 0
     with torch.cuda.device(x.device):            # module and stream of x's GPU, whatever the current device is
-        k = kernel(c, KBW, w.fp16, x.device.index or 0, pro, res is not None, float(eps) if pro == 1 else 0.0)
+        k = kernel(c, KBW, w.fp16, x.device.index or 0, pro, res is not None, float(eps) if pro else 0.0)
         if shm >= 48 * 1024 and shm > getattr(k, "_max_shared_mem_bytes", 0):
             k.set_shared_memory_config(shm)
         args = [w.words, w.sz, x, y, M, K, x.stride(0), y.stride(0), norm_w if norm_w is not None else x,

@@ -108,8 +108,8 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x, norm=None, residual=None):  # x [M, D] -> down(silu(g) * u) (+ residual), g | u = gate_up(norm(x))
-        gu = fused.linear(self.gate_up_proj, x, norm=norm)                   # [M, 2I]
-        return fused.linear(self.down_proj, gu, silu=True, residual=residual)
+        g, u = fused.linear(self.gate_up_proj, x, norm=norm).split(self.inter, dim=-1)     # [M, I] each
+        return fused.linear(self.down_proj, F.silu(g) * u, residual=residual)
 
 
 class Block(nn.Module):

@@ -2,7 +2,8 @@
 
 specq format (a directory): model.safetensors (state dict; a tied lm_head is not duplicated) and
 config.json = ModelConfig fields + "quantization": {format, method, bits, group_size, sym, act_order,
-alpha, dtype, perm_modules}. load_quantized() validates everything and raises SpecqError on any
+alpha, dtype, perm_modules, lm_head}. lm_head true: the head is a WQLinear (lm_head.qweight / scales /
+zeros), stored even when tie_word_embeddings (the embedding stays full precision, untied). load_quantized() validates everything and raises SpecqError on any
 mismatch (missing/extra tensors, wrong shapes or dtypes, non-finite scales, codes out of range).
 
 Hugging Face imports (4-bit, as published):
@@ -56,7 +57,7 @@ def save_quantized(model, out_dir, tokenizer=None, extra: dict | None = None):
     out.mkdir(parents=True, exist_ok=True)
     sd = {k: v.contiguous() for k, v in model.state_dict().items()}
     if model.cfg.tie_word_embeddings:
-        sd.pop("lm_head.weight", None)
+        sd.pop("lm_head.weight", None)               # a quantized head (lm_head.qweight ...) is kept
     perm_modules = [f"layers.{i}.{nm}" for i, l in enumerate(model.layers) for nm in LINEARS
                     if getattr(get(l, nm), "perm", None) is not None]
     save_file(sd, str(out / "model.safetensors"), metadata={"format": "specq"})
@@ -100,8 +101,13 @@ def load_quantized(path, dtype=None, device="cpu"):
             lin = get(layer, nm)
             set_(layer, nm, empty_module(q, nm, lin.in_features, lin.out_features, lin.bias is not None, saved,
                                          f"layers.{i}.{nm}" in perm))
+    qhead = bool(q.get("lm_head", False))
+    if qhead and not q["format"].endswith("a16"):
+        raise SpecqError(f"corrupt quantized checkpoint config {p / 'config.json'}: lm_head quantized in {q['format']}")
+    if qhead:                                        # untied even when tie_word_embeddings
+        model.lm_head = empty_module(q, "lm_head", cfg.hidden_size, cfg.vocab_size, False, saved)
     model = _materialize(model, saved, device)
-    if cfg.tie_word_embeddings and "lm_head.weight" not in sd and "embed_tokens.weight" in sd:
+    if cfg.tie_word_embeddings and not qhead and "lm_head.weight" not in sd and "embed_tokens.weight" in sd:
         sd["lm_head.weight"] = sd["embed_tokens.weight"]
     want = model.state_dict()
     missing = sorted(set(want) - set(sd))
@@ -117,13 +123,11 @@ def load_quantized(path, dtype=None, device="cpu"):
     model.load_state_dict(sd, strict=True)
     if dtype is not None and dtype != saved:
         _cast(model, dtype)
-    if cfg.tie_word_embeddings:
+    if cfg.tie_word_embeddings and not qhead:
         model.lm_head.weight = model.embed_tokens.weight
-    for layer in model.layers:
-        for nm in LINEARS:
-            m = get(layer, nm)
-            if isinstance(m, WQLinear) and not m.sym and (m.zeros.float() > (1 << m.bits) - 1).any():
-                raise SpecqError(f"corrupt quantized checkpoint {p}: zero point out of range")
+    for m in [get(layer, nm) for layer in model.layers for nm in LINEARS] + [model.lm_head]:
+        if isinstance(m, WQLinear) and not m.sym and (m.zeros.float() > (1 << m.bits) - 1).any():
+            raise SpecqError(f"corrupt quantized checkpoint {p}: zero point out of range")
     from ..models.config import rope_inv_freq
     model.inv_freq = rope_inv_freq(cfg).to(device)
     model.quant_info = {k: v for k, v in q.items() if k not in ("dtype", "perm_modules")}

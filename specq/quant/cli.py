@@ -29,6 +29,9 @@ def _quant_args(p, required: bool):
     g.add_argument("--fit-group", action="store_true",
                    help="where --group-size does not divide a layer's input size (e.g. 128 vs 576), use the "
                         "largest smaller supported group that does instead of failing")
+    g.add_argument("--quant-lm-head", action="store_true",
+                   help="also quantize lm_head (RTN, weight-only formats; as gpt-fast int4 does); default: lm_head "
+                        "stays in the compute dtype")
     g.add_argument("--asym", action="store_true", help="asymmetric (integer zero point) weight grid; default symmetric")
     g.add_argument("--act-order", action="store_true", help="GPTQ: quantize columns in decreasing Hessian diagonal "
                    "order (static groups, so the layout is unchanged)")
@@ -73,19 +76,21 @@ def _quantize(a, model, tok):
                           act_order=a.act_order, alpha=a.alpha, tokenizer=tok, calib_source=a.calib,
                           calib_samples=a.calib_samples, calib_seqlen=a.calib_seqlen, seed=a.seed,
                           fit_group=a.fit_group, clip=a.clip, true_seq=a.true_seq, refit=a.refit,
-                          fp_target=a.fp_target, damp=a.damp)
+                          fp_target=a.fp_target, damp=a.damp, lm_head=a.quant_lm_head)
 
 
 def cmd_quantize(a) -> int:
     from .checkpoint import save_quantized
-    from .quantize import weight_bytes
+    from .quantize import check_lm_head, weight_bytes
+    if a.quant_lm_head:
+        check_lm_head(a.format)                      # before the (slow) model load
     model, tok = _load(a)
     if getattr(model, "quant_info", None):
         raise SpecqError(f"{a.model} is already quantized")
     _quantize(a, model, tok)
     out = save_quantized(model, a.out, tok, extra={"source": a.model})
     wb = weight_bytes(model)
-    print(f"wrote {out}  ({a.format} {a.method}, group {a.group_size})")
+    print(f"wrote {out}  ({a.format} {a.method}, group {a.group_size}{', lm_head RTN' if a.quant_lm_head else ''})")
     print(f"decoder linear weights: {wb['linear_bytes'] / 2**20:.2f} MiB with bf16 scales vs "
           f"{wb['bf16_linear_bytes'] / 2**20:.2f} MiB in bf16 ({wb['ratio_vs_bf16']:.2f}x smaller); "
           f"whole model {wb['total_bytes'] / 2**20:.2f} MiB")
@@ -96,6 +101,11 @@ def cmd_ppl(a) -> int:
     import torch
     from .kv import Int8KVCache
     from .ppl import eval_text, perplexity
+    if a.quant_lm_head:
+        from .quantize import check_lm_head
+        if not a.format:
+            raise SpecqError("--quant-lm-head needs --format (w4a16, w3a16, w2a16)")
+        check_lm_head(a.format)                      # before the (slow) model load
     model, tok = _load(a)
     if a.format:
         _quantize(a, model, tok)
@@ -109,7 +119,7 @@ def cmd_ppl(a) -> int:
     q = getattr(model, "quant_info", None) or {"format": "fp"}
     res = {"model": a.model, "data": a.data, "ppl": round(ppl, 4), "tokens": n, "ctx": a.ctx,
            "format": q.get("format"), "method": q.get("method"), "group_size": q.get("group_size"),
-           "kv_int8": a.kv_int8}
+           "kv_int8": a.kv_int8, **({"lm_head": "quantized"} if q.get("lm_head") else {})}
     print(json.dumps(res) if a.json else f"perplexity {ppl:.4f} over {n} tokens ({a.data}, windows of {a.ctx}, "
           f"{q.get('format')} {q.get('method') or ''})".rstrip())
     return 0
@@ -117,7 +127,8 @@ def cmd_ppl(a) -> int:
 
 def add_quantize_parser(sub):
     p = sub.add_parser("quantize", help="quantize a model and save a specq quantized checkpoint",
-                       description="Quantize every decoder Linear (qkv, o, gate_up, down; not embeddings or lm_head) "
+                       description="Quantize every decoder Linear (qkv, o, gate_up, down; not embeddings, nor lm_head "
+                                   "unless --quant-lm-head) "
                                    "and write DIR/model.safetensors + DIR/config.json (with a 'quantization' section) "
                                    "+ the tokenizer. Prints the weight bytes.")
     _model_args(p)

@@ -31,13 +31,13 @@ def _(x2, handle, n):
 
 @torch.library.custom_op("specq::qmatmul_fused", mutates_args=())
 def qmatmul_fused(x2: torch.Tensor, handle: torch.Tensor, n: int, norm_w: torch.Tensor | None, eps: float,
-                  silu: bool, res: torch.Tensor | None) -> torch.Tensor:
-    """The registered module's fused2d: [M, n] = res + matmul(prologue(x2)) (specq.models.fused)."""
-    return _lookup(handle).fused2d(x2, norm_w, eps, silu, res)
+                  res: torch.Tensor | None) -> torch.Tensor:
+    """The registered module's fused2d: [M, n] = res + matmul(rmsnorm(x2)) (specq.models.fused)."""
+    return _lookup(handle).fused2d(x2, norm_w, eps, res)
 
 
 @qmatmul_fused.register_fake
-def _(x2, handle, n, norm_w, eps, silu, res):
+def _(x2, handle, n, norm_w, eps, res):
     return x2.new_empty(x2.shape[0], n)
 
 
@@ -81,15 +81,15 @@ def _handle_for_compile(module) -> torch.Tensor:
     return h
 
 
-def fused(module, x2: torch.Tensor, norm_w, eps: float, silu: bool, res) -> torch.Tensor:
+def fused(module, x2: torch.Tensor, norm_w, eps: float, res) -> torch.Tensor:
     """module.fused2d(...), through the opaque op while torch.compile traces a CUDA (or FORCE'd) input."""
     if torch.compiler.is_compiling():
         if x2.is_cuda or FORCE:
             return torch.ops.specq.qmatmul_fused(x2, _handle_for_compile(module), module.out_features, norm_w,
-                                                 float(eps), bool(silu), res)
+                                                 float(eps), res)
     else:
         handle_of(module)
-    return module.fused2d(x2, norm_w, eps, silu, res)
+    return module.fused2d(x2, norm_w, eps, res)
 
 
 def matmul(module, x2: torch.Tensor) -> torch.Tensor:

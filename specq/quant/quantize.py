@@ -1,5 +1,8 @@
 """quantize_model: swap every decoder Linear (qkv_proj, o_proj, gate_up_proj, down_proj) for a
-quantized module; lm_head and embeddings stay in the compute dtype.
+quantized module; lm_head and embeddings stay in the compute dtype, unless lm_head=True (weight-only
+formats, as gpt-fast's int4 mode does): then lm_head becomes a WQLinear [K=hidden, N=vocab] quantized by
+RTN with the same bits / group size / grid, whatever the method of the decoder Linears. A tied lm_head is
+untied: embed_tokens keeps its full-precision weight, the head is a separate quantized module.
 
 Formats and methods:
   w4a16 / w3a16 / w2a16 (WQLinear): rtn | gptq | awq (scale search + clip search + RTN) | awq_gptq
@@ -49,6 +52,12 @@ def check_args(fmt, method, bits, group_size):
     return fmt, FORMATS[fmt]
 
 
+def check_lm_head(fmt):
+    """lm_head quantization is weight-only: raise for w8a8 / w4a8."""
+    if not str(fmt).lower().endswith("a16"):
+        raise SpecqError(f"lm_head quantization needs a weight-only format (w4a16, w3a16, w2a16), not {fmt}")
+
+
 def _group_for(K, bits, gs, fit):
     if not fit or gs == -1 or K % gs == 0:
         P.check_shape(K, bits, gs)
@@ -70,7 +79,7 @@ def _smooth_scale(amax_x, W, alpha):
 def quantize_model(model, fmt="w4a16", method="rtn", bits=None, group_size=128, sym=True, calib=None,
                    progress=True, act_order=False, alpha=0.5, awq_tokens=2048, damp=0.01, tokenizer=None,
                    calib_source="wikitext2", calib_samples=32, calib_seqlen=512, seed=0, fit_group=False,
-                   clip=None, true_seq=False, refit=False, fp_target=False):
+                   clip=None, true_seq=False, refit=False, fp_target=False, lm_head=False):
     """Quantize model in place and return it. calib: LongTensor [n, L] of calibration tokens
     (specq.quant.calib.calib_tokens), needed by every method except rtn; when None and a tokenizer is
     given, calib_samples windows of calib_seqlen tokens are drawn from calib_source.
@@ -88,10 +97,15 @@ def quantize_model(model, fmt="w4a16", method="rtn", bits=None, group_size=128, 
         quantized model and X_fp those in the full-precision model, GPTQ quantizes the least-squares
         target W* = W C H^-1 (C = X_fp^T X, H = X^T X), which minimises ||X_fp W^T - X W*^T||: the error
         already accumulated upstream is compensated where possible (GPTAQ's objective). Computed as
-        W + W (C - H) (H + damping)^-1, so W* = W exactly when the two models' inputs agree."""
+        W + W (C - H) (H + damping)^-1, so W* = W exactly when the two models' inputs agree.
+    lm_head: also quantize lm_head (weight-only formats only; always RTN; untied from embed_tokens)."""
     fmt, bits = check_args(fmt, method, bits, group_size)
     gs0 = -1 if fmt == "w8a8" else group_size
     weight_only = fmt.endswith("a16")
+    if lm_head:
+        check_lm_head(fmt)
+    if lm_head and not isinstance(model.lm_head, torch.nn.Linear):
+        raise SpecqError(f"lm_head is already quantized ({type(model.lm_head).__name__})")
     gsz = {}                                             # Linear name -> group size used
     for i, layer in enumerate(model.layers):
         for nm in LINEARS:
@@ -99,6 +113,8 @@ def quantize_model(model, fmt="w4a16", method="rtn", bits=None, group_size=128, 
             if not isinstance(lin, torch.nn.Linear):
                 raise SpecqError(f"layer {i} {nm} is already quantized ({type(lin).__name__})")
             gsz[nm] = gs0 if fmt == "w8a8" else _group_for(lin.in_features, bits if weight_only else 4, gs0, fit_group)
+    if lm_head:
+        gsz["lm_head"] = _group_for(model.lm_head.in_features, bits, gs0, fit_group)
     if method != "rtn" and calib is None and tokenizer is not None:
         calib = calib_tokens(tokenizer, calib_source, calib_samples, calib_seqlen, seed)
     if method != "rtn" and calib is None:
@@ -181,10 +197,12 @@ def quantize_model(model, fmt="w4a16", method="rtn", bits=None, group_size=128, 
             set_(layer, nm, new)
         if runner is not None:
             runner.advance(layer, fp_layer)
+    if lm_head:                                          # RTN codes [V, D]; a tied embed_tokens keeps its weight
+        set_(model, "lm_head", WQLinear.from_linear(model.lm_head, bits, gsz["lm_head"], sym))
     model.quant_info = dict(format=fmt, method=method, bits=bits, group_size=gs0, sym=bool(sym) if weight_only else True,
                             act_order=bool(act_order), alpha=alpha if want_amax else None,
                             clip=clip if want_h else None, true_seq=bool(true_seq), refit=bool(refit and want_h),
-                            fp_target=fp_target,
+                            fp_target=fp_target, lm_head=bool(lm_head),
                             group_sizes=dict(gsz))
     return model
 

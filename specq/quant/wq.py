@@ -88,7 +88,7 @@ class WQLinear(nn.Module):
 
     def prepare_fuse(self) -> bool:
         """Decide (once; reads the zero points) whether the few-token CUDA kernel can take this Linear with a fused
-        norm / SiLU prologue and residual epilogue (specq.models.fused)."""
+        RMSNorm prologue and residual epilogue (specq.models.fused)."""
         ok = self.__dict__.get("_fuse_ok")
         if ok is None:
             if self.bits == 4 and self.perm is None and self.bias is None and self.qweight.is_cuda:
@@ -99,7 +99,7 @@ class WQLinear(nn.Module):
             self.__dict__["_fuse_ok"] = ok
         return ok
 
-    def can_fuse(self, x2, norm, silu, residual) -> bool:  # x2 [M, K] (silu: [M, 2K]); residual [M, N]
+    def can_fuse(self, x2, norm, residual) -> bool:  # x2 [M, K]; norm: RMSNorm; residual [M, N]
         if not x2.is_cuda or x2.dtype not in (torch.bfloat16, torch.float16):
             return False
         ok = self.__dict__.get("_fuse_ok")
@@ -111,17 +111,15 @@ class WQLinear(nn.Module):
             return False
         from ..kernels import w4mma
         M, K = x2.shape[0], self.in_features
-        if M > w4mma.MAX_SMALL_M or x2.shape[1] != (2 * K if silu else K):
+        if M > w4mma.MAX_SMALL_M or x2.shape[1] != K:
             return False
-        if (norm is not None or silu) and (not w4mma.fusable(M, K) or (norm is not None and silu)):
-            return False
-        if norm is not None and (norm.weight.dtype != x2.dtype or norm.weight.shape != (K,)):
+        if norm is not None and (not w4mma.fusable(M, K) or norm.weight.dtype != x2.dtype or norm.weight.shape != (K,)):
             return False
         return residual is None or (residual.dtype == x2.dtype and tuple(residual.shape) == (M, self.out_features))
 
-    def fused2d(self, x2, norm_w, eps, silu, res):  # -> res + matmul(prologue(x2)) [M, N], on the CUDA kernel
+    def fused2d(self, x2, norm_w, eps, res):  # -> res + matmul(rmsnorm(x2)) [M, N], on the CUDA kernel
         from ..kernels import wq_fused
-        return wq_fused(x2, self, norm_w, eps, silu, res)
+        return wq_fused(x2, self, norm_w, eps, res)
 
     def forward(self, x):  # x [..., K] -> [..., N]
         shp = x.shape

@@ -73,7 +73,8 @@ class EagleHead(nn.Module):
 
     def logits(self, h):  # [..., D] -> float32 [..., V]
         lm = self.shared["lm_head"]
-        return lm(h.to(lm.weight.dtype)).float()
+        w = getattr(lm, "weight", None)                    # None: a quantized head (WQLinear), compute dtype = embed's
+        return lm(h.to((w if w is not None else self.shared["embed"].weight).dtype)).float()
 
     def rope(self, pos):  # pos [...] -> cos, sin [..., hd]
         f = pos.float()[..., None] * self.inv_freq

@@ -78,6 +78,7 @@ def test_e2e_tiny_end_to_end(tmp_path, capsys):
     for k in ("rows", "command", "device", "date", "planner", "latency", "profile"):
         assert k in res
     assert res["device"] == "cpu" and not res["errors"]
+    assert res["quant_head"] is False and all(r["lm_head"] == "bf16" for r in res["rows"])   # default: bf16 head
     rows = [r for r in res["rows"] if r["model"] != "smollm2"]
     for r in res["rows"]:
         assert {"model", "format", "method", "acceptance", "tok_s", "tau", "roofline_tok_s"} <= set(r)
@@ -113,3 +114,51 @@ def test_e2e_tiny_compiled(tmp_path, mode):
     assert {r["structure"] for r in rows} >= {"none", "chain-2", "tree-10", "hier-4"}
     assert all(r["step"] == {"whole": "compiled", "blocks": "compiled-blocks"}[mode] and r["tok_s"] > 0 for r in rows)
     assert 1 <= res["planner"][0]["speedup_bound"] and res["planner"][0]["speedup_bound_structure"]
+
+
+def test_random_model_quantized_head():
+    """build_random(quant_head=True): a W4A16 lm_head of its own (untied, codes not shared); the roofline's bytes
+    drop by exactly the bf16 head minus the W4A16 one."""
+    import torch
+    from specq.bench.randmodel import build_random, config, linear_bytes, weight_bytes_per_token
+    from specq.quant import WQLinear
+    cfg = config("tiny", tie_word_embeddings=True)
+    V, D = cfg.vocab_size, cfg.hidden_size
+    m = build_random(cfg, "w4a16", "cpu", torch.float32, share_codes=True, quant_head=True)
+    assert isinstance(m.lm_head, WQLinear) and (m.lm_head.in_features, m.lm_head.out_features) == (D, V)
+    assert isinstance(m.embed_tokens.weight, torch.nn.Parameter) and m.embed_tokens.weight.shape == (V, D)
+    codes = [mod.qweight.data_ptr() for mod in m.modules() if isinstance(mod, WQLinear) and mod is not m.lm_head]
+    assert m.lm_head.qweight.data_ptr() not in codes
+    assert isinstance(build_random(cfg, "w4a16", "cpu", torch.float32).lm_head, torch.nn.Linear)
+    m.setup_cache(8)
+    with torch.no_grad():
+        logits, h = m(torch.arange(4), torch.arange(4), torch.arange(4), torch.ones(4, 8, dtype=torch.bool))
+    torch.testing.assert_close(logits, h @ m.lm_head.dequantize().t(), rtol=1e-4, atol=1e-4)
+    for fmt in ("w4a16", "w8a8"):
+        assert weight_bytes_per_token(cfg, fmt) == weight_bytes_per_token(cfg, fmt, quant_head=False)
+    diff = weight_bytes_per_token(cfg, "w4a16") - weight_bytes_per_token(cfg, "w4a16", quant_head=True)
+    assert diff == 2 * V * D - linear_bytes("w4a16", D, V) > 0
+    for fmt in ("bf16", "w8a8", "w4a8"):
+        with pytest.raises(SpecqError, match="w4a16"):
+            build_random(cfg, fmt, "cpu", torch.float32, quant_head=True)
+
+
+def test_e2e_tiny_quant_head(tmp_path):
+    """--quant-head: w4a16 phases get a W4A16 target lm_head (row key lm_head, matching roofline), others keep bf16."""
+    from specq.bench.e2e import H100_BW
+    from specq.bench.randmodel import config, weight_bytes_per_token
+    prof_path = write_profile(tmp_path / "p.json")
+    out = tmp_path / "out"
+    rc = main(["--out", str(out), "--tiny", "--device", "cpu", "--dtype", "float32", "--profile", str(prof_path),
+               "--phases", "llama3-8b:w4a16:spec,llama3-70b:w8a8:plain", "--methods", "chain-2,tree-10",
+               "--tokens", "24", "--plain-tokens", "2", "--reps", "1", "--no-plot", "--quant-head"])
+    assert rc == 0
+    res = json.loads((out / "e2e.json").read_text())
+    assert not res["errors"] and res["quant_head"] is True and "--quant-head" in res["command"]
+    assert all("lm_head" in r for r in res["rows"])
+    w4 = [r for r in res["rows"] if r["model"] == "llama3-8b"]
+    assert {r["structure"] for r in w4} >= {"none", "chain-2", "tree-10"}   # + the planner's choice
+    assert all(r["lm_head"] == "w4a16" for r in w4)
+    assert all(r["roofline_tok_s"] == pytest.approx(H100_BW / weight_bytes_per_token(config("tiny"), "w4a16", True))
+               for r in w4)
+    assert all(r["lm_head"] == "bf16" for r in res["rows"] if r["model"] != "llama3-8b")

@@ -1,10 +1,9 @@
-"""specq.models.fused: the decoder's norms, SiLU-and-multiply and residual adds go to a module's fused2d where it
+"""specq.models.fused: the decoder's norms and residual adds go to a module's fused2d where it
 offers one (the few-token CUDA kernel), and to the separate torch ops otherwise; both give the model's output.
 On the CPU a stand-in fused2d (plain torch, written independently of fused.reference) plays the kernel, in eager
 mode and through the opaque op under torch.compile."""
 import pytest
 import torch
-import torch.nn.functional as F
 
 from specq.bench.randmodel import build_random, config
 from specq.kernels import w4mma
@@ -16,19 +15,16 @@ from specq.quant.wq import WQLinear
 CALLS = []
 
 
-def stand_in_fused2d(self, x2, norm_w, eps, silu, res):
-    CALLS.append((self.out_features, norm_w is not None, silu, res is not None))
+def stand_in_fused2d(self, x2, norm_w, eps, res):
+    CALLS.append((self.out_features, norm_w is not None, res is not None))
     xf = x2.float()
     if norm_w is not None:
         xf = norm_w.float() * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x2.dtype).float()
-    if silu:
-        K = x2.shape[1] // 2
-        xf = (F.silu(x2[:, :K]) * x2[:, K:]).float()
     y = xf.to(x2.dtype) @ self.dequantize().to(x2.dtype).t()
     return y if res is None else res + y
 
 
-def stand_in_can_fuse(self, x2, norm, silu, residual):
+def stand_in_can_fuse(self, x2, norm, residual):
     return x2.shape[0] <= 4
 
 
@@ -49,14 +45,12 @@ def test_reference_is_the_unfused_math():
         norm.weight.uniform_(0.5, 1.5)
     x, r = torch.randn(3, 8), torch.randn(3, 6)
     torch.testing.assert_close(fused.linear(lin, x, norm=norm, residual=r), r + lin(norm(x)), rtol=0, atol=0)
-    xx = torch.randn(3, 16)
-    lin2 = torch.nn.Linear(8, 6, bias=False)
-    torch.testing.assert_close(fused.linear(lin2, xx, silu=True), lin2(F.silu(xx[:, :8]) * xx[:, 8:]), rtol=0, atol=0)
+    torch.testing.assert_close(fused.linear(lin, x, norm=norm), lin(norm(x)), rtol=0, atol=0)
 
 
 def test_wqlinear_does_not_fuse_on_cpu():
     m = WQLinear(128, 32, 4, 128)
-    assert not m.can_fuse(torch.randn(1, 128), None, False, torch.randn(1, 32))
+    assert not m.can_fuse(torch.randn(1, 128), None, torch.randn(1, 32))
 
 
 @torch.no_grad()
@@ -69,9 +63,8 @@ def test_block_routes_every_neighbour_into_the_matmuls(stand_in):
     D, I = model.cfg.hidden_size, model.cfg.intermediate_size
     nq = (model.cfg.num_heads + 2 * model.cfg.num_kv_heads) * model.cfg.head_dim
     # per layer: qkv with the input norm, o with the residual, gate_up with the post-attention norm, down with
-    # SiLU-and-multiply and the residual
-    assert CALLS == [(nq, True, False, False), (D, False, False, True), (2 * I, True, False, False),
-                     (D, False, True, True)] * 2
+    # the residual
+    assert CALLS == [(nq, True, False), (D, False, True), (2 * I, True, False), (D, False, True)] * 2
     CALLS.clear()
     with pytest.MonkeyPatch.context() as mp:                  # no fusion at all: the plain ops
         mp.setattr(WQLinear, "can_fuse", lambda *a: False)
@@ -112,8 +105,8 @@ def test_fused_kernel_argument_errors():
     q = torch.randint(-2**31, 2**31, (32, 128 // 8), dtype=torch.int32)
     mw = w4mma.prepare_mma(q, torch.ones(32, 1), torch.full((32, 1), 8.0), 128)
     x = torch.randn(1, 128, dtype=torch.bfloat16)
-    with pytest.raises(SpecqError, match="silu"):
-        w4mma.w4mma_linear(x, mw, silu=True)                                       # needs [M, 2K]
+    with pytest.raises(SpecqError, match="K=128"):
+        w4mma.w4mma_linear(torch.randn(1, 256, dtype=torch.bfloat16), mw)
     with pytest.raises(SpecqError, match="residual"):
         w4mma.w4mma_linear(x, mw, res=torch.randn(2, 32, dtype=torch.bfloat16))
     with pytest.raises(SpecqError, match="fused prologue"):

@@ -7,7 +7,7 @@ from safetensors.torch import save_file
 from specq.errors import SpecqError
 from specq.models.config import ModelConfig
 from specq.models.llama import Transformer, causal_mask
-from specq.quant import quantize_model
+from specq.quant import WQLinear, quantize_model
 from specq.quant.checkpoint import awq_unpack, fuse_wq, gptq_unpack, load_hf_quantized, load_quantized, save_quantized
 
 AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]
@@ -143,6 +143,28 @@ def test_save_load_roundtrip(tmp_path, fmt, method, gs):
     m2, tok = load_quantized(tmp_path / "q")
     assert tok is None and m2.quant_info["format"] == fmt
     assert torch.equal(logits(m2, ids), logits(m, ids))
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_save_load_quantized_lm_head(tmp_path, tie):
+    """A quantized lm_head round-trips (tied config: quantized head + full-precision embedding, untied)."""
+    cfg = ModelConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                      num_kv_heads=2, tie_word_embeddings=tie)
+    m = quantize_model(Transformer(cfg).eval(), "w4a16", "rtn", group_size=32, progress=False, lm_head=True)
+    ids = torch.randint(0, 64, (9,))
+    d = save_quantized(m, tmp_path / "q")
+    assert json.loads((d / "config.json").read_text())["quantization"]["lm_head"] is True
+    m2, _ = load_quantized(d)
+    assert isinstance(m2.lm_head, WQLinear) and m2.quant_info["lm_head"] is True
+    assert isinstance(m2.embed_tokens, torch.nn.Embedding) and m2.embed_tokens.weight.dtype == torch.float32
+    assert torch.equal(m2.embed_tokens.weight, m.embed_tokens.weight)
+    assert torch.equal(m2.lm_head.qweight, m.lm_head.qweight) and torch.equal(m2.lm_head.scales, m.lm_head.scales)
+    assert torch.equal(logits(m2, ids), logits(m, ids))
+    m3, _ = load_quantized(save_quantized(quantize_model(Transformer(cfg).eval(), "w4a16", "rtn", group_size=32,
+                                                         progress=False), tmp_path / "off"))
+    assert isinstance(m3.lm_head, torch.nn.Linear) and m3.quant_info["lm_head"] is False
+    if tie:
+        assert m3.lm_head.weight is m3.embed_tokens.weight
 
 
 def test_corrupt_checkpoint_raises(tmp_path):

@@ -108,6 +108,47 @@ def test_quantize_model_swaps_and_bytes():
     assert torch.isfinite(logits).all()
 
 
+@pytest.mark.parametrize("tie", [False, True])
+def test_quantize_lm_head(tie):
+    """lm_head=True: the head becomes an RTN WQLinear [K=D, N=V] (untied), the embedding keeps its fp weight."""
+    cfg = ModelConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                      num_kv_heads=2, tie_word_embeddings=tie)
+    model = Transformer(cfg).eval()
+    emb, W = model.embed_tokens.weight, model.lm_head.weight.detach().clone()
+    E = emb.detach().clone()
+    quantize_model(model, "w4a16", "gptq", group_size=32, progress=False, calib=torch.randint(0, 96, (2, 16)),
+                   lm_head=True)
+    head = model.lm_head
+    assert isinstance(head, WQLinear) and (head.in_features, head.out_features, head.bits) == (64, 96, 4)
+    assert model.embed_tokens.weight is emb and torch.equal(emb, E) and emb.dtype == torch.float32
+    assert model.quant_info["lm_head"] is True and model.quant_info["group_sizes"]["lm_head"] == 32
+    assert torch.equal(head.dequantize(), WQLinear.from_linear(_lin(W), 4, 32, True).dequantize())  # RTN, not GPTQ
+    ids = torch.randint(0, 96, (6,))
+    model.setup_cache(8)
+    with torch.no_grad():
+        logits, h = model(ids, torch.arange(6), torch.arange(6), causal_mask(0, 6, 8))
+    want = h @ head.dequantize().t()                     # lm_head weight = the WQLinear's dequantize()
+    torch.testing.assert_close(logits, want, rtol=1e-4, atol=1e-4)
+    assert (logits - h @ W.t()).abs().max() > 1e-4       # the head really is quantized
+    assert (logits - h @ W.t()).abs().max() < 0.2 * (h @ W.t()).abs().max()
+
+
+def _lin(W):
+    lin = torch.nn.Linear(W.shape[1], W.shape[0], bias=False)
+    lin.weight.data.copy_(W)
+    return lin
+
+
+def test_quantize_lm_head_needs_weight_only():
+    for fmt in ("w8a8", "w4a8"):
+        m = tiny()
+        with pytest.raises(SpecqError, match="weight-only"):
+            quantize_model(m, fmt, "rtn", group_size=-1, progress=False, lm_head=True)
+        assert isinstance(m.lm_head, torch.nn.Linear) and isinstance(m.layers[0].mlp.down_proj, torch.nn.Linear)
+    m = quantize_model(tiny(), "w8a8", "rtn", progress=False)       # off: unchanged behaviour
+    assert isinstance(m.lm_head, torch.nn.Linear) and m.quant_info["lm_head"] is False
+
+
 def test_bad_input_errors():
     with pytest.raises(SpecqError, match="bits"):
         WQLinear(64, 8, bits=5)

@@ -38,3 +38,26 @@ def test_cli_help_and_errors(capsys):
     assert "--max-tokens" in out and "--data" in out
     assert main(["ppl", "--model", "/nonexistent/model"]) == 2
     assert "model not found" in capsys.readouterr().err
+
+
+def test_cli_quant_lm_head(capsys, tmp_path):
+    """--quant-lm-head: w8a8 is refused in one line (before loading); w4a16 writes a checkpoint whose head loads
+    quantized."""
+    from specq.quant import WQLinear
+    from specq.quant.checkpoint import load_quantized
+    from specq.quant.cli import main
+    from tests.models.test_hf import make_ckpt
+    for argv in (["quantize", "--format", "w8a8", "--quant-lm-head", "--out", str(tmp_path / "x")],
+                 ["ppl", "--format", "w4a8", "--quant-lm-head"], ["ppl", "--quant-lm-head"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "head" in err and err.count("\n") == 1 and "Traceback" not in err
+    assert not (tmp_path / "x").exists()
+    _, d = make_ckpt(tmp_path, "llama")
+    for flag, want in (([], torch.nn.Linear), (["--quant-lm-head"], WQLinear)):
+        out = tmp_path / f"q{len(flag)}"
+        assert main(["quantize", "--model", str(d), "--format", "w4a16", "--group-size", "32", "--no-progress",
+                     "--out", str(out)] + flag) == 0
+        assert ("lm_head RTN" in capsys.readouterr().out) == bool(flag)
+        m, _ = load_quantized(out)
+        assert isinstance(m.lm_head, want) and m.quant_info["lm_head"] == bool(flag)
