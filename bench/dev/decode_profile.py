@@ -1,8 +1,10 @@
 """Where a decode step's time goes: Llama-3-8B shape, random weights, one format, specq's Decoder (CUDA graph;
 --compile: the torch.compile'd step), 20 steps under torch.profiler; GPU time per kernel name, largest first.
-PYTHONPATH=$PWD python bench/dev/decode_profile.py [--fmt w4a16] [--compile] [--shape llama3-8b]"""
+PYTHONPATH=$PWD python bench/dev/decode_profile.py [--fmt w4a16] [--compile [--regional]] [--quant-head] [--shape llama3-8b]
+(SPECQ_NO_FUSE=1: no fused norm / residual in the W4A16 kernel)"""
 import argparse
 import collections
+import os
 import sys
 import time
 from pathlib import Path
@@ -21,9 +23,10 @@ def main():
     ap.add_argument("--shape", default="llama3-8b")
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--regional", action="store_true", help="with --compile: Transformer.compile_blocks")
+    ap.add_argument("--quant-head", action="store_true", help="lm_head in W4A16 too (randmodel quant_head)")
     ap.add_argument("--no-table", action="store_true")
     a = ap.parse_args()
-    model = build_random(config(a.shape), a.fmt, "cuda", torch.bfloat16)
+    model = build_random(config(a.shape), a.fmt, "cuda", torch.bfloat16, quant_head=a.quant_head)
     tc = time.perf_counter()
     dec = Decoder(model, 512, compile=a.compile, regional=a.regional)
     logits = dec.prefill(torch.randint(0, model.cfg.vocab_size, (128,)))
@@ -36,7 +39,8 @@ def main():
     for _ in range(50):
         dec.step_greedy(None)
     torch.cuda.synchronize()
-    print(f"{a.shape} {a.fmt} compile={a.compile} regional={a.regional}: {50 / (time.perf_counter() - t0):.1f} tok/s")
+    print(f"{a.shape} {a.fmt} compile={a.compile} regional={a.regional} quant_head={a.quant_head} "
+          f"fuse={os.environ.get('SPECQ_NO_FUSE', '0') != '1'}: {50 / (time.perf_counter() - t0):.1f} tok/s")
     if not a.no_table:
         print(kernel_table(lambda: dec.step_greedy(None), 20, "step"))
 
