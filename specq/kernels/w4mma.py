@@ -157,24 +157,26 @@ w4mma(const uint4* __restrict__ qw, const u32* __restrict__ sz, const u16* __res
             if (i % 2 == 0) { sb[i / 2][0] = lds(sp + (i / 2) * 16); sb[i / 2][1] = lds(sp + (i / 2) * 16 + 8); }
         }
     }
-#if PRO    // the weight ring above is in flight while each warp builds the transformed x of its own K slice
-    {
+#if PRO    // the weight ring above is in flight while each warp builds the normalized x of its own K slice
+    {          // (M <= FUSE_M tokens: one load round trip and one barrier for all of them)
         constexpr int PER = (KBW * 8 + 31) / 32;                 // uint4 of x per lane and token
         const int K8 = K >> 3;
-        __shared__ float part[16][WARPS];
-        for (int m = 0; m < M; m++) {
-            const uint4* xr = (const uint4*)(x + (size_t)m * sxm) + kb0 * 8;
-            uint4 v[PER];
+        __shared__ float part[FUSE_M][WARPS];
+        uint4 v[FUSE_M][PER];
 #pragma unroll
-            for (int i = 0; i < PER; i++) {                       // all loads first (one L2 round trip)
+        for (int m = 0; m < FUSE_M; m++)
+#pragma unroll
+            for (int i = 0; i < PER; i++) {                       // all loads first
                 const int c = lane + 32 * i;
-                if (c < KBW * 8) v[i] = __ldg(xr + c);
+                if (m < M && c < KBW * 8) v[m][i] = __ldg((const uint4*)(x + (size_t)m * sxm) + kb0 * 8 + c);
             }
-            float ss = 0.f;                                       // sum of squares, fp32: warp slice, then CTA
+#pragma unroll
+        for (int m = 0; m < FUSE_M; m++) {                        // sum of squares, fp32: warp slice, then CTA
+            float ss = 0.f;
 #pragma unroll
             for (int i = 0; i < PER; i++) {
-                if (lane + 32 * i < KBW * 8) {
-                    const u32 vs[4] = {v[i].x, v[i].y, v[i].z, v[i].w};
+                if (m < M && lane + 32 * i < KBW * 8) {
+                    const u32 vs[4] = {v[m][i].x, v[m][i].y, v[m][i].z, v[m][i].w};
 #pragma unroll
                     for (int j = 0; j < 4; j++) {
                         const float a = f32((u16)(vs[j] & 0xFFFF)), b = f32((u16)(vs[j] >> 16));
@@ -185,7 +187,11 @@ w4mma(const uint4* __restrict__ qw, const u32* __restrict__ sz, const u16* __res
 #pragma unroll
             for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xFFFFFFFFu, ss, o);
             if (lane == 0) part[m][warp] = ss;
-            __syncthreads();                                      // M is the same for every thread
+        }
+        __syncthreads();
+#pragma unroll
+        for (int m = 0; m < FUSE_M; m++) {
+            if (m >= M) break;
             float tot = 0.f;
 #pragma unroll
             for (int w = 0; w < WARPS; w++) tot += part[m][w];
@@ -195,8 +201,8 @@ w4mma(const uint4* __restrict__ qw, const u32* __restrict__ sz, const u16* __res
                 const int c = lane + 32 * i;
                 if (c < KBW * 8) {
                     const uint4 w = __ldg((const uint4*)nw + kb0 * 8 + c);
-                    xs[m * K8 + kb0 * 8 + c] = make_uint4(norm2(v[i].x, w.x, r), norm2(v[i].y, w.y, r),
-                                                          norm2(v[i].z, w.z, r), norm2(v[i].w, w.w, r));
+                    xs[m * K8 + kb0 * 8 + c] = make_uint4(norm2(v[m][i].x, w.x, r), norm2(v[m][i].y, w.y, r),
+                                                          norm2(v[m][i].z, w.z, r), norm2(v[m][i].w, w.w, r));
                 }
             }
         }
@@ -335,7 +341,7 @@ def source(NT: int, KBW: int, P: int, WARPS: int, fp16: bool, minb: int = 1, l2h
     magic, one, ht, et = ("0x64006400", "0x3C003C00", "f16x2", "f16") if fp16 else \
         ("0x43004300", "0x3F803F80", "bf16x2", "bf16")
     head = (f"#define NT {NT}\n#define KBW {KBW}\n#define P {P}\n#define WARPS {WARPS}\n#define MINB {minb}\n"
-            f"#define PRO {int(pro)}\n#define RES {int(res)}\n#define EPS {float(eps)!r}f\n#define ROLL {int(roll)}\n#define XR {XR}\n#define PRE {int(pre)}\n#define FP16 {int(fp16)}\n#define MAGIC_STR \"{magic}\"\n#define HTYPE \"{ht}\"\n"
+            f"#define PRO {int(pro)}\n#define FUSE_M {FUSE_M}\n#define RES {int(res)}\n#define EPS {float(eps)!r}f\n#define ROLL {int(roll)}\n#define XR {XR}\n#define PRE {int(pre)}\n#define FP16 {int(fp16)}\n#define MAGIC_STR \"{magic}\"\n#define HTYPE \"{ht}\"\n"
             f"#define ETYPE \"{et}\"\n#define LDHINT \"{'.L2::256B' if l2hint else ''}\"\n")
     return head + helpers(fp16) + _SMALL
 
@@ -466,12 +472,14 @@ def kernel(c: Cfg, KBW: int, fp16: bool, device: int = 0, pro: bool = False, res
                     "w4mma")
 
 
-FUSE_SMEM = 96 * 1024  # fused norm: the normalized x of all M tokens in shared memory, M * K * 2 bytes at most
+FUSE_M = 4             # fused norm: at most this many tokens (all loaded at once; a loop over tokens cost ~15 us
+                       # per launch at M = 8, bench/results/h100/kernels_w4a16_dev.txt run 14)
+FUSE_SMEM = 32 * 1024  # and their normalized x in shared memory, M * K * 2 bytes at most (no opt-in beyond 48 KB)
 
 
 def fusable(M: int, K: int) -> bool:
     """The fused RMSNorm prologue fits for M tokens of width K."""
-    return 1 <= M <= MAX_SMALL_M and M * K * 2 <= FUSE_SMEM
+    return 1 <= M <= FUSE_M and M * K * 2 <= FUSE_SMEM
 
 
 def _aligned(t: torch.Tensor) -> torch.Tensor:
@@ -504,8 +512,6 @@ def w4mma_linear(x: torch.Tensor, w: MMAWeight, cfg: Cfg | None = None, norm_w: 
     shm = M * K * 2 if pro else 0
     with torch.cuda.device(x.device):            # module and stream of x's GPU, whatever the current device is
         k = kernel(c, KBW, w.fp16, x.device.index or 0, pro, res is not None, float(eps) if pro else 0.0)
-        if shm >= 48 * 1024 and shm > getattr(k, "_max_shared_mem_bytes", 0):
-            k.set_shared_memory_config(shm)
         args = [w.words, w.sz, x, y, M, K, x.stride(0), y.stride(0), norm_w if norm_w is not None else x,
                 res if res is not None else y, res.stride(0) if res is not None else 0]
         k(grid=(w.N // 16, 1, 1), block=(c.WARPS * 32, 1, 1), args=args, shared_mem=shm)
