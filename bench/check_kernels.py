@@ -127,6 +127,22 @@ def check_fused(models, out, rows, g) -> int:
                     rows.append((f"w4mma-fused-{name}", f"{model}/{lname}", m, e, ok))
                     out(f"{'ok ' if ok else 'BAD'} w4mma-fused-{name:9s} {model}/{lname:8s} M={m:<3d} rel_err={e:.2e} "
                         f"bit-equal {(y == yr).float().mean().item():.4f}")
+    from specq.kernels import rope as RC                      # rope + KV-cache write, Llama-3 head shapes
+    for M in (1, 4, 16):
+        qkv = torch.randn(M, 48 * 128, generator=g).to(dev, torch.bfloat16)
+        ang = torch.rand(M, 64, generator=g).to(dev) * 6
+        cos, sin = torch.cat((ang, ang), -1).cos().bfloat16(), torch.cat((ang, ang), -1).sin().bfloat16()
+        slots = torch.randperm(300, generator=g)[:M].to(dev)
+        kc, vc = torch.randn(8, 300, 128, device=dev, dtype=torch.bfloat16), torch.randn(8, 300, 128, device=dev,
+                                                                                        dtype=torch.bfloat16)
+        kr, vr = kc.clone(), vc.clone()
+        q, qr = RC._run(qkv, cos, sin, slots, kc, vc, 32, 8), RC.rope_cache_ref(qkv, cos, sin, slots, kr, vr, 32, 8)
+        e = max(rel(q, qr), rel(kc, kr), rel(vc, vr))
+        ok = e <= TOL and bool(torch.isfinite(q).all())
+        fails += not ok
+        rows.append(("rope-cache", "llama3", M, e, ok))
+        out(f"{'ok ' if ok else 'BAD'} rope-cache H=32 Hkv=8 hd=128 M={M:<3d} rel_err={e:.2e} "
+            f"bit-equal q {(q == qr).float().mean().item():.4f} k {(kc == kr).float().mean().item():.4f}")
     return fails
 
 

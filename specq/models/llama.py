@@ -77,13 +77,23 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, slots, mask, norm=None, residual=None):  # x [M, D]; mask [M, S] bool
         """attention(norm(x)) (+ residual): the norm and the residual add go to fused.linear with qkv / o_proj."""
         M = x.shape[0]
-        qkv = fused.linear(self.qkv_proj, x, norm=norm)
+        qkv = fused.linear(self.qkv_proj, x, norm=norm)     # [M, (H + 2 Hkv) hd]
+        c = self.cache
+        if M <= KERNEL_MAX_M and qkv.is_cuda and type(c) is KVCache:   # rope + cache write in one kernel
+            from ..kernels import rope as RC
+            if RC.usable(qkv, c.k, c.v):
+                return self._attend(RC.rope_cache(qkv, cos, sin, slots, c.k, c.v, self.nh, self.nkv), c.k, c.v,
+                                    mask, residual)
         q, k, v = qkv.split([self.nh * self.hd, self.nkv * self.hd, self.nkv * self.hd], dim=-1)
         q = q.view(M, self.nh, self.hd).transpose(0, 1)     # [H, M, hd]
         k = k.view(M, self.nkv, self.hd).transpose(0, 1)    # [Hkv, M, hd]
         v = v.view(M, self.nkv, self.hd).transpose(0, 1)
         q, k = rotate(q, cos, sin), rotate(k, cos, sin)
-        K, V = self.cache.update(slots, k, v)               # [Hkv, S, hd]
+        K, V = c.update(slots, k, v)                        # [Hkv, S, hd]
+        return self._attend(q, K, V, mask, residual)
+
+    def _attend(self, q, K, V, mask, residual):  # q [H, M, hd]; K, V [Hkv, S, hd] -> o_proj(attention) (+ residual)
+        M = q.shape[1]
         K, V = K.to(q.dtype), V.to(q.dtype)
         if M <= KERNEL_MAX_M and q.is_cuda:                 # few tokens: specq's split-cache attention kernel
             from ..kernels import attention as DA
