@@ -11,9 +11,14 @@ to the cache dtype, as inductor computes it. Under torch.compile it is one opaqu
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 from .common import HAS_TRITON, INTERPRET, tl, triton
+
+
+NO_ROPE = os.environ.get("SPECQ_NO_ROPE", "0") == "1"     # A/B switch: the separate ops instead
 
 
 def rope_cache_ref(qkv, cos, sin, slots, kc, vc, nh: int, nkv: int) -> torch.Tensor:
@@ -37,7 +42,7 @@ def usable(qkv, kc, vc) -> bool:
     """16-bit qkv and cache of the same dtype, contiguous cache, power-of-two head dim 16..256 (CUDA, or CPU tensors
     under TRITON_INTERPRET=1)."""
     hd = kc.shape[-1]
-    return (HAS_TRITON and (qkv.is_cuda or INTERPRET) and qkv.dtype in (torch.float16, torch.bfloat16)
+    return (HAS_TRITON and not NO_ROPE and (qkv.is_cuda or INTERPRET) and qkv.dtype in (torch.float16, torch.bfloat16)
             and kc.dtype == qkv.dtype and vc.dtype == qkv.dtype and kc.is_contiguous() and vc.is_contiguous()
             and hd in (16, 32, 64, 128, 256) and qkv.dim() == 2)
 
