@@ -158,7 +158,7 @@ w4mma(const uint4* __restrict__ qw, const u32* __restrict__ sz, const u16* __res
         }
     }
 #if PRO    // the weight ring above is in flight while each warp builds the normalized x of its own K slice
-    {          // (M <= FUSE_M tokens: one load round trip and one barrier for all of them)
+    {          // (FUSE_M == M tokens, a compile-time count: one load round trip and one barrier for all of them)
         constexpr int PER = (KBW * 8 + 31) / 32;                 // uint4 of x per lane and token
         const int K8 = K >> 3;
         __shared__ float part[FUSE_M][WARPS];
@@ -168,14 +168,14 @@ w4mma(const uint4* __restrict__ qw, const u32* __restrict__ sz, const u16* __res
 #pragma unroll
             for (int i = 0; i < PER; i++) {                       // all loads first
                 const int c = lane + 32 * i;
-                if (m < M && c < KBW * 8) v[m][i] = __ldg((const uint4*)(x + (size_t)m * sxm) + kb0 * 8 + c);
+                if (c < KBW * 8) v[m][i] = __ldg((const uint4*)(x + (size_t)m * sxm) + kb0 * 8 + c);
             }
 #pragma unroll
         for (int m = 0; m < FUSE_M; m++) {                        // sum of squares, fp32: warp slice, then CTA
             float ss = 0.f;
 #pragma unroll
             for (int i = 0; i < PER; i++) {
-                if (m < M && lane + 32 * i < KBW * 8) {
+                if (lane + 32 * i < KBW * 8) {
                     const u32 vs[4] = {v[m][i].x, v[m][i].y, v[m][i].z, v[m][i].w};
 #pragma unroll
                     for (int j = 0; j < 4; j++) {
@@ -191,7 +191,6 @@ w4mma(const uint4* __restrict__ qw, const u32* __restrict__ sz, const u16* __res
         __syncthreads();
 #pragma unroll
         for (int m = 0; m < FUSE_M; m++) {
-            if (m >= M) break;
             float tot = 0.f;
 #pragma unroll
             for (int w = 0; w < WARPS; w++) tot += part[m][w];
@@ -335,13 +334,14 @@ def helpers(fp16: bool) -> str:
 
 
 def source(NT: int, KBW: int, P: int, WARPS: int, fp16: bool, minb: int = 1, l2hint: bool = False, XR: int = 2,
-           pre: bool = False, roll: bool = False, pro: bool = False, res: bool = False, eps: float = 0.0) -> str:
+           pre: bool = False, roll: bool = False, pro: bool = False, res: bool = False, eps: float = 0.0,
+           fuse_m: int = 1) -> str:
     """The kernel's CUDA C for one configuration (compile-time constants substituted). pro: RMSNorm prologue
-    (epsilon eps); res: add a residual to the output."""
+    (epsilon eps) for exactly fuse_m tokens; res: add a residual to the output."""
     magic, one, ht, et = ("0x64006400", "0x3C003C00", "f16x2", "f16") if fp16 else \
         ("0x43004300", "0x3F803F80", "bf16x2", "bf16")
     head = (f"#define NT {NT}\n#define KBW {KBW}\n#define P {P}\n#define WARPS {WARPS}\n#define MINB {minb}\n"
-            f"#define PRO {int(pro)}\n#define FUSE_M {FUSE_M}\n#define RES {int(res)}\n#define EPS {float(eps)!r}f\n#define ROLL {int(roll)}\n#define XR {XR}\n#define PRE {int(pre)}\n#define FP16 {int(fp16)}\n#define MAGIC_STR \"{magic}\"\n#define HTYPE \"{ht}\"\n"
+            f"#define PRO {int(pro)}\n#define FUSE_M {fuse_m}\n#define RES {int(res)}\n#define EPS {float(eps)!r}f\n#define ROLL {int(roll)}\n#define XR {XR}\n#define PRE {int(pre)}\n#define FP16 {int(fp16)}\n#define MAGIC_STR \"{magic}\"\n#define HTYPE \"{ht}\"\n"
             f"#define ETYPE \"{et}\"\n#define LDHINT \"{'.L2::256B' if l2hint else ''}\"\n")
     return head + helpers(fp16) + _SMALL
 
@@ -465,15 +465,17 @@ def compiled(key, make_source, name: str):
     return k
 
 
-def kernel(c: Cfg, KBW: int, fp16: bool, device: int = 0, pro: bool = False, res: bool = False, eps: float = 0.0):
+def kernel(c: Cfg, KBW: int, fp16: bool, device: int = 0, pro: bool = False, res: bool = False, eps: float = 0.0,
+           fuse_m: int = 1):
     """The compiled kernel for one configuration, loaded into `device`'s context (call under that device)."""
-    return compiled(("w4mma", c, KBW, fp16, device, pro, res, eps),
-                    lambda: source(c.NT, KBW, c.P, c.WARPS, fp16, c.MINB, c.L2HINT, c.XR, c.PRE, c.ROLL, pro, res, eps),
-                    "w4mma")
+    return compiled(("w4mma", c, KBW, fp16, device, pro, res, eps, fuse_m),
+                    lambda: source(c.NT, KBW, c.P, c.WARPS, fp16, c.MINB, c.L2HINT, c.XR, c.PRE, c.ROLL, pro, res, eps,
+                                   fuse_m), "w4mma")
 
 
-FUSE_M = 4             # fused norm: at most this many tokens (all loaded at once; a loop over tokens cost ~15 us
-                       # per launch at M = 8, bench/results/h100/kernels_w4a16_dev.txt run 14)
+FUSE_M = 4             # fused norm: at most this many tokens, the count compiled in (a runtime loop over tokens
+                       # cost ~15 us per launch at M = 8; a compiled-in maximum of 4 cost 3.7 us per layer at M = 1,
+                       # bench/results/h100/kernels_w4a16_dev.txt run 14)
 FUSE_SMEM = 32 * 1024  # and their normalized x in shared memory, M * K * 2 bytes at most (no opt-in beyond 48 KB)
 
 
@@ -511,7 +513,8 @@ def w4mma_linear(x: torch.Tensor, w: MMAWeight, cfg: Cfg | None = None, norm_w: 
     y = torch.empty(M, w.N, dtype=x.dtype, device=x.device)
     shm = M * K * 2 if pro else 0
     with torch.cuda.device(x.device):            # module and stream of x's GPU, whatever the current device is
-        k = kernel(c, KBW, w.fp16, x.device.index or 0, pro, res is not None, float(eps) if pro else 0.0)
+        k = kernel(c, KBW, w.fp16, x.device.index or 0, pro, res is not None, float(eps) if pro else 0.0,
+                   M if pro else 1)
         args = [w.words, w.sz, x, y, M, K, x.stride(0), y.stride(0), norm_w if norm_w is not None else x,
                 res if res is not None else y, res.stride(0) if res is not None else 0]
         k(grid=(w.N // 16, 1, 1), block=(c.WARPS * 32, 1, 1), args=args, shared_mem=shm)
