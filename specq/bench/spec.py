@@ -98,8 +98,8 @@ def divergence(llm, ids, ref, out):
 
 def bench(llm, methods, temperatures, bench_name="spec_bench", per_category=10, max_new=128, seed=0,
           spec_kw=None, progress=True, warmup=1, on_rows=None, compile=False):
-    """Rows per (method, verify, temperature, category). Each method first decodes the longest prompt
-    (untimed: CUDA graphs are captured and caches sized for every question). on_rows(rows) is called
+    """Rows per (method, verify, temperature, category). Each method first decodes the longest and the shortest
+    prompt (untimed: CUDA graphs are captured, caches sized for every question, compiled layers made dynamic). on_rows(rows) is called
     after every method (partial results survive a time limit)."""
     from ..data import bench_questions
     from ..sampling import SamplingParams
@@ -107,7 +107,10 @@ def bench(llm, methods, temperatures, bench_name="spec_bench", per_category=10, 
     qs = bench_questions(bench_name, per_category)
     cats = [q.get("category", "all") for q in qs]
     prompts = [llm.tok.chat([{"role": "user", "content": q["turns"][0]}]) for q in qs]
-    longest = [max(prompts, key=len)]
+    # warm-up prompts: the longest (sizes the caches) and the shortest: with --compile-blocks the layers are compiled
+    # with automatic dynamic shapes, and a second prompt length is what makes them dynamic (a recompile that would
+    # otherwise land inside a timed run)
+    longest = [max(prompts, key=len)] + ([min(prompts, key=len)] if len({len(p) for p in prompts}) > 1 else [])
     methods = [tuple(x) + (None,) * (3 - len(x)) for x in methods]         # (method, verify[, temperatures])
     temperatures = list(temperatures) + sorted({t for *_, ts in methods if ts for t in ts} - set(temperatures))
     rows, greedy_ref = [], None

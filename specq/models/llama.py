@@ -229,7 +229,11 @@ class Transformer(nn.Module):
         cos, sin = self.rope(pos)
         for layer in self.layers:
             x = layer(x, cos, sin, slots, mask)
-        head = self.__dict__.get("_head_compiled") or self.head
+        head = self.__dict__.get("_head_compiled")
+        if head is None:
+            head = self.head
+        elif isinstance(logits_rows, slice):   # a tensor, not slice constants: one compiled head for every length
+            logits_rows = torch.arange(*logits_rows.indices(x.shape[0]), device=x.device)
         logits, h = head(x, logits_rows)
         return (logits, h) if return_hidden else logits
 

@@ -43,3 +43,22 @@ def test_decoder_regional_greedy_tokens(monkeypatch):
         toks[regional] = out
     torch._dynamo.reset()
     assert toks[True] == toks[False]
+
+
+@torch.no_grad()
+def test_prefill_lengths_share_the_compiled_graphs(monkeypatch):
+    """After two prompt lengths (automatic dynamic shapes) a new length compiles nothing: the prefill's
+    logits_rows slice reaches the compiled head as a tensor, not as constants (one recompile per length before)."""
+    monkeypatch.setattr(opaque, "FORCE", True)
+    model = build_random(config("tiny", num_layers=2), "w4a16", "cpu", torch.float32)
+    torch._dynamo.reset()
+    counters.clear()
+    dec = Decoder(model, 48, cuda_graph=False, compile=True, regional=True)
+    new = []
+    for P in (20, 5, 9, 13):
+        before = counters["stats"]["unique_graphs"]
+        logits = dec.prefill(torch.randint(0, 300, (P,)))
+        new.append(counters["stats"]["unique_graphs"] - before)
+        assert logits.shape == (model.cfg.vocab_size,)
+    assert new[2:] == [0, 0], new
+    torch._dynamo.reset()
