@@ -434,12 +434,16 @@ class Cfg(NamedTuple):
     ROLL: bool = False      # keep the loop over chunks of P blocks rolled (fewer registers at long K)
 
 
-def default_config(M: int, N: int, K: int) -> Cfg:
+def default_config(M: int, N: int, K: int, sms: int | None = None) -> Cfg:
     """Warps over K so that each takes an even number of 64-k blocks. H100, Llama-3-8B layer (bench/dev/mma_ab.py,
     kernels_w4a16_dev.txt run 11): M <= 8 fastest with 16 warps and 2 CTAs per SM (48.0 us at M = 1 against 51.5
     with 8 warps), M <= 16 with 8 warps, 2 CTAs (62.7 us); NT = 4 / 8 (M > 16) lose to the Triton kernel."""
     NT = 1 if M <= 8 else 2 if M <= 16 else 4 if M <= 32 else 8
     if NT == 1 and K % 2048 == 0:
+        if sms and 2 * sms < N // 16 <= 3 * sms and K % 1024 == 0:
+            # one wave of 8-warp CTAs, 3 per SM, instead of 1.45 waves of the 16-warp ones (Llama-3-8B qkv_proj:
+            # 6.48 us against 7.28 at M = 1; every other 8B shape is fastest with 16 warps, bench/dev/mma_cfg.py)
+            return Cfg(NT, 8, 8, 2, False, 3)
         return Cfg(NT, 16, 8, 2, False, 2)
     if NT == 2 and K % 1024 == 0:
         return Cfg(NT, 8, 8, 2, False, 2)
@@ -484,6 +488,17 @@ def fusable(M: int, K: int) -> bool:
     return 1 <= M <= FUSE_M and M * K * 2 <= FUSE_SMEM
 
 
+_SMS: dict = {}
+
+
+def _sms(device) -> int:
+    """Streaming multiprocessors of a CUDA device (cached)."""
+    i = device.index or 0
+    if i not in _SMS:
+        _SMS[i] = torch.cuda.get_device_properties(i).multi_processor_count
+    return _SMS[i]
+
+
 def _aligned(t: torch.Tensor) -> torch.Tensor:
     """t with unit last stride and 16-byte aligned rows (a copy only when needed)."""
     if t.stride(-1) != 1 or (t.dim() > 1 and (t.stride(0) * 2) % 16) or t.data_ptr() % 16:
@@ -504,7 +519,7 @@ def w4mma_linear(x: torch.Tensor, w: MMAWeight, cfg: Cfg | None = None, norm_w: 
         raise SpecqError(f"w4mma: a fused prologue needs M * K * 2 <= {FUSE_SMEM} (M={M}, K={K})")
     if res is not None and (tuple(res.shape) != (M, w.N) or res.dtype != x.dtype or res.stride(-1) != 1):
         raise SpecqError(f"w4mma: residual {tuple(res.shape)} {res.dtype} does not match the output ({M}, {w.N})")
-    c = cfg or default_config(M, w.N, K)
+    c = cfg or default_config(M, w.N, K, _sms(x.device))
     KBW = K // 64 // c.WARPS
     c = c._replace(P=max(2, min(c.P, KBW)), XR=min(c.XR, 2))
     x = _aligned(x)

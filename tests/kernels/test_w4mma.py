@@ -126,3 +126,12 @@ def test_fused_variants_source_and_compile(tmp_path):
         r = subprocess.run(["nvcc", "-cubin", "-arch=sm_90", "-o", str(f.with_suffix(".cubin")), str(f)],
                            capture_output=True, text=True)
         assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_wave_rule_only_where_16_warp_ctas_leave_a_partial_wave():
+    """132 SMs: qkv_proj of Llama-3-8B (384 row tiles, 1.45 waves of 2 x 16-warp CTAs per SM) gets 3 x 8-warp CTAs
+    per SM; o / gate_up / down and an unknown SM count keep the 16-warp default."""
+    assert w4mma.default_config(1, 6144, 4096, 132)[:2] == (1, 8) and w4mma.default_config(1, 6144, 4096, 132).MINB == 3
+    for N, K in [(4096, 4096), (28672, 4096), (4096, 14336)]:
+        assert w4mma.default_config(1, N, K, 132).WARPS == 16
+    assert w4mma.default_config(1, 6144, 4096).WARPS == 16
