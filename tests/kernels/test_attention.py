@@ -1,8 +1,5 @@
 """Decode attention kernel (specq.kernels.attention) under TRITON_INTERPRET=1 against the torch reference, and
 the reference against torch's SDPA."""
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -10,7 +7,6 @@ import torch.nn.functional as F
 
 from specq.kernels.attention import decode_attention_ref
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def test_reference_matches_sdpa():
@@ -73,8 +69,6 @@ print("BAD", bad) if bad else print("ALLOK")
 
 def test_decode_attention_interpreted():
     pytest.importorskip("triton")
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from triton_interp import PATCH
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
-    r = subprocess.run([sys.executable, "-c", PATCH + CODE], env=env, capture_output=True, text=True, timeout=300)
-    assert "ALLOK" in r.stdout, r.stdout + r.stderr[-3000:]
+    from tests.triton_interp import run_interpreted
+    out = run_interpreted(CODE)
+    assert "ALLOK" in out, out

@@ -1,8 +1,5 @@
 """Rope + KV-cache write kernel (specq.kernels.rope): the reference equals the model's rotate / cache update, the
 Triton kernel (TRITON_INTERPRET=1) equals the reference, and the mutating custom op works under torch.compile."""
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -10,7 +7,6 @@ import torch
 from specq.kernels import rope as RC
 from specq.models.llama import KVCache, rotate
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _inputs(M, nh, nkv, hd, S, dtype=torch.float32, seed=0):
@@ -81,8 +77,6 @@ print("BAD", bad) if bad else print("ALLOK")
 
 def test_rope_kernel_interpreted():
     pytest.importorskip("triton")
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from triton_interp import PATCH
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
-    r = subprocess.run([sys.executable, "-c", PATCH + CODE], env=env, capture_output=True, text=True, timeout=300)
-    assert "ALLOK" in r.stdout, r.stdout + r.stderr[-3000:]
+    from tests.triton_interp import run_interpreted
+    out = run_interpreted(CODE)
+    assert "ALLOK" in out, out
