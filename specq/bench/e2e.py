@@ -56,8 +56,8 @@ def parse_method(name: str):
 class Side:
     """The 1B-shaped draft / intermediate model and the EAGLE head on it (shared by every target)."""
 
-    def __init__(self, shape: str, device, dtype, S: int, fmt: str = "bf16"):
-        self.model = build_random(config(shape), fmt, device, dtype, seed=2)
+    def __init__(self, shape: str, device, dtype, S: int, fmt: str = "bf16", quant_head: bool = False):
+        self.model = build_random(config(shape), fmt, device, dtype, seed=2, quant_head=quant_head)
         self.model.setup_cache(S)
         self.head = build_eagle_head(self.model, device, dtype, seed=3)
         self.head.setup_cache(S + 64)
@@ -355,7 +355,9 @@ def parse_args(argv):
     p.add_argument("--side-format", default="bf16", choices=FORMATS, help="draft / intermediate model weight format (bf16, w4a16, "
                    "...; the acceptance profile's chain drafts were a 4-bit copy of the target)")
     p.add_argument("--quant-head", action="store_true", help="quantize the target's lm_head to W4A16 too (w4a16 "
-                   "phases only), as gpt-fast int4 does (row key lm_head: w4a16 / bf16; side models keep theirs)")
+                   "phases only), as gpt-fast int4 does (row key lm_head: w4a16 / bf16; side models: --side-quant-head)")
+    p.add_argument("--side-quant-head", action="store_true", help="the draft / intermediate model's lm_head in W4A16 too "
+                   "(needs --side-format w4a16; recorded under side.lm_head)")
     p.add_argument("--tiny", action="store_true", help="toy shapes for every model (CPU tests)")
     p.add_argument("--time-budget", type=float, default=320.0, help="seconds after which optional runs are skipped")
     p.add_argument("--ms", default=",".join(map(str, MS)), help="token counts M of the measured T(M) curve (the "
@@ -381,6 +383,8 @@ def parse_args(argv):
     a.phases = [tuple(x.split(":")) for x in a.phases.split(",") if x]
     if any(len(x) != 3 or x[2] not in ("spec", "plain") for x in a.phases):
         raise SpecqError("--phases items must be model:format:spec|plain")
+    if a.side_quant_head and a.side_format != "w4a16":
+        raise SpecqError(f"--side-quant-head needs --side-format w4a16 (got {a.side_format})")
     return a
 
 
@@ -413,7 +417,8 @@ def _main(a, argv) -> int:
            "command": "PYTHONPATH=$PWD python3 bench/e2e.py " + " ".join(argv),
            "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-           "torch": torch.__version__, "side": {"shape": a.side_shape, "format": a.side_format},
+           "torch": torch.__version__, "side": {"shape": a.side_shape, "format": a.side_format,
+                                                     "lm_head": "w4a16" if a.side_quant_head else "bf16"},
            "quant_head": a.quant_head,
            "profile": {"name": prof["name"], "source": prof["source"],
                        "structures": {k: {"tau": v.get("tau"), "cond": v["cond"], "nodes": v["nodes"]}
@@ -442,7 +447,7 @@ def _main(a, argv) -> int:
         try:
             if spec and side is None:
                 side = Side("tiny-1b" if a.tiny else a.side_shape, dev, getattr(torch, a.dtype),
-                            a.prompt + a.tokens + 256, a.side_format)
+                            a.prompt + a.tokens + 256, a.side_format, a.side_quant_head)
             if not spec and side is not None:      # a plain-only phase may need all the memory
                 side = None
                 free(dev)

@@ -37,7 +37,7 @@ SHAPES = {
                     num_kv_heads=3, tie_word_embeddings=True),
     # CPU test sizes (the CPU runs the same code with toy shapes)
     "tiny": dict(vocab_size=320, hidden_size=128, intermediate_size=256, num_layers=2, num_heads=4, num_kv_heads=2),
-    "tiny-1b": dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_layers=1, num_heads=2, num_kv_heads=1,
+    "tiny-1b": dict(vocab_size=320, hidden_size=128, intermediate_size=256, num_layers=1, num_heads=2, num_kv_heads=1,
                     tie_word_embeddings=True),
 }
 FORMATS = ("bf16", "w4a16", "w8a8", "w4a8")

@@ -162,3 +162,30 @@ def test_e2e_tiny_quant_head(tmp_path):
     assert all(r["roofline_tok_s"] == pytest.approx(H100_BW / weight_bytes_per_token(config("tiny"), "w4a16", True))
                for r in w4)
     assert all(r["lm_head"] == "bf16" for r in res["rows"] if r["model"] != "llama3-8b")
+
+
+def test_e2e_tiny_side_quant_head(tmp_path):
+    """--side-quant-head: the draft / intermediate model's lm_head in W4A16 (recorded under side), every method still
+    runs (chain drafts, EAGLE tree on the target, hier through the side model's EAGLE head); it needs a w4a16 side."""
+    from specq.bench import e2e as E
+    prof_path = write_profile(tmp_path / "p.json")
+    built = []
+    orig = E.Side.__init__
+
+    def spy(self, *args, **kw):
+        orig(self, *args, **kw)
+        built.append(type(self.model.lm_head).__name__)
+    E.Side.__init__ = spy
+    try:
+        out = tmp_path / "out"
+        rc = main(["--out", str(out), "--tiny", "--device", "cpu", "--dtype", "float32", "--profile", str(prof_path),
+                   "--phases", "llama3-8b:w4a16:spec", "--methods", "chain-2,tree-10,hier-4", "--tokens", "24",
+                   "--plain-tokens", "2", "--reps", "1", "--no-plot", "--side-format", "w4a16", "--side-quant-head"])
+    finally:
+        E.Side.__init__ = orig
+    assert rc == 0 and built == ["WQLinear"]
+    res = json.loads((out / "e2e.json").read_text())
+    assert not res["errors"] and res["side"] == {"shape": "llama3.2-1b", "format": "w4a16", "lm_head": "w4a16"}
+    assert {r["structure"] for r in res["rows"] if r["model"] == "llama3-8b"} >= {"none", "chain-2", "tree-10", "hier-4"}
+    with pytest.raises(SpecqError, match="side-format w4a16"):
+        main(["--out", str(tmp_path / "o2"), "--tiny", "--device", "cpu", "--side-quant-head"])
