@@ -89,25 +89,26 @@ class WQLinear(nn.Module):
     def prepare_fuse(self) -> bool:
         """Decide (once; reads the zero points) whether the few-token CUDA kernel can take this Linear with a fused
         RMSNorm prologue and residual epilogue (specq.models.fused)."""
-        ok = self.__dict__.get("_fuse_ok")
-        if ok is None:
+        dev = self.qweight.device
+        hit = self.__dict__.get("_fuse_ok")                # (device, answer): moving the module asks again
+        if hit is None or hit[0] != dev:
+            ok = False
             if self.bits == 4 and self.perm is None and self.bias is None and self.qweight.is_cuda:
                 from ..kernels import wq_fuse_ok
                 ok = wq_fuse_ok(self)
-            else:
-                ok = False
-            self.__dict__["_fuse_ok"] = ok
-        return ok
+            hit = self.__dict__["_fuse_ok"] = (dev, ok)
+        return hit[1]
 
     def can_fuse(self, x2, norm, residual) -> bool:  # x2 [M, K]; norm: RMSNorm; residual [M, N]
         if not x2.is_cuda or x2.dtype not in (torch.bfloat16, torch.float16):
             return False
-        ok = self.__dict__.get("_fuse_ok")
-        if ok is None:          # decided eagerly (opaque.register_all before a compile; eager calls here)
-            if torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing():
+        hit = self.__dict__.get("_fuse_ok")
+        if hit is None or hit[0] != x2.device:    # decided eagerly (opaque.register_all before a compile, or here)
+            if torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing() or self.qweight.device != x2.device:
                 return False
-            ok = self.prepare_fuse()
-        if not ok:
+            self.prepare_fuse()
+            hit = self.__dict__["_fuse_ok"]
+        if not hit[1]:
             return False
         from ..kernels import w4mma
         M, K = x2.shape[0], self.in_features

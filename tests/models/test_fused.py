@@ -113,3 +113,15 @@ def test_fused_kernel_argument_errors():
         w4mma.w4mma_linear(torch.randn(60, 128 * 14, dtype=torch.bfloat16).view(60, -1)[:, :128 * 14],
                            w4mma.prepare_mma(torch.zeros(32, 14 * 16, dtype=torch.int32), torch.ones(32, 14),
                                              torch.full((32, 14), 8.0), 128), norm_w=torch.ones(128 * 14))
+
+
+def test_fuse_decision_is_remade_after_a_move(monkeypatch):
+    """prepare_fuse caches its answer per device: a module asked on the CPU (no) is asked again once on CUDA."""
+    import specq.kernels as KS
+    m = WQLinear(128, 32, 4, 128)
+    assert m.prepare_fuse() is False and m.__dict__["_fuse_ok"] == (torch.device("cpu"), False)
+    calls = []
+    monkeypatch.setattr(KS, "wq_fuse_ok", lambda mod: calls.append(mod) or True)
+    m.__dict__["_fuse_ok"] = (torch.device("cuda", 0), True)       # as if decided on a GPU earlier
+    assert m.prepare_fuse() is False and calls == []                 # back on the CPU: decided again, no kernel
+    assert m.__dict__["_fuse_ok"] == (torch.device("cpu"), False)
