@@ -477,9 +477,10 @@ def kernel(c: Cfg, KBW: int, fp16: bool, device: int = 0, pro: bool = False, res
                                    fuse_m), "w4mma")
 
 
-FUSE_M = 4             # fused norm: at most this many tokens, the count compiled in (a runtime loop over tokens
-                       # cost ~15 us per launch at M = 8; a compiled-in maximum of 4 cost 3.7 us per layer at M = 1,
-                       # bench/results/h100/kernels_w4a16_dev.txt run 14)
+FUSE_M = 1             # fused norm: at most this many tokens (the count is compiled in). One: in the session-9 e2e
+                       # run the verification curve had T(2) = 2.51 and T(4) = 2.98 ms with the norm fused against
+                       # T(8) = 2.45 unfused (e2e_8b_qhead_s9.json latency), so the fused prologue only pays for
+                       # decoding; earlier variants: kernels_w4a16_dev.txt run 14
 FUSE_SMEM = 32 * 1024  # and their normalized x in shared memory, M * K * 2 bytes at most (no opt-in beyond 48 KB)
 
 

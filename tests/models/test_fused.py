@@ -96,8 +96,8 @@ def test_compiled_block_calls_the_fused_op(stand_in, monkeypatch):
 
 
 def test_fusable_limits():
-    assert w4mma.fusable(1, 14336) and not w4mma.fusable(2, 14336)                  # shared memory
-    assert w4mma.fusable(4, 4096) and not w4mma.fusable(5, 576) and not w4mma.fusable(0, 576)   # tokens
+    assert w4mma.fusable(1, 14336) and not w4mma.fusable(1, 16384 + 128)            # shared memory
+    assert w4mma.fusable(1, 4096) and not w4mma.fusable(2, 576) and not w4mma.fusable(0, 576)   # decoding only
 
 
 def test_fused_kernel_argument_errors():
