@@ -3,7 +3,7 @@
 gate_up's rows are interleaved once so that every 16-row tile of the few-token kernel holds 8 gate rows (tile rows
 0..7) and the 8 matching up rows (8..15): lane (g, t)'s accumulators c0/c1 (row g) and c2/c3 (row g + 8) are then
 gate and up of the same output channel, and the epilogue writes silu(gate) * up, rounded as torch rounds
-F.silu(g) * u after a bf16 gate_up, into y [M, I]. The kernel source is w4mma's with its epilogue replaced here.
+F.silu(g) * u after a bf16 gate_up, into y [M, I]. The kernel source is w4mma's with its epilogue (w4mma._EPILOGUE) replaced here.
 It would remove one kernel per layer (SiLU*mul, 39 us per 8B step in decode_variants.txt, session 9).
   python bench/dev/glu_ab.py --check-cpu        (CPU: the row interleave against the unpermuted reference, through
                                                  w4mma.emulate; nvcc compile of the patched source if nvcc exists)
@@ -21,19 +21,6 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from specq.kernels import ref, w4mma  # noqa: E402
 
-OLD = '''    for (int i = threadIdx.x; i < NT * 128; i += WARPS * 32) {
-        const int n = i >> 7, l = (i >> 2) & 31, r = i & 3;
-        float s = 0.f;
-#pragma unroll
-        for (int v = 0; v < WARPS; v++) s += ((const float*)&red[v][n][l])[r];
-        const int row = tile * 16 + (l >> 2) + 8 * (r >> 1);
-        const int tok = 8 * n + 2 * (l & 3) + (r & 1);
-#if RES
-        if (tok < M) y[(size_t)tok * sym + row] = to16(f32(to16(s)) + f32(res[(size_t)tok * srm + row]));
-#else
-        if (tok < M) y[(size_t)tok * sym + row] = to16(s);
-#endif
-    }'''
 NEW = '''    for (int i = threadIdx.x; i < NT * 64; i += WARPS * 32) {   // GLU: (gate, up) pairs of the tile's 8 channels
         const int n = i >> 6, l = (i >> 1) & 31, r = i & 1;
         float gs = 0.f, us = 0.f;
@@ -50,10 +37,10 @@ NEW = '''    for (int i = threadIdx.x; i < NT * 64; i += WARPS * 32) {   // GLU:
     }'''
 
 
-def glu_source(NT, KBW, P, WARPS, MINB, pro, eps, fuse_m):
-    src = w4mma.source(NT, KBW, P, WARPS, False, MINB, False, 2, False, False, pro, False, eps, fuse_m)
-    assert OLD in src, "w4mma's epilogue changed: update bench/dev/glu_ab.py"
-    return src.replace(OLD, NEW)
+def glu_source(NT, KBW, P, WARPS, MINB, pro, eps):
+    src = w4mma.source(NT, KBW, P, WARPS, False, MINB, False, 2, False, False, pro, False, eps)
+    assert w4mma._EPILOGUE in src
+    return src.replace(w4mma._EPILOGUE, NEW)
 
 
 def interleave(t: torch.Tensor) -> torch.Tensor:
@@ -64,16 +51,15 @@ def interleave(t: torch.Tensor) -> torch.Tensor:
 
 
 def glu_linear(x, mw, norm_w=None, eps=0.0):
-    """x [M, K] -> silu(gate) * up [M, N/2] with mw prepared from interleave()d weights (M <= 8)."""
+    """x [M, K] -> silu(gate) * up [M, N/2] with mw prepared from interleave()d weights (M <= 8; M = 1 with norm_w)."""
     M, K = x.shape
     c = w4mma.default_config(M, mw.N, K)
     KBW = K // 64 // c.WARPS
     c = c._replace(P=max(2, min(c.P, KBW)))
     pro = norm_w is not None
-    k = w4mma.compiled(("glu", c, KBW, pro, eps, M if pro else 1),
-                       lambda: glu_source(c.NT, KBW, c.P, c.WARPS, c.MINB, pro, eps, M if pro else 1), "w4mma")
+    k = w4mma.compiled(("glu", c, KBW, pro, eps), lambda: glu_source(c.NT, KBW, c.P, c.WARPS, c.MINB, pro, eps), "w4mma")
     y = torch.empty(M, mw.N // 2, dtype=x.dtype, device=x.device)
-    k(grid=(mw.N // 16, 1, 1), block=(c.WARPS * 32, 1, 1), shared_mem=M * K * 2 if pro else 0,
+    k(grid=(mw.N // 16, 1, 1), block=(c.WARPS * 32, 1, 1), shared_mem=K * 2 if pro else 0,
       args=[mw.words, mw.sz, x, y, M, K, x.stride(0), y.stride(0), norm_w if pro else x, y, 0])
     return y
 
@@ -93,7 +79,7 @@ def check_cpu():
     if shutil.which("nvcc"):
         for pro in (False, True):
             d = Path(tempfile.mkdtemp())
-            (d / "k.cu").write_text(glu_source(1, 4, 8, 16, 2, pro, 1e-5, 1))
+            (d / "k.cu").write_text(glu_source(1, 4, 8, 16, 2, pro, 1e-5))
             r = subprocess.run(["nvcc", "-cubin", "-arch=sm_90", "--resource-usage", "-o", str(d / "k.cubin"),
                                 str(d / "k.cu")], capture_output=True, text=True)
             regs = [ln.split(":")[-1].strip() for ln in (r.stdout + r.stderr).splitlines() if "registers" in ln]
@@ -113,7 +99,7 @@ def gpu():
     norm = RMSNorm(K, 1e-5).to("cuda", dt)
     silu_c = torch.compile(lambda gu: F.silu(gu[:, :I]) * gu[:, I:])
     print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}, Llama-3-8B gate_up + SiLU*mul")
-    for M in (1, 2, 4):
+    for M in (1,):                                    # the fused norm takes one token
         x = torch.randn(M, K, generator=g).to("cuda", dt) * 3
         gu = w4mma.w4mma_linear(x, mw, norm_w=norm.weight, eps=1e-5)
         want = F.silu(gu[:, :I]) * gu[:, I:]

@@ -111,8 +111,8 @@ __device__ __forceinline__ void mma(float* c, u32 a0, u32 a1, u32 a2, u32 a3, u3
 """
 _SMALL = r"""
 // qw: [N/16, K/64, 32, 4] words; sz: [N/16, K/128, 16]; x: [M, K] (row stride sxm); y: [M, N] (row stride sym)
-// PRO: x <- RMSNorm(x) with weight nw [K], each warp writing its K slice of every token to shared memory first
-// (xs [M, K/8] uint4, dynamic). RES: y <- res + y (res [M, N], row stride srm), rounded as torch rounds y, then
+// PRO (M = 1): x <- RMSNorm(x) with weight nw [K], each warp writing its K slice to shared memory first
+// (xs [K/8] uint4, dynamic). RES: y <- res + y (res [M, N], row stride srm), rounded as torch rounds y, then
 // the sum. (A SiLU-and-multiply prologue for down_proj was tried and dropped: every CTA recomputes the whole K of
 // SiLU, which cost 8.4 us per layer more than a separate kernel, bench/results/h100/kernels_w4a16_dev.txt.)
 extern "C" __global__ void __launch_bounds__(WARPS * 32, MINB)
@@ -157,52 +157,41 @@ w4mma(const uint4* __restrict__ qw, const u32* __restrict__ sz, const u16* __res
             if (i % 2 == 0) { sb[i / 2][0] = lds(sp + (i / 2) * 16); sb[i / 2][1] = lds(sp + (i / 2) * 16 + 8); }
         }
     }
-#if PRO    // the weight ring above is in flight while each warp builds the normalized x of its own K slice
-    {          // (FUSE_M == M tokens, a compile-time count: one load round trip and one barrier for all of them)
-        constexpr int PER = (KBW * 8 + 31) / 32;                 // uint4 of x per lane and token
-        const int K8 = K >> 3;
-        __shared__ float part[FUSE_M][WARPS];
-        uint4 v[FUSE_M][PER];
+#if PRO    // one token: the weight ring above is in flight while each warp normalizes x over its own K slice
+    {
+        constexpr int PER = (KBW * 8 + 31) / 32;                 // uint4 of x per lane
+        __shared__ float part[WARPS];
+        uint4 v[PER];
 #pragma unroll
-        for (int m = 0; m < FUSE_M; m++)
+        for (int i = 0; i < PER; i++)                             // all loads first
+            if (lane + 32 * i < KBW * 8) v[i] = __ldg((const uint4*)x + kb0 * 8 + lane + 32 * i);
+        float ss = 0.f;                                           // sum of squares, fp32: warp slice, then CTA
 #pragma unroll
-            for (int i = 0; i < PER; i++) {                       // all loads first
-                const int c = lane + 32 * i;
-                if (c < KBW * 8) v[m][i] = __ldg((const uint4*)(x + (size_t)m * sxm) + kb0 * 8 + c);
-            }
+        for (int i = 0; i < PER; i++) {
+            if (lane + 32 * i < KBW * 8) {
+                const u32 vs[4] = {v[i].x, v[i].y, v[i].z, v[i].w};
 #pragma unroll
-        for (int m = 0; m < FUSE_M; m++) {                        // sum of squares, fp32: warp slice, then CTA
-            float ss = 0.f;
-#pragma unroll
-            for (int i = 0; i < PER; i++) {
-                if (lane + 32 * i < KBW * 8) {
-                    const u32 vs[4] = {v[m][i].x, v[m][i].y, v[m][i].z, v[m][i].w};
-#pragma unroll
-                    for (int j = 0; j < 4; j++) {
-                        const float a = f32((u16)(vs[j] & 0xFFFF)), b = f32((u16)(vs[j] >> 16));
-                        ss += a * a + b * b;
-                    }
+                for (int j = 0; j < 4; j++) {
+                    const float a = f32((u16)(vs[j] & 0xFFFF)), b = f32((u16)(vs[j] >> 16));
+                    ss += a * a + b * b;
                 }
             }
-#pragma unroll
-            for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xFFFFFFFFu, ss, o);
-            if (lane == 0) part[m][warp] = ss;
         }
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xFFFFFFFFu, ss, o);
+        if (lane == 0) part[warp] = ss;
         __syncthreads();
+        float tot = 0.f;
 #pragma unroll
-        for (int m = 0; m < FUSE_M; m++) {
-            float tot = 0.f;
+        for (int w = 0; w < WARPS; w++) tot += part[w];
+        const float r = rsqrtf(tot / (float)K + EPS);
 #pragma unroll
-            for (int w = 0; w < WARPS; w++) tot += part[m][w];
-            const float r = rsqrtf(tot / (float)K + EPS);
-#pragma unroll
-            for (int i = 0; i < PER; i++) {
-                const int c = lane + 32 * i;
-                if (c < KBW * 8) {
-                    const uint4 w = __ldg((const uint4*)nw + kb0 * 8 + c);
-                    xs[m * K8 + kb0 * 8 + c] = make_uint4(norm2(v[m][i].x, w.x, r), norm2(v[m][i].y, w.y, r),
-                                                          norm2(v[m][i].z, w.z, r), norm2(v[m][i].w, w.w, r));
-                }
+        for (int i = 0; i < PER; i++) {
+            const int c = kb0 * 8 + lane + 32 * i;
+            if (lane + 32 * i < KBW * 8) {
+                const uint4 w = __ldg((const uint4*)nw + c);
+                xs[c] = make_uint4(norm2(v[i].x, w.x, r), norm2(v[i].y, w.y, r), norm2(v[i].z, w.z, r),
+                                   norm2(v[i].w, w.w, r));
             }
         }
         __syncwarp();                                             // a warp reads back only its own slice
@@ -302,7 +291,12 @@ w4mma(const uint4* __restrict__ qw, const u32* __restrict__ sz, const u16* __res
 #pragma unroll
     for (int n = 0; n < NT; n++) red[warp][n][lane] = make_float4(acc[n][0], acc[n][1], acc[n][2], acc[n][3]);
     __syncthreads();
-    for (int i = threadIdx.x; i < NT * 128; i += WARPS * 32) {
+EPILOGUE
+}
+"""
+
+
+_EPILOGUE = r"""    for (int i = threadIdx.x; i < NT * 128; i += WARPS * 32) {
         const int n = i >> 7, l = (i >> 2) & 31, r = i & 3;
         float s = 0.f;
 #pragma unroll
@@ -314,9 +308,8 @@ w4mma(const uint4* __restrict__ qw, const u32* __restrict__ sz, const u16* __res
 #else
         if (tok < M) y[(size_t)tok * sym + row] = to16(s);
 #endif
-    }
-}
-"""
+    }"""     # replaced by bench/dev/glu_ab.py's experiment
+_SMALL = _SMALL.replace("EPILOGUE", _EPILOGUE)
 
 
 class MMAWeight(NamedTuple):
@@ -334,14 +327,13 @@ def helpers(fp16: bool) -> str:
 
 
 def source(NT: int, KBW: int, P: int, WARPS: int, fp16: bool, minb: int = 1, l2hint: bool = False, XR: int = 2,
-           pre: bool = False, roll: bool = False, pro: bool = False, res: bool = False, eps: float = 0.0,
-           fuse_m: int = 1) -> str:
+           pre: bool = False, roll: bool = False, pro: bool = False, res: bool = False, eps: float = 0.0) -> str:
     """The kernel's CUDA C for one configuration (compile-time constants substituted). pro: RMSNorm prologue
-    (epsilon eps) for exactly fuse_m tokens; res: add a residual to the output."""
+    (epsilon eps) of one token; res: add a residual to the output."""
     magic, one, ht, et = ("0x64006400", "0x3C003C00", "f16x2", "f16") if fp16 else \
         ("0x43004300", "0x3F803F80", "bf16x2", "bf16")
     head = (f"#define NT {NT}\n#define KBW {KBW}\n#define P {P}\n#define WARPS {WARPS}\n#define MINB {minb}\n"
-            f"#define PRO {int(pro)}\n#define FUSE_M {fuse_m}\n#define RES {int(res)}\n#define EPS {float(eps)!r}f\n#define ROLL {int(roll)}\n#define XR {XR}\n#define PRE {int(pre)}\n#define FP16 {int(fp16)}\n#define MAGIC_STR \"{magic}\"\n#define HTYPE \"{ht}\"\n"
+            f"#define PRO {int(pro)}\n#define RES {int(res)}\n#define EPS {float(eps)!r}f\n#define ROLL {int(roll)}\n#define XR {XR}\n#define PRE {int(pre)}\n#define FP16 {int(fp16)}\n#define MAGIC_STR \"{magic}\"\n#define HTYPE \"{ht}\"\n"
             f"#define ETYPE \"{et}\"\n#define LDHINT \"{'.L2::256B' if l2hint else ''}\"\n")
     return head + helpers(fp16) + _SMALL
 
@@ -469,24 +461,21 @@ def compiled(key, make_source, name: str):
     return k
 
 
-def kernel(c: Cfg, KBW: int, fp16: bool, device: int = 0, pro: bool = False, res: bool = False, eps: float = 0.0,
-           fuse_m: int = 1):
+def kernel(c: Cfg, KBW: int, fp16: bool, device: int = 0, pro: bool = False, res: bool = False, eps: float = 0.0):
     """The compiled kernel for one configuration, loaded into `device`'s context (call under that device)."""
-    return compiled(("w4mma", c, KBW, fp16, device, pro, res, eps, fuse_m),
-                    lambda: source(c.NT, KBW, c.P, c.WARPS, fp16, c.MINB, c.L2HINT, c.XR, c.PRE, c.ROLL, pro, res, eps,
-                                   fuse_m), "w4mma")
+    return compiled(("w4mma", c, KBW, fp16, device, pro, res, eps),
+                    lambda: source(c.NT, KBW, c.P, c.WARPS, fp16, c.MINB, c.L2HINT, c.XR, c.PRE, c.ROLL, pro, res, eps),
+                    "w4mma")
 
 
-FUSE_M = 1             # fused norm: at most this many tokens (the count is compiled in). One: in the session-9 e2e
-                       # run the verification curve had T(2) = 2.51 and T(4) = 2.98 ms with the norm fused against
-                       # T(8) = 2.45 unfused (e2e_8b_qhead_s9.json latency), so the fused prologue only pays for
-                       # decoding; earlier variants: kernels_w4a16_dev.txt run 14
-FUSE_SMEM = 32 * 1024  # and their normalized x in shared memory, M * K * 2 bytes at most (no opt-in beyond 48 KB)
+FUSE_SMEM = 32 * 1024  # fused norm: the normalized x in shared memory, K * 2 bytes at most (no opt-in beyond 48 KB)
 
 
 def fusable(M: int, K: int) -> bool:
-    """The fused RMSNorm prologue fits for M tokens of width K."""
-    return 1 <= M <= FUSE_M and M * K * 2 <= FUSE_SMEM
+    """The fused RMSNorm prologue takes one token (decoding) of width K. More tokens: in the session-9 e2e run the
+    verification curve had T(2) = 2.51 and T(4) = 2.98 ms with the norm fused (it spilled registers there) against
+    T(8) = 2.45 unfused (e2e_8b_qhead_s9.json latency; kernels_w4a16_dev.txt run 14)."""
+    return M == 1 and K * 2 <= FUSE_SMEM
 
 
 _SMS: dict = {}
@@ -517,7 +506,7 @@ def w4mma_linear(x: torch.Tensor, w: MMAWeight, cfg: Cfg | None = None, norm_w: 
     if K != w.K or M > MAX_M or M < 1:
         raise SpecqError(f"w4mma: x {tuple(x.shape)} against weight K={w.K} (M <= {MAX_M})")
     if pro and not fusable(M, K):
-        raise SpecqError(f"w4mma: a fused prologue needs M * K * 2 <= {FUSE_SMEM} (M={M}, K={K})")
+        raise SpecqError(f"w4mma: a fused prologue takes one token of K * 2 <= {FUSE_SMEM} bytes (M={M}, K={K})")
     if res is not None and (tuple(res.shape) != (M, w.N) or res.dtype != x.dtype or res.stride(-1) != 1):
         raise SpecqError(f"w4mma: residual {tuple(res.shape)} {res.dtype} does not match the output ({M}, {w.N})")
     c = cfg or default_config(M, w.N, K, _sms(x.device))
@@ -527,10 +516,9 @@ def w4mma_linear(x: torch.Tensor, w: MMAWeight, cfg: Cfg | None = None, norm_w: 
     if norm_w is not None:
         norm_w = _aligned(norm_w.to(x.dtype))
     y = torch.empty(M, w.N, dtype=x.dtype, device=x.device)
-    shm = M * K * 2 if pro else 0
+    shm = K * 2 if pro else 0
     with torch.cuda.device(x.device):            # module and stream of x's GPU, whatever the current device is
-        k = kernel(c, KBW, w.fp16, x.device.index or 0, pro, res is not None, float(eps) if pro else 0.0,
-                   M if pro else 1)
+        k = kernel(c, KBW, w.fp16, x.device.index or 0, pro, res is not None, float(eps) if pro else 0.0)
         args = [w.words, w.sz, x, y, M, K, x.stride(0), y.stride(0), norm_w if norm_w is not None else x,
                 res if res is not None else y, res.stride(0) if res is not None else 0]
         k(grid=(w.N // 16, 1, 1), block=(c.WARPS * 32, 1, 1), args=args, shared_mem=shm)
