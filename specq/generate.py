@@ -74,7 +74,8 @@ class Decoder:
         return self.model(ids, pos, pos, mask, return_hidden=False)
 
     def _greedy(self, ids, pos):  # one greedy step on the buffers: ids <- argmax, pos += 1 (graph-safe)
-        nxt = self.fn(ids, pos)[0].argmax(-1, keepdim=True)
+        from .kernels.argmax import argmax   # one launch on CUDA (torch's argmax elsewhere; SPECQ_NO_ARGMAX=1)
+        nxt = argmax(self.fn(ids, pos)[0]).unsqueeze(-1)          # [1], as argmax(-1, keepdim=True)
         ids.copy_(nxt)
         pos.add_(1)
         return nxt
