@@ -143,6 +143,44 @@ def check_fused(models, out, rows, g) -> int:
         rows.append(("rope-cache", "llama3", M, e, ok))
         out(f"{'ok ' if ok else 'BAD'} rope-cache H=32 Hkv=8 hd=128 M={M:<3d} rel_err={e:.2e} "
             f"bit-equal q {(q == qr).float().mean().item():.4f} k {(kc == kr).float().mean().item():.4f}")
+    return fails + check_decode_attn(out, rows, g)
+
+
+def check_decode_attn(out, rows, g, dev="cuda") -> int:
+    """The two-launch decode attention (rope + cache write + split, then merge) against the three-kernel path
+    (specq.kernels.rope, then attention.py's split and merge kernels) at Llama-3-8B / 70B head shapes, eager and as
+    CUDA-graph replays."""
+    from specq.kernels import attention as DA, decode_attn as DE, rope as RC
+    fails = 0
+    for nh, nkv, S in ((32, 8, 4096), (64, 8, 2048)):
+        for slot in (0, 63, 64, 700, S - 1):
+            qkv = torch.randn(1, (nh + 2 * nkv) * 128, generator=g).to(dev, torch.bfloat16)
+            ang = torch.rand(1, 64, generator=g).to(dev) * 6
+            cos, sin = torch.cat((ang, ang), -1).cos().bfloat16(), torch.cat((ang, ang), -1).sin().bfloat16()
+            slots = torch.tensor([slot], device=dev)
+            kc = torch.randn(nkv, S, 128, generator=g).to(dev, torch.bfloat16)
+            vc = torch.randn(nkv, S, 128, generator=g).to(dev, torch.bfloat16)
+            mask = torch.zeros(1, S, dtype=torch.bool, device=dev)
+            mask[0, :slot + 1] = True
+            mask[0, torch.randint(0, slot + 1, (slot // 4,), generator=g).to(dev)] = False
+            mask[0, slot] = True
+            kr, vr = kc.clone(), vc.clone()
+            yr = DA._run(RC._run(qkv, cos, sin, slots, kr, vr, nh, nkv), kr, vr, mask).transpose(0, 1).reshape(1, -1)
+            y = DE._run(qkv, cos, sin, slots, kc, vc, mask, nh, nkv)
+            gr = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(gr):
+                yg = DE._run(qkv, cos, sin, slots, kc, vc, mask, nh, nkv)
+            for _ in range(3):
+                gr.replay()
+            torch.cuda.synchronize()
+            e = max(rel(y, yr), rel(yg, yr))
+            ok = (e <= TOL and bool(torch.isfinite(y).all()) and torch.equal(kc, kr) and torch.equal(vc, vr)
+                  and torch.equal(y, yg))
+            fails += not ok
+            rows.append(("decode-attn", f"H={nh}", slot, e, ok))
+            out(f"{'ok ' if ok else 'BAD'} decode-attn H={nh} Hkv={nkv} S={S} slot={slot:<5d} rel_err={e:.2e} "
+                f"bit-equal y {(y == yr).float().mean().item():.4f} cache {torch.equal(kc, kr) and torch.equal(vc, vr)}"
+                f" graph==eager {torch.equal(y, yg)}")
     return fails
 
 

@@ -8,6 +8,8 @@ One call therefore does prefill, 1-token decode, chain verification and tree ver
 
 Slots before the new block hold the accepted context; `keep(src, dst)` moves an accepted tree
 path's K/V into place (rollback is simply not attending to slots past the accepted length).
+Contract: a token attends to no slot beyond its own (its context and ancestors sit at lower slots); the one-token
+CUDA decode kernel (specq.kernels.decode_attn) reads only slots 0..slot.
 Module names follow Hugging Face's, except fused qkv_proj and gate_up_proj (faster decode).
 """
 from __future__ import annotations
@@ -79,6 +81,11 @@ class Attention(nn.Module):
         M = x.shape[0]
         qkv = fused.linear(self.qkv_proj, x, norm=norm)     # [M, (H + 2 Hkv) hd]
         c = self.cache
+        if M == 1 and qkv.is_cuda and type(c) is KVCache:    # decoding: rope, cache write, attention: 2 launches
+            from ..kernels import decode_attn as DE
+            if DE.usable(qkv, c.k, c.v, mask):
+                y = DE.decode_attention(qkv, cos, sin, slots, c.k, c.v, mask, self.nh, self.nkv)
+                return fused.linear(self.o_proj, y, residual=residual)
         if M <= KERNEL_MAX_M and qkv.is_cuda and type(c) is KVCache:   # rope + cache write in one kernel
             from ..kernels import rope as RC
             if RC.usable(qkv, c.k, c.v):
