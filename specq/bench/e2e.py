@@ -93,18 +93,21 @@ class Phase:
 
 def run_plain(target, S: int, P: int, n: int, compile: bool = False) -> float:
     """Plain greedy decoding with specq's Decoder (compile: torch.compile'd step, quantized matmuls as opaque
-    ops): seconds per token (prefill excluded)."""
+    ops): seconds per token (prefill excluded). The loop is specq.generate's: step i + 1 is launched before token
+    i is read (Decoder.launch_greedy / next_greedy), so the GPU does not wait on the host between tokens."""
     from ..generate import Decoder
     dev = target.device
     dec = Decoder(target, S, compile=compile)
     logits = dec.prefill(torch.randint(0, target.cfg.vocab_size, (P,)))
-    dec.step_greedy(int(logits.argmax()))
+    dec.launch_greedy(int(logits.argmax()))
     for _ in range(3):
-        dec.step_greedy(None)
-    sync(dev)
+        dec.launch_greedy(None)
+        dec.next_greedy()
+    sync(dev)                                            # one step in flight: done before the clock starts
     t0 = time.perf_counter()
     for _ in range(n):
-        dec.step_greedy(None)
+        dec.launch_greedy(None)
+        dec.next_greedy()
     sync(dev)
     dt = (time.perf_counter() - t0) / n
     del dec

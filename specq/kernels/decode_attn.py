@@ -35,6 +35,8 @@ from .rope import rope_cache_ref
 
 BLOCK = 64             # keys per step; a slice is whole blocks
 STAGES = 2             # software-pipelined key blocks per program
+WARPS = (4, 1)         # warps of the split and the merge programs (merge on 1 warp: -0.2..-0.4 us per layer,
+                       # bench/dev/decode_attn_ab.py)
 NO_DECODE = os.environ.get("SPECQ_NO_DECODE_ATTN", "0") == "1"      # A/B switch: rope + split + merge kernels
 
 
@@ -84,8 +86,8 @@ def _run(qkv, cos, sin, slots, kc, vc, mask, nh, nkv):
     m8 = mask.contiguous().view(torch.uint8)
     _split_kernel[(Hkv, nsp)](qkv, cos, sin, slots, kc, vc, m8, o, ml, y, S, nh, nkv, 1.0 / math.sqrt(hd),
                               REP=rep, HD=hd, BR=BR, BLOCK=BLOCK, NSP=nsp, STAGES=STAGES, F32DOT=INTERPRET,
-                              num_warps=4)
-    _merge_kernel[(Hkv, rep)](slots, o, ml, y, REP=rep, HD=hd, BR=BR, NSP=nsp, BLOCK=BLOCK, num_warps=4)
+                              num_warps=WARPS[0])
+    _merge_kernel[(Hkv, rep)](slots, o, ml, y, REP=rep, HD=hd, BR=BR, NSP=nsp, BLOCK=BLOCK, num_warps=WARPS[1])
     return y
 
 
