@@ -84,7 +84,7 @@ def _run(q, K, V, mask):
 
 
 if HAS_TRITON:
-    @triton.jit
+    @triton.jit(do_not_specialize=["S", "PER", "M", "ROWS"])   # no recompile per cache size / tokens
     def _split_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, o_ptr, ml_ptr, S, PER, M, ROWS, scale, HD: tl.constexpr,
                       BR: tl.constexpr, BLOCK: tl.constexpr, ONE: tl.constexpr, F32DOT: tl.constexpr):
         h = tl.program_id(0)                 # KV head
@@ -131,7 +131,7 @@ if HAS_TRITON:
         tl.store(ml_ptr + row * 2, m_i, mask=qm)
         tl.store(ml_ptr + row * 2 + 1, l_i, mask=qm)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["NSP", "ROWS"])
     def _merge_kernel(o_ptr, ml_ptr, y_ptr, NSP, ROWS, HD: tl.constexpr, NSPP: tl.constexpr):
         h = tl.program_id(0)
         r = tl.program_id(1)

@@ -92,7 +92,7 @@ def _run(qkv, cos, sin, slots, kc, vc, mask, nh, nkv):
 
 
 if HAS_TRITON:
-    @triton.jit
+    @triton.jit(do_not_specialize=["S"])     # S: the cache size, one per prompt (no recompile)
     def _split_kernel(qkv_ptr, cos_ptr, sin_ptr, slot_ptr, kc_ptr, vc_ptr, mask_ptr, o_ptr, ml_ptr, y_ptr,
                       S, NH, NKV, scale, REP: tl.constexpr, HD: tl.constexpr, BR: tl.constexpr,
                       BLOCK: tl.constexpr, NSP: tl.constexpr, STAGES: tl.constexpr, F32DOT: tl.constexpr):

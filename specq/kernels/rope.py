@@ -65,7 +65,7 @@ def _run(qkv, cos, sin, slots, kc, vc, nh, nkv):
 
 
 if HAS_TRITON:
-    @triton.jit
+    @triton.jit(do_not_specialize=["M", "S"])   # no recompile per token count or cache size
     def _rope_kernel(qkv_ptr, cos_ptr, sin_ptr, slot_ptr, kc_ptr, vc_ptr, q_ptr, M, S, NH, NKV, HD: tl.constexpr):
         m = tl.program_id(0)                 # token
         h = tl.program_id(1)                 # q head (h < NH) or KV head h - NH
