@@ -1,7 +1,7 @@
 """One-token attention at Llama-3-8B / 70B head shapes: the two-launch decode kernels (specq.kernels.decode_attn:
 rope + cache write + split attention, then the merge) against the three-launch path it replaces (specq.kernels.rope, then
 attention.py's split and merge kernels). 32 layers of distinct caches per pass, CUDA-graph replays, us per layer.
-Variants: STAGES (pipelined key blocks), WARPS (split, merge). Session 10 also measured, with flags since removed: one launch with the
+Variants: STAGES (pipelined key blocks), WARPS (split, merge), BLOCK (keys per step; a slice is whole blocks). Session 10 also measured, with flags since removed: one launch with the
 merge in the split kernel (last program on an atomic counter), slices of at least 128 / 256 / 512 keys.
 PYTHONPATH=$PWD python3 bench/dev/decode_attn_ab.py"""
 import sys
@@ -14,9 +14,9 @@ from bench.kernels import graph_time  # noqa: E402
 from specq.kernels import attention as DA, decode_attn as DE, rope as RC  # noqa: E402
 
 
-BASE = {"STAGES": DE.STAGES, "WARPS": DE.WARPS}
-VARIANTS = {"default": {}, "st1": {"STAGES": 1}, "w2-4": {"WARPS": (2, 4)}, "w4-2": {"WARPS": (4, 2)},
-            "w4-1": {"WARPS": (4, 1)}, "w2-2": {"WARPS": (2, 2)}, "w8-4": {"WARPS": (8, 4)}}
+BASE = {"STAGES": DE.STAGES, "WARPS": DE.WARPS, "BLOCK": DE.BLOCK}
+VARIANTS = {"default": {}, "b128": {"BLOCK": 128}, "b256": {"BLOCK": 256}, "b128w8": {"BLOCK": 128, "WARPS": (8, 1)},
+            "b256w8": {"BLOCK": 256, "WARPS": (8, 1)}, "b64w8": {"WARPS": (8, 1)}}
 
 
 @torch.no_grad()
@@ -29,7 +29,7 @@ def main():
         qkv = torch.randn(1, (nh + 2 * nkv) * 128, device=dev, dtype=torch.bfloat16)
         ang = torch.rand(1, 64, device=dev) * 6
         cos, sin = torch.cat((ang, ang), -1).cos().bfloat16(), torch.cat((ang, ang), -1).sin().bfloat16()
-        for slot in (128, 512, 2048, 4000):
+        for slot in (128, 255, 512, 2048, 4000):
             slots = torch.tensor([slot], device=dev)
             mask = torch.zeros(1, S, dtype=torch.bool, device=dev)
             mask[0, :slot + 1] = True

@@ -35,8 +35,8 @@ from .rope import rope_cache_ref
 
 BLOCK = 64             # keys per step; a slice is whole blocks
 STAGES = 2             # software-pipelined key blocks per program
-WARPS = (4, 1)         # warps of the split and the merge programs (merge on 1 warp: -0.2..-0.4 us per layer,
-                       # bench/dev/decode_attn_ab.py)
+WARPS = (8, 1)         # warps of the split and the merge programs (H100, bench/dev/decode_attn_ab.py: split on 8 warps
+                       # -0.2..-0.5 us per layer; merge on 1 warp -0.2..-0.4; blocks of 128 or 256 keys slower)
 NO_DECODE = os.environ.get("SPECQ_NO_DECODE_ATTN", "0") == "1"      # A/B switch: rope + split + merge kernels
 
 
