@@ -5,6 +5,8 @@ gate_up's rows are interleaved once so that every 16-row tile of the few-token k
 gate and up of the same output channel, and the epilogue writes silu(gate) * up, rounded as torch rounds
 F.silu(g) * u after a bf16 gate_up, into y [M, I]. The kernel source is w4mma's with its epilogue (w4mma._EPILOGUE) replaced here.
 It would remove one kernel per layer (SiLU*mul, 39 us per 8B step in decode_variants.txt, session 9).
+MEASURED (session 10, H100): bit-equal, but 25.97 us against 25.62 for gate_up + the separate kernel: no gain, not
+integrated (kernels_w4a16_dev.txt run 15).
   python bench/dev/glu_ab.py --check-cpu        (CPU: the row interleave against the unpermuted reference, through
                                                  w4mma.emulate; nvcc compile of the patched source if nvcc exists)
   PYTHONPATH=$PWD python3 bench/dev/glu_ab.py    (GPU: bit-equality with the separate ops, then the A/B)"""

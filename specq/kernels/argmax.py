@@ -3,7 +3,7 @@
     out [R] int64 = x.argmax(-1)      x [R, V] float32 contiguous, R <= MAX_ROWS
 
 ATen's reduce kernel takes 27 us on the H100 for [1, 128256] fp32 logits (torch.compile'd: 23.6 us). Here each
-row is split into NB chunks of whole BLOCKs, one program per (row, chunk) in one launch: a program writes its
+row is split into NB chunks (3.2 us on the H100, bench/dev/argmax_ab.py) of whole BLOCKs, one program per (row, chunk) in one launch: a program writes its
 chunk's (max, first index of the max) to a scratch buffer, then bumps the row's counter (tl.atomic_add, acq_rel);
 the program that arrives last reduces the NB partials to out[r] and sets the counter back to 0, ready for the
 next call or CUDA-graph replay. Exact torch.argmax semantics (greedy decoding stays bit-identical): the first
