@@ -84,6 +84,25 @@ def _run(q, K, V, mask):
 
 
 if HAS_TRITON:
+    @triton.jit
+    def online_step(q, k, v, valid, m_i, l_i, acc, scale, F32DOT: tl.constexpr):
+        """One key block of the online softmax: q [BR, HD], k / v [BLOCK, HD], valid [BR, BLOCK] bool; running max
+        m_i [BR], sum l_i [BR], output acc [BR, HD] (fp32) -> the updated (m_i, l_i, acc)."""
+        if F32DOT:   # the interpreter's 16-bit dot is wrong: fp32 there
+            s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32))) * scale
+        else:
+            s = tl.dot(q, tl.trans(k)) * scale                                                   # [BR, BLOCK]
+        s = tl.where(valid, s, -1.0e30)
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        p = tl.where(valid, tl.exp(s - m_new[:, None]), 0.0)
+        alpha = tl.exp(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        if F32DOT:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32))
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        return m_new, l_i, acc
+
     @triton.jit(do_not_specialize=["S", "PER", "M", "ROWS"])   # no recompile per cache size / tokens
     def _split_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, o_ptr, ml_ptr, S, PER, M, ROWS, scale, HD: tl.constexpr,
                       BR: tl.constexpr, BLOCK: tl.constexpr, ONE: tl.constexpr, F32DOT: tl.constexpr):
@@ -111,21 +130,8 @@ if HAS_TRITON:
             if tl.max(tl.max(valid.to(tl.int32), axis=1), axis=0) > 0:    # blocks the mask leaves out: no K/V reads
                 kv = (h * S + rs)[:, None] * HD + rd[None, :]
                 k = tl.load(k_ptr + kv, mask=inb[:, None], other=0.0)                         # [BLOCK, HD]
-                if F32DOT:   # the interpreter's 16-bit dot is wrong: fp32 there
-                    s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32))) * scale
-                else:
-                    s = tl.dot(q, tl.trans(k)) * scale                                       # [BR, BLOCK]
-                s = tl.where(valid, s, -1.0e30)
-                m_new = tl.maximum(m_i, tl.max(s, axis=1))
-                p = tl.where(valid, tl.exp(s - m_new[:, None]), 0.0)
-                alpha = tl.exp(m_i - m_new)
-                l_i = l_i * alpha + tl.sum(p, axis=1)
                 v = tl.load(v_ptr + kv, mask=inb[:, None], other=0.0)
-                if F32DOT:
-                    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32))
-                else:
-                    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-                m_i = m_new
+                m_i, l_i, acc = online_step(q, k, v, valid, m_i, l_i, acc, scale, F32DOT)
         row = (h * nsp + sp) * ROWS + rr
         tl.store(o_ptr + row[:, None] * HD + rd[None, :], acc, mask=qm[:, None])
         tl.store(ml_ptr + row * 2, m_i, mask=qm)

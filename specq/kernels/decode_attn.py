@@ -92,6 +92,8 @@ def _run(qkv, cos, sin, slots, kc, vc, mask, nh, nkv):
 
 
 if HAS_TRITON:
+    from .attention import online_step
+
     @triton.jit(do_not_specialize=["S"])     # S: the cache size, one per prompt (no recompile)
     def _split_kernel(qkv_ptr, cos_ptr, sin_ptr, slot_ptr, kc_ptr, vc_ptr, mask_ptr, o_ptr, ml_ptr, y_ptr,
                       S, NH, NKV, scale, REP: tl.constexpr, HD: tl.constexpr, BR: tl.constexpr,
@@ -136,20 +138,7 @@ if HAS_TRITON:
             kv = (h * S + rs)[:, None] * HD + rd[None, :]
             k = tl.load(kc_ptr + kv, mask=inb[:, None], other=0.0, cache_modifier=".cg")          # [BLOCK, HD]
             v = tl.load(vc_ptr + kv, mask=inb[:, None], other=0.0, cache_modifier=".cg")
-            if F32DOT:   # the interpreter's 16-bit dot is wrong: fp32 there
-                sc = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32))) * scale
-            else:
-                sc = tl.dot(q, tl.trans(k)) * scale                                            # [BR, BLOCK]
-            sc = tl.where(valid, sc, -1.0e30)
-            m_new = tl.maximum(m_i, tl.max(sc, axis=1))
-            p = tl.where(valid, tl.exp(sc - m_new[:, None]), 0.0)
-            alpha = tl.exp(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            if F32DOT:
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32))
-            else:
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m_i = m_new
+            m_i, l_i, acc = online_step(q, k, v, valid, m_i, l_i, acc, scale, F32DOT)
         # 4. one slice in all: program 0 has the answer; else partials (slices past the live keys: empty ones)
         if tl.cdiv(slot + 1, per) == 1:
             if sp == 0:
