@@ -57,11 +57,12 @@ import torch
 from specq.kernels import decode_attn as DE, rope as RC
 from tests.kernels.test_decode_attn import _inputs
 bad = []
-cases = [(8, 2, 64, 300, 200, 4), (4, 4, 32, 64, 0, 2), (32, 8, 128, 256, 130, 2), (6, 2, 16, 80, 79, 8)]
-for (nh, nkv, hd, S, slot, nsp) in cases:
+cases = [(8, 2, 64, 300, 200, 4, torch.bfloat16), (4, 4, 32, 64, 0, 2, torch.bfloat16),
+         (32, 8, 128, 256, 130, 2, torch.bfloat16), (6, 2, 16, 80, 79, 8, torch.float16)]
+for (nh, nkv, hd, S, slot, nsp, dt) in cases:
     for nsl in (nsp, 1):                     # several slices and a merge; one slice holding every key
         DE._nsp = lambda Hkv, dev, n=nsl: n
-        qkv, cos, sin, slots, kc, vc, mask = _inputs(nh, nkv, hd, S, slot, seed=slot, dtype=torch.bfloat16)
+        qkv, cos, sin, slots, kc, vc, mask = _inputs(nh, nkv, hd, S, slot, seed=slot, dtype=dt)
         kr, vr = kc.clone(), vc.clone()      # the cache as the reference writes it
         kk, vk = kc.clone(), vc.clone()      # ... and as the rope kernel writes it
         RC._run(qkv, cos, sin, slots, kk, vk, nh, nkv)
