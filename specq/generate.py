@@ -42,6 +42,8 @@ class Decoder:
         if compile and dev.type == "cuda":
             import torch._inductor.config as inductor_config
             inductor_config.coordinate_descent_tuning = True
+            from .kernels import pdl
+            pdl.configure_inductor(dev)       # sm_90+: inductor's kernels use programmatic dependent launch too
         if compile:   # quantized Linears enter the compiled step as one opaque op each (specq.quant.opaque)
             from .quant.opaque import register_all
             register_all(model)

@@ -28,9 +28,15 @@ from typing import NamedTuple
 import torch
 
 from ..errors import SpecqError
+from . import pdl as PDL
 from .ref import unpack_int4
 
 MAX_M = 64             # NT = 8 n8 tiles at most
+# Programmatic dependent launch (specq.kernels.pdl; sm_90+, SPECQ_PDL=0 turns it off): the kernel starts with
+# griddepcontrol.wait, then launch_dependents, before anything else, and is launched with the PDL attribute inside
+# CUDA-graph capture, so the next CTAs' launch overlaps the end of the previous kernel. Outside capture it is
+# launched as usual (the wait is then a no-op). Session 8's variant with a weight prefetch before the wait and
+# coherent x loads was slower (kernels_w4a16_dev.txt run 13b); this one: one 8B layer 49.8 against 52.6 us.
 MAX_SMALL_M = 16       # w4a16_linear uses this kernel up to here (beyond, the Triton kernel is faster on the H100)
 _HELPERS = r"""
 typedef unsigned int u32;
@@ -122,6 +128,10 @@ w4mma(const uint4* __restrict__ qw, const u32* __restrict__ sz, const u16* __res
     __shared__ float4 red[WARPS][NT][32];
 #if PRO
     extern __shared__ uint4 xs[];
+#endif
+#if PDL     // launched with programmatic dependent launch: the previous kernel done and flushed before any read
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 #endif
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, t = lane & 3;
@@ -327,13 +337,14 @@ def helpers(fp16: bool) -> str:
 
 
 def source(NT: int, KBW: int, P: int, WARPS: int, fp16: bool, minb: int = 1, l2hint: bool = False, XR: int = 2,
-           pre: bool = False, roll: bool = False, pro: bool = False, res: bool = False, eps: float = 0.0) -> str:
+           pre: bool = False, roll: bool = False, pro: bool = False, res: bool = False, eps: float = 0.0,
+           pdl: bool = False) -> str:
     """The kernel's CUDA C for one configuration (compile-time constants substituted). pro: RMSNorm prologue
     (epsilon eps) of one token; res: add a residual to the output."""
     magic, one, ht, et = ("0x64006400", "0x3C003C00", "f16x2", "f16") if fp16 else \
         ("0x43004300", "0x3F803F80", "bf16x2", "bf16")
     head = (f"#define NT {NT}\n#define KBW {KBW}\n#define P {P}\n#define WARPS {WARPS}\n#define MINB {minb}\n"
-            f"#define PRO {int(pro)}\n#define RES {int(res)}\n#define EPS {float(eps)!r}f\n#define ROLL {int(roll)}\n#define XR {XR}\n#define PRE {int(pre)}\n#define FP16 {int(fp16)}\n#define MAGIC_STR \"{magic}\"\n#define HTYPE \"{ht}\"\n"
+            f"#define PDL {int(pdl)}\n#define PRO {int(pro)}\n#define RES {int(res)}\n#define EPS {float(eps)!r}f\n#define ROLL {int(roll)}\n#define XR {XR}\n#define PRE {int(pre)}\n#define FP16 {int(fp16)}\n#define MAGIC_STR \"{magic}\"\n#define HTYPE \"{ht}\"\n"
             f"#define ETYPE \"{et}\"\n#define LDHINT \"{'.L2::256B' if l2hint else ''}\"\n")
     return head + helpers(fp16) + _SMALL
 
@@ -461,11 +472,12 @@ def compiled(key, make_source, name: str):
     return k
 
 
-def kernel(c: Cfg, KBW: int, fp16: bool, device: int = 0, pro: bool = False, res: bool = False, eps: float = 0.0):
+def kernel(c: Cfg, KBW: int, fp16: bool, device: int = 0, pro: bool = False, res: bool = False, eps: float = 0.0,
+           pdl: bool = False):
     """The compiled kernel for one configuration, loaded into `device`'s context (call under that device)."""
-    return compiled(("w4mma", c, KBW, fp16, device, pro, res, eps),
-                    lambda: source(c.NT, KBW, c.P, c.WARPS, fp16, c.MINB, c.L2HINT, c.XR, c.PRE, c.ROLL, pro, res, eps),
-                    "w4mma")
+    return compiled(("w4mma", c, KBW, fp16, device, pro, res, eps, pdl),
+                    lambda: source(c.NT, KBW, c.P, c.WARPS, fp16, c.MINB, c.L2HINT, c.XR, c.PRE, c.ROLL, pro, res, eps,
+                                   pdl), "w4mma")
 
 
 FUSE_SMEM = 32 * 1024  # fused norm: the normalized x in shared memory, K * 2 bytes at most (no opt-in beyond 48 KB)
@@ -518,8 +530,12 @@ def w4mma_linear(x: torch.Tensor, w: MMAWeight, cfg: Cfg | None = None, norm_w: 
     y = torch.empty(M, w.N, dtype=x.dtype, device=x.device)
     shm = K * 2 if pro else 0
     with torch.cuda.device(x.device):            # module and stream of x's GPU, whatever the current device is
-        k = kernel(c, KBW, w.fp16, x.device.index or 0, pro, res is not None, float(eps) if pro else 0.0)
+        pdl = PDL.enabled(x.device)
+        k = kernel(c, KBW, w.fp16, x.device.index or 0, pro, res is not None, float(eps) if pro else 0.0, pdl)
         args = [w.words, w.sz, x, y, M, K, x.stride(0), y.stride(0), norm_w if norm_w is not None else x,
                 res if res is not None else y, res.stride(0) if res is not None else 0]
-        k(grid=(w.N // 16, 1, 1), block=(c.WARPS * 32, 1, 1), args=args, shared_mem=shm)
+        if pdl and torch.cuda.is_current_stream_capturing():
+            PDL.launch(k, (w.N // 16, 1, 1), (c.WARPS * 32, 1, 1), args, shared_mem=shm)
+        else:
+            k(grid=(w.N // 16, 1, 1), block=(c.WARPS * 32, 1, 1), args=args, shared_mem=shm)
     return y

@@ -161,7 +161,9 @@ def compile_step(model, fn, **kw):
     """A step function of `model` made ready for torch.compile: its quantized Linears registered as opaque ops,
     then either fn itself over regionally compiled layers (COMPILE_BLOCKS) or torch.compile(fn, **kw)."""
     from ..quant.opaque import register_all
+    from ..kernels import pdl
     register_all(model)
+    pdl.configure_inductor(model.device)   # sm_90+: inductor's kernels use programmatic dependent launch too
     if COMPILE_BLOCKS:
         model.compile_blocks()
         return fn
