@@ -4,8 +4,9 @@ torch's launcher calls cuLaunchKernel, which has no launch attributes. Here cuLa
 same driver library with CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION: the kernel may start before the
 previous kernel in the stream has finished (it must execute griddepcontrol.wait before reading that kernel's
 output). Stream capture records the launch as a programmatic edge of the CUDA graph.
-Used by w4mma on sm_90+ inside CUDA-graph capture (SPECQ_PDL=0 turns it off): its kernel waits for the previous
-kernel first, then lets the next launch begin (w4mma.py), so only launch latency overlaps. H100, Llama-3-8B W4A16
+Opt-in (SPECQ_PDL=1; not yet the default: the integrated path below was not run on the GPU, see
+docs/results.md): w4mma on sm_90+ inside CUDA-graph capture. Its kernel waits for the previous kernel first, then
+lets the next launch begin (w4mma.py), so only launch latency overlaps. H100, Llama-3-8B W4A16
 decode step: 483.2 tok/s against 473.0 without, 487.2 with inductor's kernels doing the same
 (configure_inductor; bench/results/h100/decode_variants.txt, session 10).
 """
@@ -74,11 +75,11 @@ _ENABLED: dict = {}
 
 
 def enabled(device) -> bool:
-    """Programmatic dependent launch for this device: SPECQ_PDL is not "0", a CUDA device of compute capability
-    >= 9.0 and a driver with cuLaunchKernelEx (cached per device)."""
+    """Programmatic dependent launch for this device: SPECQ_PDL=1, a CUDA device of compute capability >= 9.0 and a
+    driver with cuLaunchKernelEx (cached per device)."""
     import os
     dev = torch.device(device)
-    if dev.type != "cuda" or os.environ.get("SPECQ_PDL", "1") == "0":
+    if dev.type != "cuda" or os.environ.get("SPECQ_PDL", "0") != "1":
         return False
     i = dev.index if dev.index is not None else torch.cuda.current_device()
     if i not in _ENABLED:

@@ -40,7 +40,9 @@ def test_w4mma_source_waits_first():
     assert "#define PDL 0" in w4mma.source(1, 8, 8, 16, False, 2)
 
 
-def test_enabled_only_on_cuda_and_not_when_switched_off(monkeypatch):
+def test_enabled_only_on_cuda_and_when_asked(monkeypatch):
+    monkeypatch.setenv("SPECQ_PDL", "1")
     assert not pdl.enabled("cpu")
-    monkeypatch.setenv("SPECQ_PDL", "0")
-    assert not pdl.enabled("cuda:0")              # switched off before any CUDA query
+    for v in ("0", ""):
+        monkeypatch.setenv("SPECQ_PDL", v)
+        assert not pdl.enabled("cuda:0")          # off before any CUDA query
