@@ -13,6 +13,7 @@ decode step: 483.2 tok/s against 473.0 without, 487.2 with inductor's kernels do
 from __future__ import annotations
 
 import ctypes
+import os
 
 import torch
 
@@ -71,15 +72,17 @@ def launch(kernel, grid, block, args, shared_mem: int = 0, stream=None) -> None:
         raise SpecqError(f"pdl.launch: cuLaunchKernelEx failed with CUDA error {err}")
 
 
+ON = os.environ.get("SPECQ_PDL", "0") == "1"      # the opt-in, read once (w4mma asks on every launch)
 _ENABLED: dict = {}
 
 
 def enabled(device) -> bool:
     """Programmatic dependent launch for this device: SPECQ_PDL=1, a CUDA device of compute capability >= 9.0 and a
     driver with cuLaunchKernelEx (cached per device)."""
-    import os
+    if not ON:
+        return False
     dev = torch.device(device)
-    if dev.type != "cuda" or os.environ.get("SPECQ_PDL", "0") != "1":
+    if dev.type != "cuda":
         return False
     i = dev.index if dev.index is not None else torch.cuda.current_device()
     if i not in _ENABLED:

@@ -41,8 +41,7 @@ def test_w4mma_source_waits_first():
 
 
 def test_enabled_only_on_cuda_and_when_asked(monkeypatch):
-    monkeypatch.setenv("SPECQ_PDL", "1")
+    monkeypatch.setattr(pdl, "ON", True)
     assert not pdl.enabled("cpu")
-    for v in ("0", ""):
-        monkeypatch.setenv("SPECQ_PDL", v)
-        assert not pdl.enabled("cuda:0")          # off before any CUDA query
+    monkeypatch.setattr(pdl, "ON", False)
+    assert not pdl.enabled("cuda:0")              # off before any CUDA query
