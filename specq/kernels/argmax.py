@@ -19,6 +19,7 @@ import os
 
 import torch
 
+from . import pdl
 from .common import HAS_TRITON, INTERPRET, tl, triton
 
 NO_ARGMAX = os.environ.get("SPECQ_NO_ARGMAX", "0") == "1"    # A/B switch: torch's argmax instead
@@ -76,12 +77,14 @@ def _run(x: torch.Tensor) -> torch.Tensor:
         pv = torch.empty(R * nb, dtype=torch.float32, device=x.device)      # partial maxima [R, NB]
         pi = torch.empty(R * nb, dtype=torch.int32, device=x.device)        # their first indices [R, NB]
         cnt = _zeroed_counters(x.device)
+    P = pdl.enabled(x.device)
     _argmax_kernel[(R, nb)](x, out, pv, pi, cnt, V, per * bl, BLOCK=bl, NBP=max(2, triton.next_power_of_2(nb)),
-                            ONE=nb == 1, num_warps=4)
+                            ONE=nb == 1, PDL=P, num_warps=4, launch_pdl=P)
     return out.view(x.shape[:-1])
 
 
 if HAS_TRITON:
+    from .common import pdl_enter
     _BIG = tl.constexpr(BIG)
 
     @triton.jit
@@ -98,7 +101,8 @@ if HAS_TRITON:
 
     @triton.jit
     def _argmax_kernel(x_ptr, out_ptr, pv_ptr, pi_ptr, cnt_ptr, V, CHUNK, BLOCK: tl.constexpr, NBP: tl.constexpr,
-                       ONE: tl.constexpr):
+                       ONE: tl.constexpr, PDL: tl.constexpr):
+        pdl_enter(PDL)
         r = tl.program_id(0)                 # row
         b = tl.program_id(1)                 # chunk: elements [b * CHUNK, b * CHUNK + CHUNK) of the row
         nb = tl.num_programs(1)

@@ -18,6 +18,7 @@ import math
 
 import torch
 
+from . import pdl
 from .common import HAS_TRITON, INTERPRET, tl, triton
 
 BLOCK = 64                  # keys per step
@@ -77,13 +78,17 @@ def _run(q, K, V, mask):
     y = torch.empty(H, M, hd, dtype=q.dtype, device=q.device)
     q, K, V = q.contiguous(), K.contiguous(), V.contiguous()
     m8 = mask.contiguous().view(torch.uint8)
+    P = pdl.enabled(q.device)
     _split_kernel[(Hkv, nrt, nsp)](q, K, V, m8, o, ml, S, per, M, rows, 1.0 / math.sqrt(hd), HD=hd, BR=BR,
-                                   BLOCK=BLOCK, ONE=M == 1, F32DOT=INTERPRET, num_warps=4)
-    _merge_kernel[(Hkv, rows)](o, ml, y, nsp, rows, HD=hd, NSPP=max(2, triton.next_power_of_2(nsp)), num_warps=4)
+                                   BLOCK=BLOCK, ONE=M == 1, F32DOT=INTERPRET, PDL=P, num_warps=4, launch_pdl=P)
+    _merge_kernel[(Hkv, rows)](o, ml, y, nsp, rows, HD=hd, NSPP=max(2, triton.next_power_of_2(nsp)), PDL=P,
+                               num_warps=4, launch_pdl=P)
     return y
 
 
 if HAS_TRITON:
+    from .common import pdl_enter
+
     @triton.jit
     def online_step(q, k, v, valid, m_i, l_i, acc, scale, F32DOT: tl.constexpr):
         """One key block of the online softmax: q [BR, HD], k / v [BLOCK, HD], valid [BR, BLOCK] bool; running max
@@ -105,7 +110,9 @@ if HAS_TRITON:
 
     @triton.jit(do_not_specialize=["S", "PER", "M", "ROWS"])   # no recompile per cache size / tokens
     def _split_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, o_ptr, ml_ptr, S, PER, M, ROWS, scale, HD: tl.constexpr,
-                      BR: tl.constexpr, BLOCK: tl.constexpr, ONE: tl.constexpr, F32DOT: tl.constexpr):
+                      BR: tl.constexpr, BLOCK: tl.constexpr, ONE: tl.constexpr, F32DOT: tl.constexpr,
+                      PDL: tl.constexpr):
+        pdl_enter(PDL)
         h = tl.program_id(0)                 # KV head
         rt = tl.program_id(1)                # row tile
         sp = tl.program_id(2)                # slice of the cache: keys [sp * PER, sp * PER + PER)
@@ -138,7 +145,8 @@ if HAS_TRITON:
         tl.store(ml_ptr + row * 2 + 1, l_i, mask=qm)
 
     @triton.jit(do_not_specialize=["NSP", "ROWS"])
-    def _merge_kernel(o_ptr, ml_ptr, y_ptr, NSP, ROWS, HD: tl.constexpr, NSPP: tl.constexpr):
+    def _merge_kernel(o_ptr, ml_ptr, y_ptr, NSP, ROWS, HD: tl.constexpr, NSPP: tl.constexpr, PDL: tl.constexpr):
+        pdl_enter(PDL)
         h = tl.program_id(0)
         r = tl.program_id(1)
         rs = tl.arange(0, NSPP)

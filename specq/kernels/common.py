@@ -68,6 +68,15 @@ if HAS_TRITON:
         lines.append("}")
         return "\n".join(lines)
 
+    @triton.jit
+    def pdl_enter(PDL: tl.constexpr):
+        """First statement of a kernel launched with launch_pdl=PDL (specq.kernels.pdl): wait until the previous
+        kernel of the stream has finished and its writes are visible, then let the next launch begin. Nothing
+        else may touch global memory before it."""
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
+
     W4_ASM_BF16 = tl.constexpr(_w4_asm(False))
     W4_ASM_FP16 = tl.constexpr(_w4_asm(True))
 

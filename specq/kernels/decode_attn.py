@@ -30,6 +30,7 @@ import os
 import torch
 
 from .attention import attention_ref
+from . import pdl
 from .common import HAS_TRITON, INTERPRET, tl, triton
 from .rope import rope_cache_ref
 
@@ -84,20 +85,25 @@ def _run(qkv, cos, sin, slots, kc, vc, mask, nh, nkv):
     y = torch.empty(1, nh * hd, dtype=qkv.dtype, device=qkv.device)
     qkv, cos, sin, slots = qkv.contiguous(), cos.contiguous(), sin.contiguous(), slots.contiguous()
     m8 = mask.contiguous().view(torch.uint8)
+    P = pdl.enabled(qkv.device)
     _split_kernel[(Hkv, nsp)](qkv, cos, sin, slots, kc, vc, m8, o, ml, y, S, nh, nkv, 1.0 / math.sqrt(hd),
                               REP=rep, HD=hd, BR=BR, BLOCK=BLOCK, NSP=nsp, STAGES=STAGES, F32DOT=INTERPRET,
-                              num_warps=WARPS[0])
-    _merge_kernel[(Hkv, rep)](slots, o, ml, y, REP=rep, HD=hd, BR=BR, NSP=nsp, BLOCK=BLOCK, num_warps=WARPS[1])
+                              PDL=P, num_warps=WARPS[0], launch_pdl=P)
+    _merge_kernel[(Hkv, rep)](slots, o, ml, y, REP=rep, HD=hd, BR=BR, NSP=nsp, BLOCK=BLOCK, PDL=P,
+                              num_warps=WARPS[1], launch_pdl=P)
     return y
 
 
 if HAS_TRITON:
     from .attention import online_step
+    from .common import pdl_enter
 
     @triton.jit(do_not_specialize=["S"])     # S: the cache size, one per prompt (no recompile)
     def _split_kernel(qkv_ptr, cos_ptr, sin_ptr, slot_ptr, kc_ptr, vc_ptr, mask_ptr, o_ptr, ml_ptr, y_ptr,
                       S, NH, NKV, scale, REP: tl.constexpr, HD: tl.constexpr, BR: tl.constexpr,
-                      BLOCK: tl.constexpr, NSP: tl.constexpr, STAGES: tl.constexpr, F32DOT: tl.constexpr):
+                      BLOCK: tl.constexpr, NSP: tl.constexpr, STAGES: tl.constexpr, F32DOT: tl.constexpr,
+                      PDL: tl.constexpr):
+        pdl_enter(PDL)
         h = tl.program_id(0)                 # KV head
         sp = tl.program_id(1)                # slice
         H2: tl.constexpr = HD // 2
@@ -152,7 +158,8 @@ if HAS_TRITON:
 
     @triton.jit
     def _merge_kernel(slot_ptr, o_ptr, ml_ptr, y_ptr, REP: tl.constexpr, HD: tl.constexpr, BR: tl.constexpr,
-                      NSP: tl.constexpr, BLOCK: tl.constexpr):
+                      NSP: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+        pdl_enter(PDL)
         h = tl.program_id(0)                 # KV head
         r = tl.program_id(1)                 # its query head r
         js = tl.arange(0, NSP)

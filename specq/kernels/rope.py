@@ -16,6 +16,7 @@ import os
 
 import torch
 
+from . import pdl
 from .common import HAS_TRITON, INTERPRET, tl, triton
 
 
@@ -60,13 +61,19 @@ def _run(qkv, cos, sin, slots, kc, vc, nh, nkv):
     Hkv, S, hd = kc.shape
     qkv, cos, sin = qkv.contiguous(), cos.contiguous(), sin.contiguous()
     q = torch.empty(nh, M, hd, dtype=qkv.dtype, device=qkv.device)
-    _rope_kernel[(M, nh + nkv)](qkv, cos, sin, slots.contiguous(), kc, vc, q, M, S, nh, nkv, HD=hd, num_warps=1)
+    P = pdl.enabled(qkv.device)
+    _rope_kernel[(M, nh + nkv)](qkv, cos, sin, slots.contiguous(), kc, vc, q, M, S, nh, nkv, HD=hd, PDL=P,
+                                num_warps=1, launch_pdl=P)
     return q
 
 
 if HAS_TRITON:
+    from .common import pdl_enter
+
     @triton.jit(do_not_specialize=["M", "S"])   # no recompile per token count or cache size
-    def _rope_kernel(qkv_ptr, cos_ptr, sin_ptr, slot_ptr, kc_ptr, vc_ptr, q_ptr, M, S, NH, NKV, HD: tl.constexpr):
+    def _rope_kernel(qkv_ptr, cos_ptr, sin_ptr, slot_ptr, kc_ptr, vc_ptr, q_ptr, M, S, NH, NKV, HD: tl.constexpr,
+                     PDL: tl.constexpr):
+        pdl_enter(PDL)
         m = tl.program_id(0)                 # token
         h = tl.program_id(1)                 # q head (h < NH) or KV head h - NH
         H2: tl.constexpr = HD // 2
