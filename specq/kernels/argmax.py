@@ -19,8 +19,7 @@ import os
 
 import torch
 
-from . import pdl
-from .common import HAS_TRITON, INTERPRET, tl, triton
+from .common import HAS_TRITON, INTERPRET, pdl_launch, tl, triton
 
 NO_ARGMAX = os.environ.get("SPECQ_NO_ARGMAX", "0") == "1"    # A/B switch: torch's argmax instead
 BLOCK = 1024                # elements per step of a program (4 warps: 8 per thread)
@@ -77,9 +76,9 @@ def _run(x: torch.Tensor) -> torch.Tensor:
         pv = torch.empty(R * nb, dtype=torch.float32, device=x.device)      # partial maxima [R, NB]
         pi = torch.empty(R * nb, dtype=torch.int32, device=x.device)        # their first indices [R, NB]
         cnt = _zeroed_counters(x.device)
-    P = pdl.enabled(x.device)
+    P, kw = pdl_launch(x.device)
     _argmax_kernel[(R, nb)](x, out, pv, pi, cnt, V, per * bl, BLOCK=bl, NBP=max(2, triton.next_power_of_2(nb)),
-                            ONE=nb == 1, PDL=P, num_warps=4, launch_pdl=P)
+                            ONE=nb == 1, PDL=P, num_warps=4, **kw)
     return out.view(x.shape[:-1])
 
 

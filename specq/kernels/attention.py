@@ -18,8 +18,7 @@ import math
 
 import torch
 
-from . import pdl
-from .common import HAS_TRITON, INTERPRET, tl, triton
+from .common import HAS_TRITON, INTERPRET, pdl_launch, tl, triton
 
 BLOCK = 64                  # keys per step
 MAX_ROWS = 512              # rep * M rows per KV head the kernel takes (more: SDPA)
@@ -78,11 +77,11 @@ def _run(q, K, V, mask):
     y = torch.empty(H, M, hd, dtype=q.dtype, device=q.device)
     q, K, V = q.contiguous(), K.contiguous(), V.contiguous()
     m8 = mask.contiguous().view(torch.uint8)
-    P = pdl.enabled(q.device)
+    P, kw = pdl_launch(q.device)
     _split_kernel[(Hkv, nrt, nsp)](q, K, V, m8, o, ml, S, per, M, rows, 1.0 / math.sqrt(hd), HD=hd, BR=BR,
-                                   BLOCK=BLOCK, ONE=M == 1, F32DOT=INTERPRET, PDL=P, num_warps=4, launch_pdl=P)
+                                   BLOCK=BLOCK, ONE=M == 1, F32DOT=INTERPRET, PDL=P, num_warps=4, **kw)
     _merge_kernel[(Hkv, rows)](o, ml, y, nsp, rows, HD=hd, NSPP=max(2, triton.next_power_of_2(nsp)), PDL=P,
-                               num_warps=4, launch_pdl=P)
+                               num_warps=4, **kw)
     return y
 
 

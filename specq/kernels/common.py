@@ -16,6 +16,10 @@ except Exception:  # pragma: no cover - depends on the machine
     HAS_TRITON = False
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+try:
+    _HAS_GDC = HAS_TRITON and hasattr(tl.extra.cuda, "gdc_wait")
+except Exception:  # pragma: no cover - depends on the triton version
+    _HAS_GDC = False
 
 
 def version(t: torch.Tensor) -> int:
@@ -29,6 +33,14 @@ def version(t: torch.Tensor) -> int:
 def use_triton(x: torch.Tensor) -> bool:
     """Run a Triton kernel for this input? (CUDA tensors, or any tensor under TRITON_INTERPRET=1)."""
     return HAS_TRITON and (x.is_cuda or INTERPRET)
+
+
+def pdl_launch(device) -> tuple[bool, dict]:
+    """(PDL flag, extra launch kwargs) for specq's Triton kernels on this device: programmatic dependent launch
+    (specq.kernels.pdl.enabled) where this triton has griddepcontrol (tl.extra.cuda.gdc_wait, triton >= 3.3)."""
+    from . import pdl
+    on = HAS_TRITON and pdl.enabled(device) and _HAS_GDC
+    return on, ({"launch_pdl": True} if on else {})
 
 
 def use_asm(x: torch.Tensor) -> bool:

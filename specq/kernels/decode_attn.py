@@ -30,8 +30,7 @@ import os
 import torch
 
 from .attention import attention_ref
-from . import pdl
-from .common import HAS_TRITON, INTERPRET, tl, triton
+from .common import HAS_TRITON, INTERPRET, pdl_launch, tl, triton
 from .rope import rope_cache_ref
 
 BLOCK = 64             # keys per step; a slice is whole blocks
@@ -85,12 +84,12 @@ def _run(qkv, cos, sin, slots, kc, vc, mask, nh, nkv):
     y = torch.empty(1, nh * hd, dtype=qkv.dtype, device=qkv.device)
     qkv, cos, sin, slots = qkv.contiguous(), cos.contiguous(), sin.contiguous(), slots.contiguous()
     m8 = mask.contiguous().view(torch.uint8)
-    P = pdl.enabled(qkv.device)
+    P, kw = pdl_launch(qkv.device)
     _split_kernel[(Hkv, nsp)](qkv, cos, sin, slots, kc, vc, m8, o, ml, y, S, nh, nkv, 1.0 / math.sqrt(hd),
                               REP=rep, HD=hd, BR=BR, BLOCK=BLOCK, NSP=nsp, STAGES=STAGES, F32DOT=INTERPRET,
-                              PDL=P, num_warps=WARPS[0], launch_pdl=P)
+                              PDL=P, num_warps=WARPS[0], **kw)
     _merge_kernel[(Hkv, rep)](slots, o, ml, y, REP=rep, HD=hd, BR=BR, NSP=nsp, BLOCK=BLOCK, PDL=P,
-                              num_warps=WARPS[1], launch_pdl=P)
+                              num_warps=WARPS[1], **kw)
     return y
 
 

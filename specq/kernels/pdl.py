@@ -4,11 +4,13 @@ torch's launcher calls cuLaunchKernel, which has no launch attributes. Here cuLa
 same driver library with CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION: the kernel may start before the
 previous kernel in the stream has finished (it must execute griddepcontrol.wait before reading that kernel's
 output). Stream capture records the launch as a programmatic edge of the CUDA graph.
-Opt-in (SPECQ_PDL=1; not yet the default: the integrated path below was not run on the GPU, see
-docs/results.md): w4mma on sm_90+ inside CUDA-graph capture. Its kernel waits for the previous kernel first, then
-lets the next launch begin (w4mma.py), so only launch latency overlaps. H100, Llama-3-8B W4A16
-decode step: 483.2 tok/s against 473.0 without, 487.2 with inductor's kernels doing the same
-(configure_inductor; bench/results/h100/decode_variants.txt, session 10).
+On by default on sm_90+ (SPECQ_PDL=0 turns it off): w4mma is launched this way inside CUDA-graph capture, specq's
+Triton kernels of the decode step (decode attention, argmax, attention, rope: launch_pdl, with
+specq.kernels.common.pdl_enter as their first statement) and inductor's kernels (configure_inductor) always. Each
+kernel waits for the previous one first, then lets the next launch begin, so launch latency and the next kernel's
+start overlap the end of the previous one. H100, Llama-3-8B W4A16 decode step (bench/dev/pdl_ab.sh, same machine,
+greedy tokens identical): 495.8 / 496.4 tok/s against 475.1 / 470.6 without on one H100, 483.4 / 476.8 against
+471.7 / 467.8 on another (bench/results/h100/decode_variants.txt, session 11).
 """
 from __future__ import annotations
 
@@ -72,12 +74,12 @@ def launch(kernel, grid, block, args, shared_mem: int = 0, stream=None) -> None:
         raise SpecqError(f"pdl.launch: cuLaunchKernelEx failed with CUDA error {err}")
 
 
-ON = os.environ.get("SPECQ_PDL", "0") == "1"      # the opt-in, read once (w4mma asks on every launch)
+ON = os.environ.get("SPECQ_PDL", "1") != "0"      # default on; SPECQ_PDL=0 off (read once: w4mma asks per launch)
 _ENABLED: dict = {}
 
 
 def enabled(device) -> bool:
-    """Programmatic dependent launch for this device: SPECQ_PDL=1, a CUDA device of compute capability >= 9.0 and a
+    """Programmatic dependent launch for this device: not SPECQ_PDL=0, a CUDA device of compute capability >= 9.0 and a
     driver with cuLaunchKernelEx (cached per device)."""
     if not ON:
         return False

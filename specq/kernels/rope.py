@@ -16,8 +16,7 @@ import os
 
 import torch
 
-from . import pdl
-from .common import HAS_TRITON, INTERPRET, tl, triton
+from .common import HAS_TRITON, INTERPRET, pdl_launch, tl, triton
 
 
 NO_ROPE = os.environ.get("SPECQ_NO_ROPE", "0") == "1"     # A/B switch: the separate ops instead
@@ -61,9 +60,9 @@ def _run(qkv, cos, sin, slots, kc, vc, nh, nkv):
     Hkv, S, hd = kc.shape
     qkv, cos, sin = qkv.contiguous(), cos.contiguous(), sin.contiguous()
     q = torch.empty(nh, M, hd, dtype=qkv.dtype, device=qkv.device)
-    P = pdl.enabled(qkv.device)
+    P, kw = pdl_launch(qkv.device)
     _rope_kernel[(M, nh + nkv)](qkv, cos, sin, slots.contiguous(), kc, vc, q, M, S, nh, nkv, HD=hd, PDL=P,
-                                num_warps=1, launch_pdl=P)
+                                num_warps=1, **kw)
     return q
 
 

@@ -32,7 +32,7 @@ from . import pdl as PDL
 from .ref import unpack_int4
 
 MAX_M = 64             # NT = 8 n8 tiles at most
-# Programmatic dependent launch (specq.kernels.pdl; opt-in, SPECQ_PDL=1, sm_90+): the kernel starts with
+# Programmatic dependent launch (specq.kernels.pdl; default on sm_90+, SPECQ_PDL=0 off): the kernel starts with
 # griddepcontrol.wait, then launch_dependents, before anything else, and is launched with the PDL attribute inside
 # CUDA-graph capture, so the next CTAs' launch overlaps the end of the previous kernel. Outside capture it is
 # launched as usual (the wait is then a no-op). Session 8's variant with a weight prefetch before the wait and

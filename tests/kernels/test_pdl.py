@@ -45,3 +45,36 @@ def test_enabled_only_on_cuda_and_when_asked(monkeypatch):
     assert not pdl.enabled("cpu")
     monkeypatch.setattr(pdl, "ON", False)
     assert not pdl.enabled("cuda:0")              # off before any CUDA query
+
+
+TRITON_PDL_KERNELS = [("decode_attn", "_split_kernel"), ("decode_attn", "_merge_kernel"), ("argmax", "_argmax_kernel"),
+                      ("attention", "_split_kernel"), ("attention", "_merge_kernel"), ("rope", "_rope_kernel")]
+
+
+@pytest.mark.parametrize("mod,name", TRITON_PDL_KERNELS)
+def test_triton_kernels_wait_first(mod, name):
+    """Every Triton kernel launched with launch_pdl takes a PDL flag and calls pdl_enter(PDL) as its first statement
+    (a load or store before the wait could read the previous kernel's output before it is written)."""
+    import ast
+    import importlib
+    import inspect
+    import textwrap
+    from specq.kernels.common import HAS_TRITON
+    if not HAS_TRITON:
+        pytest.skip("no triton")
+    fn = getattr(importlib.import_module(f"specq.kernels.{mod}"), name).fn
+    tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
+    f = tree.body[0]
+    assert "PDL" in [a.arg for a in f.args.args]
+    body = [s for s in f.body if not (isinstance(s, ast.Expr) and isinstance(s.value, ast.Constant))]   # no docstring
+    first = body[0]
+    assert isinstance(first, ast.Expr) and ast.unparse(first) == "pdl_enter(PDL)"
+    src = inspect.getsource(importlib.import_module(f"specq.kernels.{mod}"))
+    launch = src[src.index(f"{name}[("):]
+    launch = launch[:launch.index(")\n")]
+    assert "PDL=P" in launch and "**kw" in launch         # the flag and launch_pdl go together (pdl_launch)
+
+
+def test_pdl_launch_off_on_cpu():
+    from specq.kernels.common import pdl_launch
+    assert pdl_launch(torch.device("cpu")) == (False, {})
