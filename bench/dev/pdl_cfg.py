@@ -1,9 +1,9 @@
 """w4mma configs at one token re-tuned under programmatic dependent launch (the default since session 11): one
 Llama-3-8B layer's fused chain as the decode step runs it (qkv with the norm prologue, o with the residual, gate_up
 with the norm, SiLU*mul compiled by inductor with PDL, down with the residual; 4 layers of distinct weights per pass,
-CUDA-graph replays), coordinate descent over each matmul's Cfg with the others fixed (2 passes). Every candidate's
+CUDA-graph replays), coordinate descent over each matmul's Cfg with the others fixed (PASSES, default 1). Every candidate's
 output is checked against the default config's first (relative error <= 1e-2; the K split changes the fp32 order).
-    PYTHONPATH=$PWD python3 bench/dev/pdl_cfg.py"""
+    PYTHONPATH=$PWD python3 bench/dev/pdl_cfg.py [PASSES]"""
 import sys
 from pathlib import Path
 
@@ -70,7 +70,7 @@ def main():
     base = graph_time([chain(cfg)], reps=5) / 4
     print(f"pdl {pdl.enabled(dev)}, {torch.cuda.get_device_name()}: default {base:.2f} us per layer  {cfg}")
     best = base
-    for rnd in range(2):
+    for rnd in range(int(sys.argv[1]) if len(sys.argv) > 1 else 1):
         for n, (K, N) in shapes.items():
             for c in candidates(K):
                 if c == cfg[n]:
