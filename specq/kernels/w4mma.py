@@ -37,6 +37,7 @@ MAX_M = 64             # NT = 8 n8 tiles at most
 # CUDA-graph capture, so the next CTAs' launch overlaps the end of the previous kernel. Outside capture it is
 # launched as usual (the wait is then a no-op). Session 8's variant with a weight prefetch before the wait and
 # coherent x loads was slower (kernels_w4a16_dev.txt run 13b); this one: one 8B layer 49.8 against 52.6 us.
+OLD_M1 = os.environ.get("SPECQ_W4_OLD_M1", "0") == "1"   # A/B switch: session 10's one-token configs
 MAX_SMALL_M = 16       # w4a16_linear uses this kernel up to here (beyond, the Triton kernel is faster on the H100)
 _HELPERS = r"""
 typedef unsigned int u32;
@@ -443,10 +444,16 @@ def default_config(M: int, N: int, K: int, sms: int | None = None) -> Cfg:
     with 8 warps), M <= 16 with 8 warps, 2 CTAs (62.7 us); NT = 4 / 8 (M > 16) lose to the Triton kernel."""
     NT = 1 if M <= 8 else 2 if M <= 16 else 4 if M <= 32 else 8
     if NT == 1 and K % 2048 == 0:
+        # one token under programmatic dependent launch (session 11, bench/dev/pdl_cfg.py: the fused 8B layer chain
+        # in graph replays, 47.8 against 49.6 us per layer): 8 warps, 4 blocks in flight, 3 CTAs per SM for qkv_proj
+        # and for many-wave shapes of K <= 4096 (gate_up_proj, lm_head); SPECQ_W4_OLD_M1=1 restores session 10's
+        P1 = 8 if OLD_M1 or M > 1 else 4
         if sms and 2 * sms < N // 16 <= 3 * sms and K % 1024 == 0:
             # one wave of 8-warp CTAs, 3 per SM, instead of 1.45 waves of the 16-warp ones (Llama-3-8B qkv_proj:
             # 6.48 us against 7.28 at M = 1; every other 8B shape is fastest with 16 warps, bench/dev/mma_cfg.py)
-            return Cfg(NT, 8, 8, 2, False, 3)
+            return Cfg(NT, 8, P1, 2, False, 3)
+        if P1 == 4 and sms and N // 16 >= 8 * sms and K <= 4096:
+            return Cfg(NT, 8, 4, 2, False, 3)
         return Cfg(NT, 16, 8, 2, False, 2)
     if NT == 2 and K % 1024 == 0:
         return Cfg(NT, 8, 8, 2, False, 2)
