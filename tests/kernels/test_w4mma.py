@@ -130,8 +130,23 @@ def test_fused_variants_source_and_compile(tmp_path):
 
 def test_wave_rule_only_where_16_warp_ctas_leave_a_partial_wave():
     """132 SMs: qkv_proj of Llama-3-8B (384 row tiles, 1.45 waves of 2 x 16-warp CTAs per SM) gets 3 x 8-warp CTAs
-    per SM; o / gate_up / down and an unknown SM count keep the 16-warp default."""
+    per SM; o / down and an unknown SM count keep the 16-warp default."""
     assert w4mma.default_config(1, 6144, 4096, 132)[:2] == (1, 8) and w4mma.default_config(1, 6144, 4096, 132).MINB == 3
-    for N, K in [(4096, 4096), (28672, 4096), (4096, 14336)]:
+    for N, K in [(4096, 4096), (4096, 14336)]:
         assert w4mma.default_config(1, N, K, 132).WARPS == 16
     assert w4mma.default_config(1, 6144, 4096).WARPS == 16
+
+
+def test_one_token_configs_tuned_under_pdl(monkeypatch):
+    """One token (session 11): qkv_proj keeps 4 blocks in flight; many-wave shapes of K <= 4096 (gate_up_proj,
+    lm_head) run 8 warps, 4 blocks, 3 CTAs per SM; two tokens, K = 8192 (70B) and SPECQ_W4_OLD_M1 keep the old ones."""
+    old = w4mma.Cfg(1, 16, 8, 2, False, 2)
+    assert w4mma.default_config(1, 6144, 4096, 132) == w4mma.Cfg(1, 8, 4, 2, False, 3)
+    for N in (28672, 128256):
+        assert w4mma.default_config(1, N, 4096, 132) == w4mma.Cfg(1, 8, 4, 2, False, 3)
+        assert w4mma.default_config(2, N, 4096, 132) == old
+    assert w4mma.default_config(1, 57344, 8192, 132) == old
+    assert w4mma.default_config(2, 6144, 4096, 132) == w4mma.Cfg(1, 8, 8, 2, False, 3)
+    monkeypatch.setattr(w4mma, "OLD_M1", True)
+    assert w4mma.default_config(1, 28672, 4096, 132) == old
+    assert w4mma.default_config(1, 6144, 4096, 132) == w4mma.Cfg(1, 8, 8, 2, False, 3)
