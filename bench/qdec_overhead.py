@@ -133,9 +133,55 @@ def check(dev, log):
         err = ((y_fused - y_side).abs().max() / y_side.abs().max()).item()
         out[f"fused_vs_side_M{M}"] = dict(max_rel_err=err, locks_zero=int(cl.base.w.locks.abs().sum()) == 0)
         log(f"check fused (no add kernel) vs side path, M={M}: {out[f'fused_vs_side_M{M}']}")
+    out.update(check_mma(dev, log))
     hp = KK.mapped(res.codes)
     out["residual_on_host_pinned"] = bool(res.codes.device.type == "cpu" and res.codes.is_pinned())
     out["mapped_ptr_equals_host_ptr"] = hp.data_ptr() == res.codes.data_ptr()
+    return out
+
+
+@torch.inference_mode()
+def check_mma(dev, log):
+    """One token on w4mma (specq.compensate.mma), every Llama-3-8B projection: qdec1's chunk partials against torch
+    (the selection must match approx_topk exactly: a wrong channel moves its chunk's partial by O(1)), the output
+    against base + reference correction, and a CUDA-graph replay (PDL launches on sm_90+) against eager."""
+    from specq.compensate import mma
+    from specq.kernels import prepare_w4a16, w4a16_linear
+    out = {}
+    for p, (K, N) in SHAPES.items():
+        res = rand_residual(K, N)
+        ch = torch.exp(torch.randn(K, device=dev))
+        stats = SEL.calib_stats(acts(256, K, ch, dev).float().cpu())
+        for kc in (3, 5, 20):
+            cl = CompensatedLinear(SpecqW4(K, N, dev, prepare_w4a16, w4a16_linear), res, k_chunk=kc,
+                                   selector="approx", stats=stats)
+            x = acts(1, K, ch, dev)
+            if not mma.usable(cl, x, cl.base.w.mma):
+                out[f"mma_{p}_kc{kc}"] = "not usable"
+                continue
+            ws = mma.partials(cl, x, False).cpu()
+            ref = mma.partials_ref(cl, x)
+            perr = ((ws - ref).abs().max() / ref.abs().max().clamp(min=1e-30)).item()
+            y = cl(x).float().cpu()
+            xc = x.float().cpu()
+            yref = cl.base(x).float().cpu() + cl.correction(xc, cl.select(xc))
+            err = ((y - yref).abs().max() / yref.abs().max()).item()
+            sg = torch.cuda.Stream()
+            sg.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(sg):
+                cl(x)
+            torch.cuda.current_stream().wait_stream(sg)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                yg = cl(x)
+            same = 0
+            for _ in range(10):
+                g.replay()
+                torch.cuda.synchronize()
+                same += bool(torch.equal(yg.float().cpu(), y))
+            out[f"mma_{p}_kc{kc}"] = dict(partials_rel_err=perr, max_rel_err=err, graph_equal_eager=f"{same}/10",
+                                          finite=bool(torch.isfinite(y).all()))
+            log(f"check w4mma + qdec1 {p} k_chunk={kc}: {out[f'mma_{p}_kc{kc}']}")
     return out
 
 
@@ -205,9 +251,9 @@ def main():
         from specq.kernels import prepare_w4a16, w4a16_linear
         from functools import partial
         # w4a16_linear's default at one token is the CUDA few-token kernel (w4mma) where prepare_w4a16 built its
-        # layout; the fused QDEC path (no add kernel) exists on the Triton GEMV only, so the "fused" rows of the
-        # first base switch kernels: its "side+add" rows keep the CUDA GEMV. The second base is the Triton GEMV.
-        bases.append((4, "specq W4A16 default (CUDA w4mma at M <= 16; fused QDEC path on the Triton GEMV), g128",
+        # layout; with it the compensated Linear runs specq.compensate.mma (rows "w4mma+qdec1"); its "side+add" rows
+        # keep the CUDA GEMV beside the side stream. The second base is the Triton GEMV (fused: one more partial).
+        bases.append((4, "specq W4A16 default (CUDA w4mma at M <= 16, compensation by specq.compensate.mma), g128",
                       lambda K, N: SpecqW4(K, N, dev, prepare_w4a16, w4a16_linear)))
         bases.append((4, "specq W4A16 Triton GEMV (specq.kernels.w4a16_linear, g128)",
                       lambda K, N: SpecqW4(K, N, dev, partial(prepare_w4a16, mma=False), w4a16_linear)))
@@ -255,7 +301,8 @@ def main():
             log(f"[{base_name}] base {base_us:.1f} us per layer")
             for (kf, sel, fused), v in q_t.items():
                 q_us = statistics.median(v)
-                path = ("fused" if fused else "side+add") if fusable else "side+add"
+                mm = fused and getattr(getattr(one, "w", None), "mma", None) is not None
+                path = ("w4mma+qdec1" if mm else "fused" if fused else "side+add") if fusable else "side+add"
                 result["rows"].append(dict(bits=bits, k_fraction=kf, selector=sel, base_us=round(base_us, 2),
                                            qdec_us=round(q_us, 2), slowdown=round(q_us / base_us - 1, 4), base=base_name,
                                            path=path))

@@ -6,7 +6,8 @@ Every row of a multi-token input (prefill, speculative verification) gets its ow
 verification forward equals the same tokens decoded one at a time.
 CPU / no kernel: reference math in torch (gather the selected rows; long inputs gather blocks of rows
 from the cached dequantized residual, or on a GPU multiply x with its unselected channels zeroed by it -
-the same sums). CUDA: specq.compensate.kernel (unless use_kernel is False).
+the same sums). CUDA: specq.compensate.kernel (unless use_kernel is False); one token on specq's W4A16 weight with the w4mma layout:
+specq.compensate.mma (the compensation kernel before w4mma on the same stream, no add kernel).
 """
 from __future__ import annotations
 
@@ -41,6 +42,7 @@ class CompensatedLinear(nn.Module):
         self.set_k(k_chunk if k is None else -(-k // self.n_chunks))
         self.use_kernel = True                     # CUDA: Triton kernel if available
         self.use_fused = True                      # ... and, on specq's W4A16 base, no separate add (kernel.fused)
+        self.use_mma = True                        # ... one token on w4mma: specq.compensate.mma
 
     def set_k(self, k_chunk: int, selector: str | None = None):
         """Set channels per chunk (0 disables) and recompute the bucket thresholds."""
@@ -109,7 +111,11 @@ class CompensatedLinear(nn.Module):
             return None
         from . import kernel
         perm = getattr(self.base, "perm", None)
-        y = kernel.fused(self, x2, w, x2[:, perm] if perm is not None else x2)
+        from . import mma
+        if perm is None and self.use_mma and mma.usable(self, x2, getattr(w, "mma", None)):
+            y = mma.linear(self, x2, w.mma)         # one token on w4mma, the decode kernel
+        else:
+            y = kernel.fused(self, x2, w, x2[:, perm] if perm is not None else x2)
         bias = getattr(self.base, "bias", None)
         return y + bias.to(y.dtype) if (y is not None and bias is not None) else y
 

@@ -40,10 +40,11 @@ class LaunchConfig(ctypes.Structure):     # CUlaunchConfig (cuda.h, CUDA 12)
 
 
 def kernel_args(args) -> tuple[ctypes.Array, list]:
-    """Tensors -> device pointers, ints -> C int (as torch's _CudaKernel does): (void* array, keep-alive list)."""
+    """Tensors (and objects with data_ptr(), e.g. a mapped host pointer) -> device pointers, ints -> C int (as torch's
+    _CudaKernel does): (void* array, keep-alive list)."""
     keep = []
     for a in args:
-        if isinstance(a, torch.Tensor):
+        if isinstance(a, torch.Tensor) or (hasattr(a, "data_ptr") and not isinstance(a, int)):
             keep.append(ctypes.c_void_p(a.data_ptr()))
         elif isinstance(a, int):
             keep.append(ctypes.c_int(a))
@@ -53,21 +54,23 @@ def kernel_args(args) -> tuple[ctypes.Array, list]:
     return arr, keep
 
 
-def config(grid, block, stream_handle: int, shared_mem: int = 0) -> tuple[LaunchConfig, LaunchAttribute]:
+def config(grid, block, stream_handle: int, shared_mem: int = 0, pdl: bool = True) -> tuple[LaunchConfig, LaunchAttribute]:
+    """The launch config; pdl=False: no attribute (a plain launch through cuLaunchKernelEx)."""
     attr = LaunchAttribute()
     attr.id = CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
     attr.value.programmatic_stream_serialization_allowed = 1
-    cfg = LaunchConfig(*grid, *block, shared_mem, ctypes.c_void_p(stream_handle), ctypes.pointer(attr), 1)
+    cfg = LaunchConfig(*grid, *block, shared_mem, ctypes.c_void_p(stream_handle), ctypes.pointer(attr), int(pdl))
     return cfg, attr
 
 
-def launch(kernel, grid, block, args, shared_mem: int = 0, stream=None) -> None:
-    """Launch a torch.cuda._compile_kernel kernel with programmatic stream serialization allowed."""
+def launch(kernel, grid, block, args, shared_mem: int = 0, stream=None, pdl: bool = True) -> None:
+    """Launch a torch.cuda._compile_kernel kernel with programmatic stream serialization allowed (pdl=False: without;
+    still the way to pass pointers that are not tensors)."""
     lib = torch.cuda._utils._get_gpu_runtime_library()
     if not hasattr(lib, "cuLaunchKernelEx"):
         raise SpecqError("pdl.launch: the CUDA driver has no cuLaunchKernelEx (CUDA >= 12.0 needed)")
     stream = stream or torch.cuda.current_stream()
-    cfg, attr = config(grid, block, stream.cuda_stream, shared_mem)
+    cfg, attr = config(grid, block, stream.cuda_stream, shared_mem, pdl)
     arr, keep = kernel_args(args)
     err = lib.cuLaunchKernelEx(ctypes.byref(cfg), kernel.func, arr, None)
     if err != 0:

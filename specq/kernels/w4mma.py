@@ -124,14 +124,17 @@ _SMALL = r"""
 // SiLU, which cost 8.4 us per layer more than a separate kernel, bench/results/h100/kernels_w4a16_dev.txt.)
 extern "C" __global__ void __launch_bounds__(WARPS * 32, MINB)
 w4mma(const uint4* __restrict__ qw, const u32* __restrict__ sz, const u16* __restrict__ x, u16* __restrict__ y,
-      int M, int K, int sxm, int sym, const u16* __restrict__ nw, const u16* __restrict__ res, int srm)
+      int M, int K, int sxm, int sym, const u16* __restrict__ nw, const u16* __restrict__ res, int srm,
+      const float* __restrict__ qws, const float* __restrict__ qsc, int qnc)
 {
     __shared__ float4 red[WARPS][NT][32];
 #if PRO
     extern __shared__ uint4 xs[];
 #endif
-#if PDL     // launched with programmatic dependent launch: the previous kernel done and flushed before any read
+#if PDL && !QD  // launched with programmatic dependent launch: the previous kernel done and flushed before any read
     asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+#if PDL
     asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 #endif
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -307,13 +310,27 @@ EPILOGUE
 """
 
 
-_EPILOGUE = r"""    for (int i = threadIdx.x; i < NT * 128; i += WARPS * 32) {
+_EPILOGUE = r"""#if PDL && QD   // the compensation kernel (specq.compensate.mma) launched just before: its partials are ready now
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+    for (int i = threadIdx.x; i < NT * 128; i += WARPS * 32) {
         const int n = i >> 7, l = (i >> 2) & 31, r = i & 3;
         float s = 0.f;
 #pragma unroll
         for (int v = 0; v < WARPS; v++) s += ((const float*)&red[v][n][l])[r];
         const int row = tile * 16 + (l >> 2) + 8 * (r >> 1);
         const int tok = 8 * n + 2 * (l & 3) + (r & 1);
+#if QD      // one token: + scale[row] * sum over chunks of x[S] (q - 8) (the chunk partials, in chunk order)
+        if (tok == 0) {
+            float cs = 0.f;
+            for (int ci = 0; ci < qnc; ci++) {           // coherent loads: written by the kernel waited for
+                float v;
+                asm volatile("ld.global.f32 %0, [%1];" : "=f"(v) : "l"(qws + (size_t)ci * gridDim.x * 16 + row));
+                cs += v;
+            }
+            s += cs * qsc[row];
+        }
+#endif
 #if RES
         if (tok < M) y[(size_t)tok * sym + row] = to16(f32(to16(s)) + f32(res[(size_t)tok * srm + row]));
 #else
@@ -339,13 +356,13 @@ def helpers(fp16: bool) -> str:
 
 def source(NT: int, KBW: int, P: int, WARPS: int, fp16: bool, minb: int = 1, l2hint: bool = False, XR: int = 2,
            pre: bool = False, roll: bool = False, pro: bool = False, res: bool = False, eps: float = 0.0,
-           pdl: bool = False) -> str:
+           pdl: bool = False, qd: bool = False) -> str:
     """The kernel's CUDA C for one configuration (compile-time constants substituted). pro: RMSNorm prologue
     (epsilon eps) of one token; res: add a residual to the output."""
     magic, one, ht, et = ("0x64006400", "0x3C003C00", "f16x2", "f16") if fp16 else \
         ("0x43004300", "0x3F803F80", "bf16x2", "bf16")
     head = (f"#define NT {NT}\n#define KBW {KBW}\n#define P {P}\n#define WARPS {WARPS}\n#define MINB {minb}\n"
-            f"#define PDL {int(pdl)}\n#define PRO {int(pro)}\n#define RES {int(res)}\n#define EPS {float(eps)!r}f\n#define ROLL {int(roll)}\n#define XR {XR}\n#define PRE {int(pre)}\n#define FP16 {int(fp16)}\n#define MAGIC_STR \"{magic}\"\n#define HTYPE \"{ht}\"\n"
+            f"#define PDL {int(pdl)}\n#define QD {int(qd)}\n#define PRO {int(pro)}\n#define RES {int(res)}\n#define EPS {float(eps)!r}f\n#define ROLL {int(roll)}\n#define XR {XR}\n#define PRE {int(pre)}\n#define FP16 {int(fp16)}\n#define MAGIC_STR \"{magic}\"\n#define HTYPE \"{ht}\"\n"
             f"#define ETYPE \"{et}\"\n#define LDHINT \"{'.L2::256B' if l2hint else ''}\"\n")
     return head + helpers(fp16) + _SMALL
 
@@ -480,11 +497,11 @@ def compiled(key, make_source, name: str):
 
 
 def kernel(c: Cfg, KBW: int, fp16: bool, device: int = 0, pro: bool = False, res: bool = False, eps: float = 0.0,
-           pdl: bool = False):
+           pdl: bool = False, qd: bool = False):
     """The compiled kernel for one configuration, loaded into `device`'s context (call under that device)."""
-    return compiled(("w4mma", c, KBW, fp16, device, pro, res, eps, pdl),
+    return compiled(("w4mma", c, KBW, fp16, device, pro, res, eps, pdl, qd),
                     lambda: source(c.NT, KBW, c.P, c.WARPS, fp16, c.MINB, c.L2HINT, c.XR, c.PRE, c.ROLL, pro, res, eps,
-                                   pdl), "w4mma")
+                                   pdl, qd), "w4mma")
 
 
 FUSE_SMEM = 32 * 1024  # fused norm: the normalized x in shared memory, K * 2 bytes at most (no opt-in beyond 48 KB)
@@ -516,16 +533,20 @@ def _aligned(t: torch.Tensor) -> torch.Tensor:
 
 
 def w4mma_linear(x: torch.Tensor, w: MMAWeight, cfg: Cfg | None = None, norm_w: torch.Tensor | None = None,
-                 eps: float = 0.0, res: torch.Tensor | None = None) -> torch.Tensor:
+                 eps: float = 0.0, res: torch.Tensor | None = None, comp: tuple | None = None) -> torch.Tensor:
     """x [M, K] (M <= MAX_M, 16-bit, CUDA) @ W^T -> [M, N]. Fused, in one kernel: norm_w [K] (M tokens fitting
     fusable()): x <- RMSNorm(x) (epsilon eps) first; res [M, N]: returns res + x @ W^T. Each step rounds to x's
-    dtype as the separate torch ops do (bit-equal to them on the H100, bench/check_kernels.py)."""
+    dtype as the separate torch ops do (bit-equal to them on the H100, bench/check_kernels.py). comp (one token):
+    (ws float32 [n, N], scale float32 [N], n) from specq.compensate.mma, launched just before on the same stream:
+    y = x @ W^T + scale * sum_c ws[c] before the rounding (the epilogue waits for that kernel under PDL)."""
     M, K = x.shape
     pro = norm_w is not None
     if K != w.K or M > MAX_M or M < 1:
         raise SpecqError(f"w4mma: x {tuple(x.shape)} against weight K={w.K} (M <= {MAX_M})")
     if pro and not fusable(M, K):
         raise SpecqError(f"w4mma: a fused prologue takes one token of K * 2 <= {FUSE_SMEM} bytes (M={M}, K={K})")
+    if comp is not None and (M != 1 or comp[0].dtype != torch.float32 or comp[0].shape[-1] != w.N):
+        raise SpecqError(f"w4mma: compensation partials take one token and float32 [n, {w.N}]")
     if res is not None and (tuple(res.shape) != (M, w.N) or res.dtype != x.dtype or res.stride(-1) != 1):
         raise SpecqError(f"w4mma: residual {tuple(res.shape)} {res.dtype} does not match the output ({M}, {w.N})")
     c = cfg or default_config(M, w.N, K, _sms(x.device))
@@ -538,9 +559,12 @@ def w4mma_linear(x: torch.Tensor, w: MMAWeight, cfg: Cfg | None = None, norm_w: 
     shm = K * 2 if pro else 0
     with torch.cuda.device(x.device):            # module and stream of x's GPU, whatever the current device is
         pdl = PDL.enabled(x.device)
-        k = kernel(c, KBW, w.fp16, x.device.index or 0, pro, res is not None, float(eps) if pro else 0.0, pdl)
+        k = kernel(c, KBW, w.fp16, x.device.index or 0, pro, res is not None, float(eps) if pro else 0.0, pdl,
+                   comp is not None)
         args = [w.words, w.sz, x, y, M, K, x.stride(0), y.stride(0), norm_w if norm_w is not None else x,
-                res if res is not None else y, res.stride(0) if res is not None else 0]
+                res if res is not None else y, res.stride(0) if res is not None else 0,
+                comp[0] if comp is not None else y, comp[1] if comp is not None else y,
+                int(comp[2]) if comp is not None else 0]
         if pdl and torch.cuda.is_current_stream_capturing():
             PDL.launch(k, (w.N // 16, 1, 1), (c.WARPS * 32, 1, 1), args, shared_mem=shm)
         else:

@@ -1,0 +1,182 @@
+"""One-token compensation on specq's decode kernel (w4mma), CUDA: no side stream, no add kernel.
+
+    qdec1 (C CTAs)  ->  w4mma (PDL launch: starts while qdec1 runs; its epilogue waits for qdec1's partials)
+    y = x @ Q(W)^T + scale * sum_c x[S_c] (q(R[S_c]) - 8)         S_c: the bucket top-KC of chunk c of x
+
+qdec1 has one CTA per (chunk c, block of 2048 output columns); each CTA
+  1. waits for the previous kernel (griddepcontrol.wait) and lets w4mma launch (launch_dependents);
+  2. selects its chunk's KC channels from x exactly as specq.compensate.select.approx_topk does (bucket = number
+     of thresholds above |x|; every channel of the buckets above the boundary bucket, then the boundary bucket's
+     first channels in channel order) with a shared-memory histogram and two block scans;
+  3. reads those KC rows of the 4-bit residual codes for its columns straight from pinned host memory (the mapped
+     pointer: zero-copy over PCIe, one 4-byte word of 8 columns per thread and row, all KC loads in flight);
+  4. writes the fp32 partial ws[c, columns] = sum_s x[s] (q - 8) (unscaled).
+w4mma's QD variant adds scale[row] * sum_c ws[c, row] to its fp32 sum before rounding. Under programmatic dependent
+launch (CUDA-graph capture on sm_90+) w4mma's CTAs stream the weights while qdec1 selects and fetches; elsewhere the
+two run one after the other on the stream (same result).
+Why not the side stream (specq.compensate.kernel): w4mma's CTAs take every register of an SM, so side-stream kernels
+waited for SMs (+105% at k = 0.5% against +91% for the Triton fused path, bench/results/h100/qdec_overhead.json).
+"""
+from __future__ import annotations
+
+import torch
+
+from ..kernels import pdl as PDL
+from ..kernels import w4mma
+from ..kernels.w4mma import helpers
+
+THREADS = 256          # qdec1 CTA
+MAX_KC = 32            # channels per chunk the kernel takes (k_fraction up to ~3% of 1024-channel chunks)
+
+_SRC = r"""
+#define FULL 0xFFFFFFFFu
+__device__ __forceinline__ int block_excl_scan(int v, int* tot, int lane, int warp) {   // THREADS threads, in order
+    int inc = v;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) { const int n = __shfl_up_sync(FULL, inc, o); if (lane >= o) inc += n; }
+    if (lane == 31) tot[warp] = inc;
+    __syncthreads();
+    int off = 0;
+    for (int w = 0; w < warp; w++) off += tot[w];
+    return off + inc - v;
+}
+__device__ __forceinline__ u32 ldh(const u32* p) {          // pinned host memory through its mapped pointer
+    u32 v;
+    asm volatile("ld.global.nc.u32 %0, [%1];" : "=r"(v) : "l"(p));
+    return v;
+}
+// x [K] (one token, 16-bit); thr [n, NB] float32, descending per chunk; codes [K, W] int32 (host, mapped: 8 columns
+// per word, nibble e = column 8w + e, code q - 8); ws [n, 8W] float32
+extern "C" __global__ void __launch_bounds__(THREADS)
+qdec1(const u16* __restrict__ x, const float* __restrict__ thr, const u32* codes, float* __restrict__ ws, int W)
+{
+#if PDL
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+    __shared__ float th[NB];
+    __shared__ int hist[NB + 2];
+    __shared__ int tot[2][THREADS / 32];
+    __shared__ int sidx[KC];
+    __shared__ float sxv[KC];
+    __shared__ int bs[2];
+    const int t = threadIdx.x, lane = t & 31, warp = t >> 5, c = blockIdx.x;
+    if (t < NB) th[t] = thr[c * NB + t];
+    if (t < NB + 2) hist[t] = 0;
+    __syncthreads();
+    float xv[CPT];
+    int bk[CPT];
+#pragma unroll
+    for (int j = 0; j < CPT; j++) {                 // thread t holds channels t*CPT .. t*CPT+CPT-1 of the chunk
+        const int i = t * CPT + j;
+        bk[j] = NB + 1;                             // past the chunk: never taken
+        xv[j] = 0.f;
+        if (i < C) {
+            xv[j] = f32(x[c * C + i]);
+            const float a = fabsf(xv[j]);
+            int b = 0;
+#pragma unroll
+            for (int q = 0; q < NB; q++) b += a < th[q];
+            bk[j] = b;
+            atomicAdd(&hist[b], 1);
+        }
+    }
+    __syncthreads();
+    if (t == 0) {                                   // boundary bucket: the first whose running count reaches KC
+        int cum = 0, bstar = 0, above = 0;
+        for (int b = 0; b <= NB; b++) {
+            cum += hist[b];
+            if (cum < KC) { bstar = b + 1; above = cum; }
+        }
+        bs[0] = bstar;
+        bs[1] = KC - above;                         // channels the boundary bucket gives, in channel order
+    }
+    __syncthreads();
+    const int bstar = bs[0], need = bs[1];
+    int ni = 0;
+#pragma unroll
+    for (int j = 0; j < CPT; j++) ni += bk[j] == bstar;
+    int rank = block_excl_scan(ni, tot[0], lane, warp);
+    bool sel[CPT];
+    int ns = 0;
+#pragma unroll
+    for (int j = 0; j < CPT; j++) {
+        const bool inb = bk[j] == bstar;
+        rank += inb;
+        sel[j] = bk[j] < bstar || (inb && rank <= need);
+        ns += sel[j];
+    }
+    int slot = block_excl_scan(ns, tot[1], lane, warp);
+#pragma unroll
+    for (int j = 0; j < CPT; j++)
+        if (sel[j]) { sidx[slot] = c * C + t * CPT + j; sxv[slot] = xv[j]; slot++; }
+    __syncthreads();
+    const int w = blockIdx.y * THREADS + t;
+    if (w < W) {
+        u32 q[KC];
+#pragma unroll
+        for (int s = 0; s < KC; s++) q[s] = ldh(codes + (size_t)sidx[s] * W + w);
+        float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+        for (int s = 0; s < KC; s++) {
+            const float xs = sxv[s];
+#pragma unroll
+            for (int e = 0; e < 8; e++) acc[e] += xs * (float)((int)((q[s] >> (4 * e)) & 15u) - 8);
+        }
+        float4* o = (float4*)(ws + (size_t)c * W * 8 + (size_t)w * 8);
+        o[0] = make_float4(acc[0], acc[1], acc[2], acc[3]);
+        o[1] = make_float4(acc[4], acc[5], acc[6], acc[7]);
+    }
+}
+"""
+
+
+def source(C: int, KC: int, NB: int, fp16: bool, pdl: bool) -> str:
+    magic, ht, et = ("0x64006400", "f16x2", "f16") if fp16 else ("0x43004300", "bf16x2", "bf16")
+    head = (f"#define C {C}\n#define KC {KC}\n#define NB {NB}\n#define CPT {-(-C // THREADS)}\n#define THREADS {THREADS}\n"
+            f"#define PDL {int(pdl)}\n#define FP16 {int(fp16)}\n#define MAGIC_STR \"{magic}\"\n#define HTYPE \"{ht}\"\n"
+            f"#define ETYPE \"{et}\"\n#define LDHINT \"\"\n")
+    return head + helpers(fp16) + _SRC
+
+
+def usable(cl, x2: torch.Tensor, w) -> bool:
+    """CompensatedLinear cl at one token on w4mma's weight w (MMAWeight): approx selector, 4-bit host codes."""
+    R = cl.residual
+    return (x2.is_cuda and x2.shape[0] == 1 and w is not None and cl.selector == "approx" and R.dense is None
+            and 0 < cl.k_chunk <= min(MAX_KC, cl.chunk) and R.N % 8 == 0 and cl.thr is not None
+            and w4mma.available() and x2.dtype in (torch.float16, torch.bfloat16) and (x2.dtype == torch.float16) == w.fp16)
+
+
+def partials(cl, x2: torch.Tensor, fp16: bool) -> torch.Tensor:
+    """Launch qdec1 alone: x2 [1, K] -> ws float32 [n, N] (PDL launch inside CUDA-graph capture on sm_90+)."""
+    from .kernel import mapped
+    R = cl.residual
+    n, C, KC = cl.n_chunks, cl.chunk, cl.k_chunk
+    if cl.thr.dtype != torch.float32 or not cl.thr.is_contiguous() or cl.thr.device != x2.device:
+        cl.thr = cl.thr.to(x2.device, torch.float32).contiguous()
+    NB, W = cl.thr.shape[1], R.N // 8
+    x2 = x2.contiguous()
+    ws = torch.empty(n, R.N, dtype=torch.float32, device=x2.device)
+    with torch.cuda.device(x2.device):
+        on = PDL.enabled(x2.device)
+        k = w4mma.compiled(("qdec1", C, KC, NB, fp16, x2.device.index or 0, on),
+                           lambda: source(C, KC, NB, fp16, on), "qdec1")
+        PDL.launch(k, (n, -(-W // THREADS), 1), (THREADS, 1, 1), [x2, cl.thr, mapped(R.codes), ws, W],
+                   pdl=on and torch.cuda.is_current_stream_capturing())
+    return ws
+
+
+def partials_ref(cl, x2: torch.Tensor) -> torch.Tensor:
+    """What qdec1 computes, in torch: ws [n, N] = per chunk, sum over its selected channels s of x[s] (q(R[s]) - 8)."""
+    from .residual import unpack_rows
+    R = cl.residual
+    idx = cl.select(x2.float()).view(cl.n_chunks, cl.k_chunk).cpu()                    # [n, KC]
+    q = (unpack_rows(R.codes[idx.reshape(-1)]) - 8).float().view(cl.n_chunks, cl.k_chunk, R.N)
+    xs = x2.float().cpu()[0, idx]                                                      # [n, KC]
+    return torch.einsum("nk,nkc->nc", xs, q)
+
+
+def linear(cl, x2: torch.Tensor, w) -> torch.Tensor:
+    """x2 [1, K] -> base(x2) + compensation [1, N] (usable() said so)."""
+    ws = partials(cl, x2, w.fp16)
+    return w4mma.w4mma_linear(x2.contiguous(), w, comp=(ws, cl.residual.scales_on(x2.device).float(), cl.n_chunks))
