@@ -27,6 +27,7 @@ from ..kernels.w4mma import helpers
 
 THREADS = 256          # qdec1 CTA
 MAX_KC = 32            # channels per chunk the kernel takes (k_fraction up to ~3% of 1024-channel chunks)
+WIDE_W, WPT_WIDE = 2048, 2   # rows of >= 16384 columns: 2 words per thread (half the CTAs beside the GEMV)
 
 _SRC = r"""
 #define FULL 0xFFFFFFFFu
@@ -61,18 +62,19 @@ qdec1(const u16* __restrict__ x, const float* __restrict__ thr, const u32* codes
     __shared__ float sxv[KC];
     __shared__ int bs[2];
     const int t = threadIdx.x, lane = t & 31, warp = t >> 5, c = blockIdx.x;
+    float xv[CPT];
+    int bk[CPT];
+#pragma unroll
+    for (int j = 0; j < CPT; j++)                   // x first: its load overlaps the thresholds' and the barrier
+        xv[j] = t * CPT + j < C ? f32(x[c * C + t * CPT + j]) : 0.f;
     if (t < NB) th[t] = thr[c * NB + t];
     if (t < NB + 2) hist[t] = 0;
     __syncthreads();
-    float xv[CPT];
-    int bk[CPT];
 #pragma unroll
     for (int j = 0; j < CPT; j++) {                 // thread t holds channels t*CPT .. t*CPT+CPT-1 of the chunk
         const int i = t * CPT + j;
         bk[j] = NB + 1;                             // past the chunk: never taken
-        xv[j] = 0.f;
         if (i < C) {
-            xv[j] = f32(x[c * C + i]);
             const float a = fabsf(xv[j]);
             int b = 0;
 #pragma unroll
@@ -82,14 +84,21 @@ qdec1(const u16* __restrict__ x, const float* __restrict__ thr, const u32* codes
         }
     }
     __syncthreads();
-    if (t == 0) {                                   // boundary bucket: the first whose running count reaches KC
-        int cum = 0, bstar = 0, above = 0;
-        for (int b = 0; b <= NB; b++) {
-            cum += hist[b];
-            if (cum < KC) { bstar = b + 1; above = cum; }
-        }
-        bs[0] = bstar;
-        bs[1] = KC - above;                         // channels the boundary bucket gives, in channel order
+    if (warp == 0) {                                // boundary bucket: the first whose running count reaches KC
+        int cum = 0;                                // lanes hold buckets lane and 32 + lane (NB = 32: bucket 32)
+        const int h0 = hist[lane], h1 = lane + 32 <= NB ? hist[lane + 32] : 0;
+        cum = h0;
+#pragma unroll
+        for (int o = 1; o < 32; o <<= 1) { const int n = __shfl_up_sync(FULL, cum, o); if (lane >= o) cum += n; }
+        const int tot0 = __shfl_sync(FULL, cum, 31);
+        int cum1 = h1;
+#pragma unroll
+        for (int o = 1; o < 32; o <<= 1) { const int n = __shfl_up_sync(FULL, cum1, o); if (lane >= o) cum1 += n; }
+        cum1 += tot0;
+        const bool lt0 = lane <= NB && cum < KC, lt1 = lane + 32 <= NB && cum1 < KC;    // cum: nondecreasing
+        const int bstar = __popc(__ballot_sync(FULL, lt0)) + __popc(__ballot_sync(FULL, lt1));
+        const int above = bstar == 0 ? 0 : __shfl_sync(FULL, bstar - 1 < 32 ? cum : cum1, (bstar - 1) & 31);
+        if (lane == 0) { bs[0] = bstar; bs[1] = KC - above; }   // the boundary bucket gives KC - above, in order
     }
     __syncthreads();
     const int bstar = bs[0], need = bs[1];
@@ -111,29 +120,36 @@ qdec1(const u16* __restrict__ x, const float* __restrict__ thr, const u32* codes
     for (int j = 0; j < CPT; j++)
         if (sel[j]) { sidx[slot] = c * C + t * CPT + j; sxv[slot] = xv[j]; slot++; }
     __syncthreads();
-    const int w = blockIdx.y * THREADS + t;
-    if (w < W) {
-        u32 q[KC];
+    u32 q[WPT][KC];                                 // WPT words (8 columns each) per thread, every load in flight
 #pragma unroll
-        for (int s = 0; s < KC; s++) q[s] = ldh(codes + (size_t)sidx[s] * W + w);
+    for (int v = 0; v < WPT; v++) {
+        const int w = (blockIdx.y * WPT + v) * THREADS + t;
+#pragma unroll
+        for (int s = 0; s < KC; s++) q[v][s] = w < W ? ldh(codes + (size_t)sidx[s] * W + w) : 0u;
+    }
+#pragma unroll
+    for (int v = 0; v < WPT; v++) {
+        const int w = (blockIdx.y * WPT + v) * THREADS + t;
         float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
 #pragma unroll
         for (int s = 0; s < KC; s++) {
             const float xs = sxv[s];
 #pragma unroll
-            for (int e = 0; e < 8; e++) acc[e] += xs * (float)((int)((q[s] >> (4 * e)) & 15u) - 8);
+            for (int e = 0; e < 8; e++) acc[e] += xs * (float)((int)((q[v][s] >> (4 * e)) & 15u) - 8);
         }
-        float4* o = (float4*)(ws + (size_t)c * W * 8 + (size_t)w * 8);
-        o[0] = make_float4(acc[0], acc[1], acc[2], acc[3]);
-        o[1] = make_float4(acc[4], acc[5], acc[6], acc[7]);
+        if (w < W) {
+            float4* o = (float4*)(ws + (size_t)c * W * 8 + (size_t)w * 8);
+            o[0] = make_float4(acc[0], acc[1], acc[2], acc[3]);
+            o[1] = make_float4(acc[4], acc[5], acc[6], acc[7]);
+        }
     }
 }
 """
 
 
-def source(C: int, KC: int, NB: int, fp16: bool, pdl: bool) -> str:
+def source(C: int, KC: int, NB: int, fp16: bool, pdl: bool, wpt: int = 1) -> str:
     magic, ht, et = ("0x64006400", "f16x2", "f16") if fp16 else ("0x43004300", "bf16x2", "bf16")
-    head = (f"#define C {C}\n#define KC {KC}\n#define NB {NB}\n#define CPT {-(-C // THREADS)}\n#define THREADS {THREADS}\n"
+    head = (f"#define C {C}\n#define KC {KC}\n#define NB {NB}\n#define CPT {-(-C // THREADS)}\n#define THREADS {THREADS}\n#define WPT {wpt}\n"
             f"#define PDL {int(pdl)}\n#define FP16 {int(fp16)}\n#define MAGIC_STR \"{magic}\"\n#define HTYPE \"{ht}\"\n"
             f"#define ETYPE \"{et}\"\n#define LDHINT \"\"\n")
     return head + helpers(fp16) + _SRC
@@ -159,9 +175,10 @@ def partials(cl, x2: torch.Tensor, fp16: bool) -> torch.Tensor:
     ws = torch.empty(n, R.N, dtype=torch.float32, device=x2.device)
     with torch.cuda.device(x2.device):
         on = PDL.enabled(x2.device)
-        k = w4mma.compiled(("qdec1", C, KC, NB, fp16, x2.device.index or 0, on),
-                           lambda: source(C, KC, NB, fp16, on), "qdec1")
-        PDL.launch(k, (n, -(-W // THREADS), 1), (THREADS, 1, 1), [x2, cl.thr, mapped(R.codes), ws, W],
+        wpt = WPT_WIDE if W >= WIDE_W else 1
+        k = w4mma.compiled(("qdec1", C, KC, NB, fp16, x2.device.index or 0, on, wpt),
+                           lambda: source(C, KC, NB, fp16, on, wpt), "qdec1")
+        PDL.launch(k, (n, -(-W // (THREADS * wpt)), 1), (THREADS, 1, 1), [x2, cl.thr, mapped(R.codes), ws, W],
                    pdl=on and torch.cuda.is_current_stream_capturing())
     return ws
 
