@@ -62,7 +62,7 @@ def glu_linear(x, mw, norm_w=None, eps=0.0):
     k = w4mma.compiled(("glu", c, KBW, pro, eps), lambda: glu_source(c.NT, KBW, c.P, c.WARPS, c.MINB, pro, eps), "w4mma")
     y = torch.empty(M, mw.N // 2, dtype=x.dtype, device=x.device)
     k(grid=(mw.N // 16, 1, 1), block=(c.WARPS * 32, 1, 1), shared_mem=K * 2 if pro else 0,
-      args=[mw.words, mw.sz, x, y, M, K, x.stride(0), y.stride(0), norm_w if pro else x, y, 0, y, y, 0])
+      args=[mw.words, mw.sz, x, y, M, K, x.stride(0), y.stride(0), norm_w if pro else x, y, 0, y, y, 0, y, y])
     return y
 
 
