@@ -146,7 +146,7 @@ __device__ __forceinline__ void qdec_cta(const u16* x, const float* thr, const u
 }
 """
 _KERNEL = r"""
-extern "C" __global__ void __launch_bounds__(QTHREADS)
+extern "QC" __global__ void __launch_bounds__(QTHREADS)
 qdec1(const u16* __restrict__ x, const float* __restrict__ thr, const u32* codes, float* __restrict__ ws, int W)
 {
 #if PDL
