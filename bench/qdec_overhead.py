@@ -152,13 +152,12 @@ def check_mma(dev, log):
         res = rand_residual(K, N)
         ch = torch.exp(torch.randn(K, device=dev))
         stats = SEL.calib_stats(acts(256, K, ch, dev).float().cpu())
-        for kc, mode in ((3, "grid"), (5, "grid"), (20, "grid"), (5, "kernel"), (20, "kernel")):
-            mma.MODE = mode
+        for kc in (3, 5, 20):
             cl = CompensatedLinear(SpecqW4(K, N, dev, prepare_w4a16, w4a16_linear), res, k_chunk=kc,
                                    selector="approx", stats=stats)
             x = acts(1, K, ch, dev)
             if not mma.usable(cl, x, cl.base.w.mma):
-                out[f"mma_{p}_kc{kc}_{mode}"] = "not usable"
+                out[f"mma_{p}_kc{kc}"] = "not usable"
                 continue
             ws = mma.partials(cl, x, False).cpu()
             ref = mma.partials_ref(cl, x)
@@ -180,10 +179,9 @@ def check_mma(dev, log):
                 g.replay()
                 torch.cuda.synchronize()
                 same += bool(torch.equal(yg.float().cpu(), y))
-            out[f"mma_{p}_kc{kc}_{mode}"] = dict(partials_rel_err=perr, max_rel_err=err,
-                                                 graph_equal_eager=f"{same}/10", finite=bool(torch.isfinite(y).all()))
-            log(f"check w4mma + compensation ({mode}) {p} k_chunk={kc}: {out[f'mma_{p}_kc{kc}_{mode}']}")
-    mma.MODE = "grid"
+            out[f"mma_{p}_kc{kc}"] = dict(partials_rel_err=perr, max_rel_err=err, graph_equal_eager=f"{same}/10",
+                                          finite=bool(torch.isfinite(y).all()))
+            log(f"check w4mma + qdec1 {p} k_chunk={kc}: {out[f'mma_{p}_kc{kc}']}")
     return out
 
 
@@ -283,19 +281,15 @@ def main():
                     for p, cl in mods.items():
                         cl(xs[p])
 
-            def set_all(kf, sel, fused=True):          # fused: True, False (side stream + add) or "kernel"
-                from specq.compensate import mma
-                mma.MODE = "kernel" if fused == "kernel" else "grid"
+            def set_all(kf, sel, fused=True):
                 for mods in layers:
                     for cl in mods.values():
                         cl.set_k(SEL.k_chunk_for(cl.in_features, kf), selector=sel)
-                        cl.use_fused = fused is not False
+                        cl.use_fused = fused
 
             fusable = hasattr(one, "w4a16_for")
             runs = [(kf, "approx", True) for kf in ks] + [(0.005, "exact", True)]
             runs += [(kf, "approx", False) for kf in ks] if fusable else []
-            has_mma = getattr(getattr(one, "w", None), "mma", None) is not None
-            runs += [(kf, "approx", "kernel") for kf in ks] if has_mma else []
             base_t, q_t = [], {r: [] for r in runs}
             for _ in range(3):                       # interleaved rounds against drift
                 set_all(0, "approx", True)
@@ -307,8 +301,8 @@ def main():
             log(f"[{base_name}] base {base_us:.1f} us per layer")
             for (kf, sel, fused), v in q_t.items():
                 q_us = statistics.median(v)
-                path = ("side+add" if fused is False else "w4mma+qdec1 kernel" if fused == "kernel"
-                        else "w4mma grid" if (has_mma and sel == "approx") else "fused") if fusable else "side+add"
+                mm = fused and getattr(getattr(one, "w", None), "mma", None) is not None
+                path = ("w4mma+qdec1" if mm else "fused" if fused else "side+add") if fusable else "side+add"
                 result["rows"].append(dict(bits=bits, k_fraction=kf, selector=sel, base_us=round(base_us, 2),
                                            qdec_us=round(q_us, 2), slowdown=round(q_us / base_us - 1, 4), base=base_name,
                                            path=path))

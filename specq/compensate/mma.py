@@ -19,8 +19,6 @@ waited for SMs (+105% at k = 0.5% against +91% for the Triton fused path, bench/
 """
 from __future__ import annotations
 
-import os
-
 import torch
 
 from ..kernels import pdl as PDL
@@ -29,12 +27,11 @@ from ..kernels.w4mma import helpers
 
 THREADS = 256          # qdec1 CTA
 MAX_KC = 32            # channels per chunk the kernel takes (k_fraction up to ~3% of 1024-channel chunks)
-MODE = os.environ.get("SPECQ_QDEC_MMA", "grid")      # "grid" (compensation CTAs in w4mma's launch) or "kernel"
 WIDE_W, WPT_WIDE = 2048, 2   # rows of >= 16384 columns: 2 words per thread (half the CTAs beside the GEMV)
 
 _SRC = r"""
 #define FULL 0xFFFFFFFFu
-__device__ __forceinline__ int block_excl_scan(int v, int* tot, int lane, int warp) {   // QTHREADS threads, in order
+__device__ __forceinline__ int block_excl_scan(int v, int* tot, int lane, int warp) {   // THREADS threads, in order
     int inc = v;
 #pragma unroll
     for (int o = 1; o < 32; o <<= 1) { const int n = __shfl_up_sync(FULL, inc, o); if (lane >= o) inc += n; }
@@ -49,44 +46,47 @@ __device__ __forceinline__ u32 ldh(const u32* p) {          // pinned host memor
     asm volatile("ld.global.nc.u32 %0, [%1];" : "=r"(v) : "l"(p));
     return v;
 }
-// x [K] (one token, 16-bit); thr [n, QNB] float32, descending per chunk; codes [K, W] int32 (host, mapped: 8 columns
+// x [K] (one token, 16-bit); thr [n, NB] float32, descending per chunk; codes [K, W] int32 (host, mapped: 8 columns
 // per word, nibble e = column 8w + e, code q - 8); ws [n, 8W] float32
-// one CTA of QTHREADS threads: chunk c, column block cb (QTHREADS * QWPT words)
-__device__ __forceinline__ void qdec_cta(const u16* x, const float* thr, const u32* codes, float* ws, int W, int c,
-                                         int cb)
+extern "C" __global__ void __launch_bounds__(THREADS)
+qdec1(const u16* __restrict__ x, const float* __restrict__ thr, const u32* codes, float* __restrict__ ws, int W)
 {
-    __shared__ float th[QNB];
-    __shared__ int hist[QNB + 2];
-    __shared__ int tot[2][QTHREADS / 32];
-    __shared__ int sidx[QKC];
-    __shared__ float sxv[QKC];
+#if PDL
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+    __shared__ float th[NB];
+    __shared__ int hist[NB + 2];
+    __shared__ int tot[2][THREADS / 32];
+    __shared__ int sidx[KC];
+    __shared__ float sxv[KC];
     __shared__ int bs[2];
-    const int t = threadIdx.x, lane = t & 31, warp = t >> 5;
-    float xv[QCPT];
-    int bk[QCPT];
+    const int t = threadIdx.x, lane = t & 31, warp = t >> 5, c = blockIdx.x;
+    float xv[CPT];
+    int bk[CPT];
 #pragma unroll
-    for (int j = 0; j < QCPT; j++)                   // x first: its load overlaps the thresholds' and the barrier
-        xv[j] = t * QCPT + j < QC ? f32(x[c * QC + t * QCPT + j]) : 0.f;
-    if (t < QNB) th[t] = thr[c * QNB + t];
-    if (t < QNB + 2) hist[t] = 0;
+    for (int j = 0; j < CPT; j++)                   // x first: its load overlaps the thresholds' and the barrier
+        xv[j] = t * CPT + j < C ? f32(x[c * C + t * CPT + j]) : 0.f;
+    if (t < NB) th[t] = thr[c * NB + t];
+    if (t < NB + 2) hist[t] = 0;
     __syncthreads();
 #pragma unroll
-    for (int j = 0; j < QCPT; j++) {                 // thread t holds channels t*QCPT .. t*QCPT+QCPT-1 of the chunk
-        const int i = t * QCPT + j;
-        bk[j] = QNB + 1;                             // past the chunk: never taken
-        if (i < QC) {
+    for (int j = 0; j < CPT; j++) {                 // thread t holds channels t*CPT .. t*CPT+CPT-1 of the chunk
+        const int i = t * CPT + j;
+        bk[j] = NB + 1;                             // past the chunk: never taken
+        if (i < C) {
             const float a = fabsf(xv[j]);
             int b = 0;
 #pragma unroll
-            for (int q = 0; q < QNB; q++) b += a < th[q];
+            for (int q = 0; q < NB; q++) b += a < th[q];
             bk[j] = b;
             atomicAdd(&hist[b], 1);
         }
     }
     __syncthreads();
-    if (warp == 0) {                                // boundary bucket: the first whose running count reaches QKC
-        int cum = 0;                                // lanes hold buckets lane and 32 + lane (QNB = 32: bucket 32)
-        const int h0 = hist[lane], h1 = lane + 32 <= QNB ? hist[lane + 32] : 0;
+    if (warp == 0) {                                // boundary bucket: the first whose running count reaches KC
+        int cum = 0;                                // lanes hold buckets lane and 32 + lane (NB = 32: bucket 32)
+        const int h0 = hist[lane], h1 = lane + 32 <= NB ? hist[lane + 32] : 0;
         cum = h0;
 #pragma unroll
         for (int o = 1; o < 32; o <<= 1) { const int n = __shfl_up_sync(FULL, cum, o); if (lane >= o) cum += n; }
@@ -95,21 +95,21 @@ __device__ __forceinline__ void qdec_cta(const u16* x, const float* thr, const u
 #pragma unroll
         for (int o = 1; o < 32; o <<= 1) { const int n = __shfl_up_sync(FULL, cum1, o); if (lane >= o) cum1 += n; }
         cum1 += tot0;
-        const bool lt0 = lane <= QNB && cum < QKC, lt1 = lane + 32 <= QNB && cum1 < QKC;    // cum: nondecreasing
+        const bool lt0 = lane <= NB && cum < KC, lt1 = lane + 32 <= NB && cum1 < KC;    // cum: nondecreasing
         const int bstar = __popc(__ballot_sync(FULL, lt0)) + __popc(__ballot_sync(FULL, lt1));
         const int above = bstar == 0 ? 0 : __shfl_sync(FULL, bstar - 1 < 32 ? cum : cum1, (bstar - 1) & 31);
-        if (lane == 0) { bs[0] = bstar; bs[1] = QKC - above; }   // the boundary bucket gives QKC - above, in order
+        if (lane == 0) { bs[0] = bstar; bs[1] = KC - above; }   // the boundary bucket gives KC - above, in order
     }
     __syncthreads();
     const int bstar = bs[0], need = bs[1];
     int ni = 0;
 #pragma unroll
-    for (int j = 0; j < QCPT; j++) ni += bk[j] == bstar;
+    for (int j = 0; j < CPT; j++) ni += bk[j] == bstar;
     int rank = block_excl_scan(ni, tot[0], lane, warp);
-    bool sel[QCPT];
+    bool sel[CPT];
     int ns = 0;
 #pragma unroll
-    for (int j = 0; j < QCPT; j++) {
+    for (int j = 0; j < CPT; j++) {
         const bool inb = bk[j] == bstar;
         rank += inb;
         sel[j] = bk[j] < bstar || (inb && rank <= need);
@@ -117,22 +117,22 @@ __device__ __forceinline__ void qdec_cta(const u16* x, const float* thr, const u
     }
     int slot = block_excl_scan(ns, tot[1], lane, warp);
 #pragma unroll
-    for (int j = 0; j < QCPT; j++)
-        if (sel[j]) { sidx[slot] = c * QC + t * QCPT + j; sxv[slot] = xv[j]; slot++; }
+    for (int j = 0; j < CPT; j++)
+        if (sel[j]) { sidx[slot] = c * C + t * CPT + j; sxv[slot] = xv[j]; slot++; }
     __syncthreads();
-    u32 q[QWPT][QKC];                                 // QWPT words (8 columns each) per thread, every load in flight
+    u32 q[WPT][KC];                                 // WPT words (8 columns each) per thread, every load in flight
 #pragma unroll
-    for (int v = 0; v < QWPT; v++) {
-        const int w = (cb * QWPT + v) * QTHREADS + t;
+    for (int v = 0; v < WPT; v++) {
+        const int w = (blockIdx.y * WPT + v) * THREADS + t;
 #pragma unroll
-        for (int s = 0; s < QKC; s++) q[v][s] = w < W ? ldh(codes + (size_t)sidx[s] * W + w) : 0u;
+        for (int s = 0; s < KC; s++) q[v][s] = w < W ? ldh(codes + (size_t)sidx[s] * W + w) : 0u;
     }
 #pragma unroll
-    for (int v = 0; v < QWPT; v++) {
-        const int w = (cb * QWPT + v) * QTHREADS + t;
+    for (int v = 0; v < WPT; v++) {
+        const int w = (blockIdx.y * WPT + v) * THREADS + t;
         float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
 #pragma unroll
-        for (int s = 0; s < QKC; s++) {
+        for (int s = 0; s < KC; s++) {
             const float xs = sxv[s];
 #pragma unroll
             for (int e = 0; e < 8; e++) acc[e] += xs * (float)((int)((q[v][s] >> (4 * e)) & 15u) - 8);
@@ -145,31 +145,14 @@ __device__ __forceinline__ void qdec_cta(const u16* x, const float* thr, const u
     }
 }
 """
-_KERNEL = r"""
-extern "QC" __global__ void __launch_bounds__(QTHREADS)
-qdec1(const u16* __restrict__ x, const float* __restrict__ thr, const u32* codes, float* __restrict__ ws, int W)
-{
-#if PDL
-    asm volatile("griddepcontrol.wait;" ::: "memory");
-    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-#endif
-    qdec_cta(x, thr, codes, ws, W, blockIdx.x, blockIdx.y);
-}
-"""
-
-
-def device_source(C: int, KC: int, NB: int, threads: int, wpt: int) -> str:
-    """The selection + fetch device function (qdec_cta) for CTAs of `threads` threads (after w4mma's helpers)."""
-    head = (f"#define QC {C}\n#define QKC {KC}\n#define QNB {NB}\n#define QCPT {-(-C // threads)}\n"
-            f"#define QTHREADS {threads}\n#define QWPT {wpt}\n")
-    return head + _SRC
 
 
 def source(C: int, KC: int, NB: int, fp16: bool, pdl: bool, wpt: int = 1) -> str:
     magic, ht, et = ("0x64006400", "f16x2", "f16") if fp16 else ("0x43004300", "bf16x2", "bf16")
-    head = (f"#define PDL {int(pdl)}\n#define FP16 {int(fp16)}\n#define MAGIC_STR \"{magic}\"\n#define HTYPE \"{ht}\"\n"
+    head = (f"#define C {C}\n#define KC {KC}\n#define NB {NB}\n#define CPT {-(-C // THREADS)}\n#define THREADS {THREADS}\n#define WPT {wpt}\n"
+            f"#define PDL {int(pdl)}\n#define FP16 {int(fp16)}\n#define MAGIC_STR \"{magic}\"\n#define HTYPE \"{ht}\"\n"
             f"#define ETYPE \"{et}\"\n#define LDHINT \"\"\n")
-    return head + helpers(fp16) + device_source(C, KC, NB, THREADS, wpt) + _KERNEL
+    return head + helpers(fp16) + _SRC
 
 
 def usable(cl, x2: torch.Tensor, w) -> bool:
@@ -210,22 +193,7 @@ def partials_ref(cl, x2: torch.Tensor) -> torch.Tensor:
     return torch.einsum("nk,nkc->nc", xs, q)
 
 
-def linear(cl, x2: torch.Tensor, w, mode: str | None = None) -> torch.Tensor:
-    """x2 [1, K] -> base(x2) + compensation [1, N] (usable() said so). mode "grid" (default, MODE): the compensation
-    CTAs inside w4mma's launch; "kernel": qdec1, then w4mma."""
-    R = cl.residual
-    if (mode or MODE) == "kernel":
-        ws = partials(cl, x2, w.fp16)
-        return w4mma.w4mma_linear(x2.contiguous(), w, comp=(ws, R.scales_on(x2.device).float(), cl.n_chunks))
-    if cl.thr.dtype != torch.float32 or not cl.thr.is_contiguous() or cl.thr.device != x2.device:
-        cl.thr = cl.thr.to(x2.device, torch.float32).contiguous()
-    from .kernel import mapped
-    cfg = w4mma.default_config(1, w.N, w.K, w4mma._sms(x2.device))
-    qt, W = cfg.WARPS * 32, R.N // 8
-    wpt = WPT_WIDE if (W >= WIDE_W and qt <= 256) else 1
-    C, KC, NB = cl.chunk, cl.k_chunk, cl.thr.shape[1]
-    qdev = (("qdec_cta", C, KC, NB, qt, wpt), device_source(C, KC, NB, qt, wpt))
-    ws = torch.empty(cl.n_chunks, R.N, dtype=torch.float32, device=x2.device)
-    comp = w4mma.GridComp(ws, R.scales_on(x2.device).float(), cl.n_chunks, cl.thr, mapped(R.codes), qdev,
-                          cl.n_chunks * -(-W // (qt * wpt)))
-    return w4mma.w4mma_linear(x2.contiguous(), w, cfg, comp=comp)
+def linear(cl, x2: torch.Tensor, w) -> torch.Tensor:
+    """x2 [1, K] -> base(x2) + compensation [1, N] (usable() said so)."""
+    ws = partials(cl, x2, w.fp16)
+    return w4mma.w4mma_linear(x2.contiguous(), w, comp=(ws, cl.residual.scales_on(x2.device).float(), cl.n_chunks))

@@ -125,37 +125,21 @@ _SMALL = r"""
 extern "C" __global__ void __launch_bounds__(WARPS * 32, MINB)
 w4mma(const uint4* __restrict__ qw, const u32* __restrict__ sz, const u16* __restrict__ x, u16* __restrict__ y,
       int M, int K, int sxm, int sym, const u16* __restrict__ nw, const u16* __restrict__ res, int srm,
-      float* qws, const float* __restrict__ qsc, int qnc, float* qg, int* qcnt, const float* qthr,
-      const u32* qcodes, int qW)
+      const float* __restrict__ qws, const float* __restrict__ qsc, int qnc, float* qg, int* qcnt)
 {
     __shared__ float4 red[WARPS][NT][32];
 #if PRO
     extern __shared__ uint4 xs[];
 #endif
-#if PDL && (QD == 0 || QD == 3)  // programmatic dependent launch: the previous kernel done and flushed before any read
+#if PDL && !QD  // launched with programmatic dependent launch: the previous kernel done and flushed before any read
     asm volatile("griddepcontrol.wait;" ::: "memory");
 #endif
 #if PDL
     asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 #endif
-#if QD == 3 // compensation in the grid: the first QCTAS CTAs to start (an atomic ticket, so they are resident before
-            // any CTA waits for them) select and fetch (specq.compensate.mma qdec_cta); the others take row tiles
-    __shared__ int qtk;
-    if (threadIdx.x == 0) qtk = atomicAdd(qcnt, 1);
-    __syncthreads();
-    if (qtk < QCTAS) {
-        qdec_cta(x, qthr, qcodes, qws, qW, qtk % qnc, qtk / qnc);
-        __threadfence();
-        __syncthreads();
-        if (threadIdx.x == 0) atomicAdd(qcnt + 1, 1);
-        return;
-    }
-    const int tile = qtk - QCTAS;
-#else
-    const int tile = blockIdx.x;
-#endif
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, t = lane & 3;
+    const int tile = blockIdx.x;
     const int KB = K >> 6;
     const int kb0 = warp * KBW;                                   // first 64-k block of this warp
     const uint4* wp = qw + ((size_t)tile * KB + kb0) * 32 + lane;
@@ -336,7 +320,7 @@ _EPILOGUE = r"""#if PDL && QD == 1   // the compensation kernel (specq.compensat
         for (int v = 0; v < WARPS; v++) s += ((const float*)&red[v][n][l])[r];
         const int row = tile * 16 + (l >> 2) + 8 * (r >> 1);
         const int tok = 8 * n + 2 * (l & 3) + (r & 1);
-#if QD >= 2 // no CTA waits for the compensation; the sum goes to qg, the block's last CTA finishes below
+#if QD == 2 // many waves: no CTA waits for the compensation; the sum goes to qg, the block's last CTA finishes below
         if (tok == 0) qg[row] = s;
         continue;
 #endif
@@ -357,41 +341,24 @@ _EPILOGUE = r"""#if PDL && QD == 1   // the compensation kernel (specq.compensat
         if (tok < M) y[(size_t)tok * sym + row] = to16(s);
 #endif
     }
-#if QD >= 2 // the last CTA of each block of QB row tiles (atomic count) waits for the compensation (QD 2: the kernel
-            // before, griddepcontrol; QD 3: the grid's compensation CTAs, a counter), then adds it to the block's
-            // QB * 16 sums and writes y; the other CTAs exit without waiting (M = 1)
+#if QD == 2 // the last CTA of each block of QB row tiles (atomic count) waits for the compensation kernel, then adds
+            // it to the block's QB * 16 sums and writes y; the early waves exit without waiting (M = 1)
     {
         __shared__ int qlast;
-#if QD == 3
-        const int ntiles = gridDim.x - QCTAS;
-        int* bcnt = qcnt + 3;                        // [ticket, compensation CTAs done, blocks done, block counts]
-#else
-        const int ntiles = gridDim.x;
-        int* bcnt = qcnt;
-#endif
-        const int blk = tile / QB, nb = min(QB, ntiles - blk * QB);
+        const int blk = tile / QB, nb = min(QB, (int)gridDim.x - blk * QB);
         __threadfence();
         __syncthreads();
         if (threadIdx.x == 0) {
-            qlast = atomicAdd(bcnt + blk, 1) == nb - 1;
-            if (qlast) bcnt[blk] = 0;               // every CTA of the block has counted: ready for the next launch
+            qlast = atomicAdd(qcnt + blk, 1) == nb - 1;
+            if (qlast) qcnt[blk] = 0;               // every CTA of the block has counted: ready for the next launch
         }
         __syncthreads();
         if (qlast) {
-#if QD == 3
-            if (threadIdx.x == 0) {
-                int v;
-                do {
-                    asm volatile("ld.acquire.gpu.global.s32 %0, [%1];" : "=r"(v) : "l"(qcnt + 1) : "memory");
-                    if (v < QCTAS) __nanosleep(100);
-                } while (v < QCTAS);
-            }
-            __syncthreads();
-#elif PDL
+#if PDL
             asm volatile("griddepcontrol.wait;" ::: "memory");
 #endif
             __threadfence();
-            const int N = ntiles * 16;
+            const int N = gridDim.x * 16;
             for (int row = blk * QB * 16 + threadIdx.x; row < (blk * QB + nb) * 16; row += WARPS * 32) {
                 float s, cs = 0.f;
                 asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(s) : "l"(qg + row));
@@ -407,14 +374,6 @@ _EPILOGUE = r"""#if PDL && QD == 1   // the compensation kernel (specq.compensat
                 y[row] = to16(s);
 #endif
             }
-#if QD == 3
-            __syncthreads();
-            if (threadIdx.x == 0 && atomicAdd(qcnt + 2, 1) == (ntiles + QB - 1) / QB - 1) {
-                qcnt[0] = 0;                        // the last block done: every ticket was taken, every compensation
-                qcnt[1] = 0;                        // CTA counted; ready for the next launch
-                qcnt[2] = 0;
-            }
-#endif
         }
     }
 #endif
@@ -438,15 +397,15 @@ def helpers(fp16: bool) -> str:
 
 def source(NT: int, KBW: int, P: int, WARPS: int, fp16: bool, minb: int = 1, l2hint: bool = False, XR: int = 2,
            pre: bool = False, roll: bool = False, pro: bool = False, res: bool = False, eps: float = 0.0,
-           pdl: bool = False, qd: int = 0, qdev: str = "", qctas: int = 0) -> str:
+           pdl: bool = False, qd: int = 0) -> str:
     """The kernel's CUDA C for one configuration (compile-time constants substituted). pro: RMSNorm prologue
     (epsilon eps) of one token; res: add a residual to the output."""
     magic, one, ht, et = ("0x64006400", "0x3C003C00", "f16x2", "f16") if fp16 else \
         ("0x43004300", "0x3F803F80", "bf16x2", "bf16")
     head = (f"#define NT {NT}\n#define KBW {KBW}\n#define P {P}\n#define WARPS {WARPS}\n#define MINB {minb}\n"
-            f"#define PDL {int(pdl)}\n#define QD {int(qd)}\n#define QB {QB}\n#define QCTAS {int(qctas)}\n#define PRO {int(pro)}\n#define RES {int(res)}\n#define EPS {float(eps)!r}f\n#define ROLL {int(roll)}\n#define XR {XR}\n#define PRE {int(pre)}\n#define FP16 {int(fp16)}\n#define MAGIC_STR \"{magic}\"\n#define HTYPE \"{ht}\"\n"
+            f"#define PDL {int(pdl)}\n#define QD {int(qd)}\n#define QB {QB}\n#define PRO {int(pro)}\n#define RES {int(res)}\n#define EPS {float(eps)!r}f\n#define ROLL {int(roll)}\n#define XR {XR}\n#define PRE {int(pre)}\n#define FP16 {int(fp16)}\n#define MAGIC_STR \"{magic}\"\n#define HTYPE \"{ht}\"\n"
             f"#define ETYPE \"{et}\"\n#define LDHINT \"{'.L2::256B' if l2hint else ''}\"\n")
-    return head + helpers(fp16) + qdev + _SMALL
+    return head + helpers(fp16) + _SMALL
 
 
 def repack_mma(qweight: torch.Tensor) -> torch.Tensor:
@@ -579,38 +538,26 @@ def compiled(key, make_source, name: str):
 
 
 def kernel(c: Cfg, KBW: int, fp16: bool, device: int = 0, pro: bool = False, res: bool = False, eps: float = 0.0,
-           pdl: bool = False, qd: int = 0, qdev: tuple = ("", ""), qctas: int = 0):
-    """The compiled kernel for one configuration, loaded into `device`'s context (call under that device).
-    qdev: (key, CUDA source) of the compensation device function (qd 3)."""
-    return compiled(("w4mma", c, KBW, fp16, device, pro, res, eps, pdl, qd, qdev[0], qctas),
+           pdl: bool = False, qd: int = 0):
+    """The compiled kernel for one configuration, loaded into `device`'s context (call under that device)."""
+    return compiled(("w4mma", c, KBW, fp16, device, pro, res, eps, pdl, qd),
                     lambda: source(c.NT, KBW, c.P, c.WARPS, fp16, c.MINB, c.L2HINT, c.XR, c.PRE, c.ROLL, pro, res, eps,
-                                   pdl, qd, qdev[1], qctas), "w4mma")
-
-
-class GridComp(NamedTuple):
-    """Compensation inside w4mma's grid (specq.compensate.mma, one token): its device function and data."""
-    ws: torch.Tensor        # float32 [n, N] chunk partials (written by the compensation CTAs)
-    scale: torch.Tensor     # float32 [N] residual scales
-    n: int                  # chunks
-    thr: torch.Tensor       # float32 [n, NB] bucket thresholds
-    codes: object           # mapped host pointer of the int32 [K, N/8] residual codes (data_ptr())
-    qdev: tuple             # (key, source) of qdec_cta for CTAs of WARPS * 32 threads
-    ctas: int               # compensation CTAs (n * column blocks)
+                                   pdl, qd), "w4mma")
 
 
 QB = 64                # compensation, many-wave grids: row tiles per block finished by its last CTA
 _QCNT: dict = {}
 
 
-def _counters(w: "MMAWeight", device, extra: int = 0) -> torch.Tensor:
+def _counters(w: "MMAWeight", device) -> torch.Tensor:
     """Per weight: int32 block counters of the many-wave compensation epilogue, zero between launches (the last CTA
     of a block resets its counter). Allocated on the first (eager) call, before any graph capture."""
-    key = (w.words.data_ptr(), str(device), extra)
+    key = (w.words.data_ptr(), str(device))
     c = _QCNT.get(key)
     if c is None:
         if torch.cuda.is_current_stream_capturing():
             raise SpecqError("w4mma: run a compensated Linear once eagerly before capturing it")
-        c = _QCNT[key] = torch.zeros(extra + -(-(w.N // 16) // QB), dtype=torch.int32, device=device)
+        c = _QCNT[key] = torch.zeros(-(-(w.N // 16) // QB), dtype=torch.int32, device=device)
     return c
 
 
@@ -657,7 +604,7 @@ def w4mma_linear(x: torch.Tensor, w: MMAWeight, cfg: Cfg | None = None, norm_w: 
         raise SpecqError(f"w4mma: x {tuple(x.shape)} against weight K={w.K} (M <= {MAX_M})")
     if pro and not fusable(M, K):
         raise SpecqError(f"w4mma: a fused prologue takes one token of K * 2 <= {FUSE_SMEM} bytes (M={M}, K={K})")
-    if comp is not None and (M != 1 or comp[0].dtype != torch.float32 or comp[0].shape[-1] != w.N or pro):
+    if comp is not None and (M != 1 or comp[0].dtype != torch.float32 or comp[0].shape[-1] != w.N):
         raise SpecqError(f"w4mma: compensation partials take one token and float32 [n, {w.N}]")
     if res is not None and (tuple(res.shape) != (M, w.N) or res.dtype != x.dtype or res.stride(-1) != 1):
         raise SpecqError(f"w4mma: residual {tuple(res.shape)} {res.dtype} does not match the output ({M}, {w.N})")
@@ -671,21 +618,14 @@ def w4mma_linear(x: torch.Tensor, w: MMAWeight, cfg: Cfg | None = None, norm_w: 
     shm = K * 2 if pro else 0
     with torch.cuda.device(x.device):            # module and stream of x's GPU, whatever the current device is
         pdl = PDL.enabled(x.device)
-        grid_comp = isinstance(comp, GridComp)
-        qd = 0 if comp is None else 3 if grid_comp else 2 if w.N // 16 > c.MINB * _sms(x.device) else 1
-        k = kernel(c, KBW, w.fp16, x.device.index or 0, pro, res is not None, float(eps) if pro else 0.0, pdl, qd,
-                   comp.qdev if grid_comp else ("", ""), comp.ctas if grid_comp else 0)
+        qd = 0 if comp is None else 2 if w.N // 16 > c.MINB * _sms(x.device) else 1
+        k = kernel(c, KBW, w.fp16, x.device.index or 0, pro, res is not None, float(eps) if pro else 0.0, pdl, qd)
         args = [w.words, w.sz, x, y, M, K, x.stride(0), y.stride(0), norm_w if norm_w is not None else x,
                 res if res is not None else y, res.stride(0) if res is not None else 0,
                 comp[0] if comp is not None else y, comp[1] if comp is not None else y,
                 int(comp[2]) if comp is not None else 0,
-                torch.empty(w.N, dtype=torch.float32, device=x.device) if qd >= 2 else y,
-                _counters(w, x.device, 3 if qd == 3 else 0) if qd >= 2 else y,
-                comp.thr if grid_comp else y, comp.codes if grid_comp else y, w.N // 8 if grid_comp else 0]
-        if grid_comp:                            # the host pointer needs cuLaunchKernelEx (torch's launcher takes tensors)
-            PDL.launch(k, (w.N // 16 + comp.ctas, 1, 1), (c.WARPS * 32, 1, 1), args, shared_mem=shm,
-                       pdl=pdl and torch.cuda.is_current_stream_capturing())
-            return y
+                torch.empty(w.N, dtype=torch.float32, device=x.device) if qd == 2 else y,
+                _counters(w, x.device) if qd == 2 else y]
         if pdl and torch.cuda.is_current_stream_capturing():
             PDL.launch(k, (w.N // 16, 1, 1), (c.WARPS * 32, 1, 1), args, shared_mem=shm)
         else:
