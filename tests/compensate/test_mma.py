@@ -1,0 +1,86 @@
+"""One-token compensation on w4mma (specq.compensate.mma): the reference of qdec1's partials, the routing, and the
+CUDA sources (compiled for sm_90 where nvcc is installed). The kernels run on the GPU only (bench/qdec_overhead.py
+check_mma compares them with these references)."""
+import shutil
+import subprocess
+
+import pytest
+import torch
+
+from specq.compensate import mma
+from specq.compensate import select as SEL
+from specq.compensate.linear import CompensatedLinear
+from specq.compensate.residual import Residual
+from specq.kernels import w4mma
+
+
+def _layer(K=2048, N=256, kc=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(N, K, generator=g)
+    res = Residual.from_weights(W, W + 0.01 * torch.randn(N, K, generator=g))
+    x = torch.randn(64, K, generator=g) * torch.exp(torch.randn(K, generator=g))
+    base = torch.nn.Linear(K, N, bias=False)
+    return CompensatedLinear(base, res, k_chunk=kc, selector="approx", stats=SEL.calib_stats(x)), x, res
+
+
+@pytest.mark.parametrize("kc", [1, 5, 20])
+def test_partials_sum_to_the_reference_correction(kc):
+    """scale * sum over chunks of partials_ref == CompensatedLinear.correction (the math w4mma's QD epilogue does)."""
+    cl, x, res = _layer(kc=kc)
+    for i in range(3):
+        x1 = x[i:i + 1]
+        ws = mma.partials_ref(cl, x1)                                        # [n, N]
+        assert ws.shape == (cl.n_chunks, res.N)
+        ref = cl.correction(x1, cl.select(x1))[0]
+        assert torch.allclose(ws.sum(0) * res.scales, ref, rtol=1e-5, atol=1e-6 * float(ref.abs().max()))
+
+
+def test_partials_ref_changes_with_the_selection():
+    """A different salient set gives different partials (the GPU check relies on this to catch a wrong selection)."""
+    cl, x, _ = _layer()
+    a = mma.partials_ref(cl, x[:1])
+    cl.set_k(6)
+    b = mma.partials_ref(cl, x[:1])
+    assert not torch.allclose(a, b)
+
+
+def test_not_usable_off_cuda_or_for_exact_selection():
+    cl, x, _ = _layer()
+    assert not mma.usable(cl, x[:1], object())                              # CPU tensor
+    cl.selector = "exact"
+    assert not mma.usable(cl, x[:1], object())
+
+
+def test_w4mma_qd_epilogues_wait_where_they_should():
+    """QD 1: no wait before the loads, one in the epilogue before the partials are read; QD 2: only the block's last
+    CTA waits; QD 0 keeps the wait first (programmatic dependent launch)."""
+    for qd in (1, 2):
+        src = w4mma.source(1, 8, 8, 16, False, 2, pdl=True, qd=qd)
+        body = src[src.index("w4mma(const uint4*"):]
+        assert "#define QD %d" % qd in src
+        first_wait = body.index('asm volatile("griddepcontrol.wait;"')
+        assert body.index("#if PDL && !QD") < first_wait                      # the start-of-kernel wait is off
+        assert body.index("#if QD == 2") < body.index("qg[row] = s")
+    src0 = w4mma.source(1, 8, 8, 16, False, 2, pdl=True)
+    assert "#define QD 0" in src0
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
+@pytest.mark.parametrize("C,KC,fp16,pdl,wpt", [(1024, 5, False, True, 2), (576, 20, True, False, 1),
+                                               (1024, 32, False, True, 1)])
+def test_qdec1_compiles_for_sm90(tmp_path, C, KC, fp16, pdl, wpt):
+    f = tmp_path / "qdec1.cu"
+    f.write_text(mma.source(C, KC, 32, fp16, pdl, wpt))
+    r = subprocess.run(["nvcc", "-cubin", "-arch=sm_90", "-o", str(f.with_suffix(".cubin")), str(f)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
+@pytest.mark.parametrize("qd,res", [(1, False), (2, True)])
+def test_w4mma_qd_compiles_for_sm90(tmp_path, qd, res):
+    f = tmp_path / "w4mma.cu"
+    f.write_text(w4mma.source(1, 8, 4, 8, False, 3, False, 2, False, False, False, res, 0.0, True, qd))
+    r = subprocess.run(["nvcc", "-cubin", "-arch=sm_90", "-o", str(f.with_suffix(".cubin")), str(f)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
