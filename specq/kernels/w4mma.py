@@ -346,9 +346,9 @@ _EPILOGUE = r"""#if PDL && QD == 1   // the compensation kernel (specq.compensat
     {
         __shared__ int qlast;
         const int blk = tile / QB, nb = min(QB, (int)gridDim.x - blk * QB);
-        __threadfence();
-        __syncthreads();
+        __syncthreads();                            // the CTA's qg stores, then one fence (cumulative) and the count
         if (threadIdx.x == 0) {
+            __threadfence();
             qlast = atomicAdd(qcnt + blk, 1) == nb - 1;
             if (qlast) qcnt[blk] = 0;               // every CTA of the block has counted: ready for the next launch
         }
