@@ -301,7 +301,7 @@ def main():
             log(f"[{base_name}] base {base_us:.1f} us per layer")
             for (kf, sel, fused), v in q_t.items():
                 q_us = statistics.median(v)
-                mm = fused and getattr(getattr(one, "w", None), "mma", None) is not None
+                mm = fused and sel == "approx" and getattr(getattr(one, "w", None), "mma", None) is not None
                 path = ("w4mma+qdec1" if mm else "fused" if fused else "side+add") if fusable else "side+add"
                 result["rows"].append(dict(bits=bits, k_fraction=kf, selector=sel, base_us=round(base_us, 2),
                                            qdec_us=round(q_us, 2), slowdown=round(q_us / base_us - 1, 4), base=base_name,
