@@ -84,3 +84,45 @@ def test_w4mma_qd_compiles_for_sm90(tmp_path, qd, res):
     r = subprocess.run(["nvcc", "-cubin", "-arch=sm_90", "-o", str(f.with_suffix(".cubin")), str(f)],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+def _cuobjdump():
+    try:
+        import os
+        import triton
+        p = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+        return p if os.path.exists(p) else shutil.which("cuobjdump")
+    except Exception:  # noqa: BLE001 - no triton: look on PATH
+        return shutil.which("cuobjdump")
+
+
+def _sass_ops(tmp_path, src: str) -> list[str]:
+    f = tmp_path / "k.cu"
+    f.write_text(src)
+    r = subprocess.run(["nvcc", "-cubin", "-arch=sm_90", "-o", str(f.with_suffix(".cubin")), str(f)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = subprocess.run([_cuobjdump(), "-sass", str(f.with_suffix(".cubin"))], capture_output=True, text=True).stdout
+    ops = []
+    for line in out.splitlines():
+        parts = line.split("*/")
+        if len(parts) < 2 or not parts[1].strip():
+            continue
+        toks = parts[1].strip().split()
+        op = toks[1] if toks[0].startswith("@") and len(toks) > 1 else toks[0]
+        ops.append(op.rstrip(";"))
+    return ops
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None or _cuobjdump() is None, reason="nvcc / cuobjdump not installed")
+def test_sass_wait_positions(tmp_path):
+    """In the machine code: plain PDL w4mma waits (ACQBULK) before its first global load; the QD variant waits only
+    after its MMAs (epilogue), and every load after that wait is a coherent one (not .CONSTANT); qdec1 waits first."""
+    ops = _sass_ops(tmp_path, w4mma.source(1, 8, 4, 8, False, 3, False, 2, False, False, False, True, 0.0, True, 0))
+    assert ops.index("ACQBULK") < min(i for i, o in enumerate(ops) if o.startswith("LDG"))
+    ops = _sass_ops(tmp_path, w4mma.source(1, 8, 4, 8, False, 3, False, 2, False, False, False, False, 0.0, True, 1))
+    wait = ops.index("ACQBULK")
+    assert max(i for i, o in enumerate(ops) if o.startswith("HMMA")) < wait
+    assert any(o == "LDG.E" for o in ops[wait:])                              # the partials, coherent
+    ops = _sass_ops(tmp_path, mma.source(1024, 5, 32, False, True, 2))
+    assert ops.index("ACQBULK") < min(i for i, o in enumerate(ops) if o.startswith("LDG"))
