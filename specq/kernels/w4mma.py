@@ -604,8 +604,9 @@ def w4mma_linear(x: torch.Tensor, w: MMAWeight, cfg: Cfg | None = None, norm_w: 
         raise SpecqError(f"w4mma: x {tuple(x.shape)} against weight K={w.K} (M <= {MAX_M})")
     if pro and not fusable(M, K):
         raise SpecqError(f"w4mma: a fused prologue takes one token of K * 2 <= {FUSE_SMEM} bytes (M={M}, K={K})")
-    if comp is not None and (M != 1 or comp[0].dtype != torch.float32 or comp[0].shape[-1] != w.N):
-        raise SpecqError(f"w4mma: compensation partials take one token and float32 [n, {w.N}]")
+    if comp is not None and (M != 1 or comp[0].dtype != torch.float32 or comp[0].shape[-1] != w.N or pro):
+        raise SpecqError(f"w4mma: compensation partials take one token and float32 [n, {w.N}], without a fused "
+                         "norm (they were selected from x as given)")
     if res is not None and (tuple(res.shape) != (M, w.N) or res.dtype != x.dtype or res.stride(-1) != 1):
         raise SpecqError(f"w4mma: residual {tuple(res.shape)} {res.dtype} does not match the output ({M}, {w.N})")
     c = cfg or default_config(M, w.N, K, _sms(x.device))

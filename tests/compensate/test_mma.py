@@ -126,3 +126,23 @@ def test_sass_wait_positions(tmp_path):
     assert any(o == "LDG.E" for o in ops[wait:])                              # the partials, coherent
     ops = _sass_ops(tmp_path, mma.source(1024, 5, 32, False, True, 2))
     assert ops.index("ACQBULK") < min(i for i, o in enumerate(ops) if o.startswith("LDG"))
+
+
+def test_w4mma_rejects_bad_compensation_before_launching():
+    """Compensation partials take one token and float32 [n, N], without the fused norm: anything else is a SpecqError
+    (checked before any kernel is compiled or launched, so this runs on the CPU)."""
+    from specq.errors import SpecqError
+    from specq.kernels import ref
+    N, K = 32, 256
+    w = w4mma.prepare_mma(*ref.random_w4a16(N, K, 128, True, torch.bfloat16, "cpu", torch.Generator().manual_seed(0)),
+                          128, torch.bfloat16)
+    ws, sc = torch.zeros(2, N), torch.ones(N)
+    x1, x2 = torch.randn(1, K, dtype=torch.bfloat16), torch.randn(2, K, dtype=torch.bfloat16)
+    with pytest.raises(SpecqError, match="one token"):
+        w4mma.w4mma_linear(x2, w, comp=(ws, sc, 2))                           # two tokens
+    with pytest.raises(SpecqError, match="one token"):
+        w4mma.w4mma_linear(x1, w, comp=(ws.half(), sc, 2))                    # not float32
+    with pytest.raises(SpecqError, match="one token"):
+        w4mma.w4mma_linear(x1, w, comp=(torch.zeros(2, N + 8), sc, 2))         # wrong width
+    with pytest.raises(SpecqError, match="one token"):
+        w4mma.w4mma_linear(x1, w, norm_w=torch.ones(K, dtype=torch.bfloat16), eps=1e-5, comp=(ws, sc, 2))
