@@ -19,20 +19,25 @@ from specq.kernels import ref, w4mma  # noqa: E402
 from specq.models.llama import RMSNorm  # noqa: E402
 
 
-@torch.no_grad()
-def main():
-    M = int(sys.argv[1]) if len(sys.argv) > 1 else 1
+def layer_weights(dev="cuda", dt=torch.bfloat16, n_layers: int = 4):
+    """Llama-3-8B layers of distinct random int4 weights in w4mma's layout: (shapes {name: (K, N)}, D, I, layers)."""
     g = torch.Generator().manual_seed(0)
-    dev, dt = "cuda", torch.bfloat16
     shapes = {n: (K, N) for n, K, N in MODELS["llama3-8b"]}
-    D, I = shapes["qkv"][0], shapes["down"][0]
     layers = []
-    for _ in range(4):
+    for _ in range(n_layers):
         w = {}
         for n, (K, N) in shapes.items():
             q, s, z = ref.random_w4a16(N, K, 128, True, dt, dev, g)
             w[n] = w4mma.prepare_mma(q, s, z, 128, dt)
         layers.append(w)
+    return shapes, shapes["qkv"][0], shapes["down"][0], layers
+
+
+@torch.no_grad()
+def main():
+    M = int(sys.argv[1]) if len(sys.argv) > 1 else 1
+    dev, dt = "cuda", torch.bfloat16
+    shapes, D, I, layers = layer_weights(dev, dt)
     n1, n2 = RMSNorm(D, 1e-5).to(dev, dt), RMSNorm(D, 1e-5).to(dev, dt)
     h = torch.randn(M, D, device=dev, dtype=dt)
     attn = torch.randn(M, D, device=dev, dtype=dt)     # stands in for the attention output

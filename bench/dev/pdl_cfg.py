@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from bench.check_kernels import MODELS  # noqa: E402
+from bench.dev.fused_ab import layer_weights  # noqa: E402
 from bench.kernels import graph_time  # noqa: E402
-from specq.kernels import pdl, ref, w4mma  # noqa: E402
+from specq.kernels import pdl, w4mma  # noqa: E402
 from specq.models.llama import RMSNorm  # noqa: E402
 
 
@@ -34,18 +34,9 @@ def candidates(K: int):
 
 @torch.no_grad()
 def main():
-    g = torch.Generator().manual_seed(0)
     dev, dt = "cuda", torch.bfloat16
     pdl.configure_inductor(torch.device(dev))
-    shapes = {n: (K, N) for n, K, N in MODELS["llama3-8b"]}
-    D, I = shapes["qkv"][0], shapes["down"][0]
-    layers = []
-    for _ in range(4):
-        w = {}
-        for n, (K, N) in shapes.items():
-            q, s, z = ref.random_w4a16(N, K, 128, True, dt, dev, g)
-            w[n] = w4mma.prepare_mma(q, s, z, 128, dt)
-        layers.append(w)
+    shapes, D, I, layers = layer_weights(dev, dt)
     n1, n2 = RMSNorm(D, 1e-5).to(dev, dt), RMSNorm(D, 1e-5).to(dev, dt)
     h = torch.randn(1, D, device=dev, dtype=dt)
     attn = torch.randn(1, D, device=dev, dtype=dt)

@@ -109,9 +109,8 @@ class CompensatedLinear(nn.Module):
         w = get(x2.dtype) if (get is not None and self.use_fused and self.residual.dense is None) else None
         if w is None:
             return None
-        from . import kernel
+        from . import kernel, mma
         perm = getattr(self.base, "perm", None)
-        from . import mma
         if perm is None and self.use_mma and mma.usable(self, x2, getattr(w, "mma", None)):
             y = mma.linear(self, x2, w.mma)         # one token on w4mma, the decode kernel
         else:

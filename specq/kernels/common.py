@@ -5,6 +5,7 @@ import os
 
 import torch
 
+from . import pdl
 from .ref import SHIFTS, unpack_int4
 
 try:  # CI has no GPU and may have no triton: everything else in specq.kernels still works
@@ -38,7 +39,6 @@ def use_triton(x: torch.Tensor) -> bool:
 def pdl_launch(device) -> tuple[bool, dict]:
     """(PDL flag, extra launch kwargs) for specq's Triton kernels on this device: programmatic dependent launch
     (specq.kernels.pdl.enabled) where this triton has griddepcontrol (tl.extra.cuda.gdc_wait, triton >= 3.3)."""
-    from . import pdl
     on = HAS_TRITON and pdl.enabled(device) and _HAS_GDC
     return on, ({"launch_pdl": True} if on else {})
 
