@@ -523,9 +523,9 @@ def default_config(M: int, N: int, K: int, sms: int | None = None) -> Cfg:
     raise SpecqError(f"w4mma: K={K} is not a multiple of 128")
 
 
-def compiled(key, make_source, name: str):
+def compiled(key, make_source, name: str, arch: str | None = None):
     """The NVRTC-compiled kernel `name` for a cache key (its CUDA C from make_source(), compiled once per key, loaded
-    into the current device's context: call under that device)."""
+    into the current device's context: call under that device). arch: e.g. "90a" (wgmma), default the device's."""
     k = _KERNELS.get(key)
     if k is None:
         with _LOCK:
@@ -533,7 +533,8 @@ def compiled(key, make_source, name: str):
             if k is None:
                 if not hasattr(torch.cuda, "_compile_kernel"):
                     raise SpecqError(f"{name} needs torch.cuda._compile_kernel (NVRTC), not in torch {torch.__version__}")
-                k = _KERNELS[key] = torch.cuda._compile_kernel(make_source(), name)
+                k = _KERNELS[key] = (torch.cuda._compile_kernel(make_source(), name) if arch is None else
+                                         torch.cuda._compile_kernel(make_source(), name, compute_capability=arch))
     return k
 
 

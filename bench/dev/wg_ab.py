@@ -1,0 +1,140 @@
+"""A/B of the wgmma W4A16 kernel (specq/kernels/w4wg.py, 17..64 tokens) against the Triton kernel (the default at
+M > 16) and torch int4, one GPU, one run: every variant checked against the reference first (rel err <= 1e-2, two
+launches bit-equal), then timed per matmul and as the whole Llama-3-8B layer (4 matmuls) in CUDA-graph replays
+(bench/kernels.graph_time). On a failed check: a raw-accumulator dump of one small CTA tells which (row, token)
+each register holds.
+PYTHONPATH=$PWD MS=64,32 VARIANTS=d,p8 python bench/dev/wg_ab.py [llama3-8b] [llama3-70b]"""
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from bench.check_kernels import MODELS  # noqa: E402
+from bench.kernels import graph_time  # noqa: E402
+from specq.errors import SpecqError  # noqa: E402
+from specq.kernels import ref  # noqa: E402
+from specq.kernels import w4a16 as W  # noqa: E402
+from specq.kernels import w4wg as V  # noqa: E402
+
+C = V.WgCfg
+VARIANTS = {
+    "d": C(),
+    "p8": C(P=8),
+    "s4": C(S=4),
+    "s3": C(S=3),
+    "t132": C(TARGET=132),
+    "t528": C(TARGET=528),
+    "db0": C(DB=0),
+    "m1": C(MINB=1),
+    "wg1rt2": C(WG=1, RT=2, MINB=2),
+    "wg1rt2db0": C(WG=1, RT=2, MINB=2, DB=0),
+    "wg2rt2": C(WG=2, RT=2, MINB=1),
+    "wg1": C(WG=1, RT=1, MINB=4, TARGET=528),
+    "wg1m3": C(WG=1, RT=1, MINB=3, TARGET=396),
+}
+if os.environ.get("VARIANTS"):
+    VARIANTS = {k: VARIANTS[k] for k in os.environ["VARIANTS"].split(",")}
+
+
+def diagnose(dtype=torch.bfloat16):
+    """Raw accumulators of one CTA (N = 128, K = 128, 64 tokens) against the reference product."""
+    g = torch.Generator().manual_seed(3)
+    N, K, M = 128, 128, 64
+    q, s, z = ref.random_w4a16(N, K, 128, True, dtype, "cuda", g)
+    w = W.prepare_w4a16(q, s, z, 128).mma
+    x = torch.randn(M, K, device="cuda", dtype=dtype)
+    r = (x.float() @ ref.dequant_w4(q, s, z).float().T).cpu()             # [M, N]
+    d = V.w4wg_linear(x, w, C(SPLIT=1), dump=True).view(256, 32).cpu()
+    hits, shown = 0, 0
+    for th in range(256):
+        warp, lane = th // 32, th % 32
+        gq, t = lane // 4, lane % 4
+        for reg in range(32):
+            n, c = reg // 4, reg % 4
+            row = (warp // 4) * 64 + (warp % 4) * 16 + gq + 8 * (c >> 1)
+            tok = 8 * n + 2 * t + (c & 1)
+            v = float(d[th, reg])
+            if abs(v - float(r[tok, row])) <= 2e-2 * (1 + abs(v)):
+                hits += 1
+            elif shown < 12:
+                idx = int((r - v).abs().argmin())
+                print(f"  thread {th} reg {reg}: {v:.4f}, expected (tok {tok}, row {row}) {float(r[tok, row]):.4f}; "
+                      f"closest (tok {idx // N}, row {idx % N}) {float(r.view(-1)[idx]):.4f}", flush=True)
+                shown += 1
+    print(f"diagnose: {hits} of {256 * 32} registers where expected; |acc| mean {float(d.abs().mean()):.3f}, "
+          f"|ref| mean {float(r.abs().mean()):.3f}", flush=True)
+
+
+@torch.inference_mode()
+def main():
+    print("torch", torch.__version__, torch.cuda.get_device_name(), flush=True)
+    t0 = time.time()
+    for model in sys.argv[1:] or ["llama3-8b"]:
+        g = torch.Generator().manual_seed(1)
+        ws = []
+        for name, K, N in MODELS[model]:
+            q, s, z = ref.random_w4a16(N, K, 128, True, torch.bfloat16, "cuda", g)
+            ws.append({"name": name, "K": K, "N": N, "raw": (q, s, z), "w": W.prepare_w4a16(q, s, z, 128)})
+        failed = False
+        for m in [int(v) for v in os.environ.get("MS", "64,32").split(",")]:
+            xs = {d["K"]: torch.randn(m, d["K"], device="cuda", dtype=torch.bfloat16) for d in ws}
+            ok = {}
+            for d in ws:
+                q, s, z = d["raw"]
+                r = xs[d["K"]].float() @ ref.dequant_w4(q, s, z).float().T
+                for v, c in VARIANTS.items():
+                    try:
+                        y = V.w4wg_linear(xs[d["K"]], d["w"].mma, c)
+                        y2 = V.w4wg_linear(xs[d["K"]], d["w"].mma, c)
+                    except SpecqError as e:
+                        print("skip", d["name"], v, e, flush=True)
+                        continue
+                    e = ((y.float() - r).norm() / r.norm()).item()
+                    same = bool(torch.equal(y, y2))
+                    if e < 1e-2 and same:
+                        ok.setdefault(d["name"], []).append(v)
+                    else:
+                        failed = True
+                        print("CHECK FAILED", model, m, d["name"], v, f"rel {e:.3g}",
+                              "deterministic" if same else "NOT deterministic", flush=True)
+            if failed:
+                diagnose()
+                return
+            tri = {d["name"]: graph_time([lambda d=d: W.w4a16_linear(xs[d["K"]], d["w"], cfg=W.default_config(m, d["N"], d["K"]))])
+                   for d in ws}
+            best = {}
+            for d in ws:
+                t = {v: graph_time([lambda d=d, v=v: V.w4wg_linear(xs[d["K"]], d["w"].mma, VARIANTS[v])])
+                     for v in ok.get(d["name"], [])}
+                by = d["N"] * d["K"] / 2
+                if t:
+                    best[d["name"]] = min(t, key=t.get)
+                print(f"{model} M={m} {d['name']:8s} triton {tri[d['name']]:6.1f} | " +
+                      " ".join(f"{k} {v:6.1f}" for k, v in sorted(t.items(), key=lambda kv: kv[1])) +
+                      (f" | best {t[best[d['name']]]:.1f} us = {by / t[best[d['name']]] / 1e3:.0f} GB/s" if t else ""),
+                      flush=True)
+            tt = graph_time([lambda d=d: W.w4a16_linear(xs[d["K"]], d["w"], cfg=W.default_config(m, d["N"], d["K"]))
+                             for d in ws])
+            layer = {}
+            for v in VARIANTS:
+                if all(v in ok.get(d["name"], []) for d in ws):
+                    layer[v] = graph_time([lambda d=d, v=v: V.w4wg_linear(xs[d["K"]], d["w"].mma, VARIANTS[v]) for d in ws])
+            if len(best) == len(ws):
+                layer["per-matmul-best"] = graph_time([lambda d=d: V.w4wg_linear(xs[d["K"]], d["w"].mma,
+                                                                                 VARIANTS[best[d["name"]]]) for d in ws])
+            print(f"{model} M={m} LAYER triton {tt:6.1f} | " +
+                  " ".join(f"{k} {v:6.1f}" for k, v in sorted(layer.items(), key=lambda kv: kv[1])) +
+                  f"  best per matmul: {best}", flush=True)
+        print(f"[{time.time() - t0:.0f} s]", flush=True)
+        del ws
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    if os.environ.get("DIAG"):
+        diagnose()
+    else:
+        main()

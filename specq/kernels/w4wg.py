@@ -1,0 +1,347 @@
+"""W4A16 for 17..64 tokens (speculative verification) with Hopper warpgroup MMA (wgmma), as a CUDA C kernel
+compiled at run time by NVRTC for sm_90a, on the few-token kernel's weight layout (w4mma.py: int32
+[N/16, K/64, 32, 4] words, [N/16, K/128, 16] scale/zero words), so one copy of the int4 words serves every M.
+
+Why: mma.sync caps a warp-level design near 50-60 us per Llama-3-8B layer at 64 tokens (kernels_w4a16_dev.txt run
+12), and the Triton kernel takes ~116 us. wgmma m64nNk16 takes A (64 rows x 16 k) from registers and B (16 k x N
+tokens) from shared memory: the dequantized weights never touch shared memory, and one x tile in shared memory
+feeds every warpgroup of the CTA.
+
+Work split: a CTA has WG warpgroups, each over RT 64-row blocks (warp q of a warpgroup: the 16-row tile q of each
+block, exactly the w4mma tile whose words its lanes load), all over the same K slice of KBW 64-k blocks; K is
+split over SPLIT CTAs (grid.y), partials summed by the last CTA of a row group in a fixed order (deterministic).
+Per 64-k block: every thread copies its share of x [NTOK tokens, 64 k] into a stage in shared memory (cp.async,
+4-byte pieces: the words permute k inside a block, see below), the warps dequantize their weights ((q - z) * s,
+one rounding, as the Triton kernel) into A registers, and each warpgroup issues RT x 4 wgmma.
+
+Shared-memory x tile of a stage: NTOK rows (tokens; rows >= M zero-filled) of 128 bytes, 128-byte swizzled
+(16-byte chunk c of row m at chunk c ^ (m % 8); 1024-byte atoms of 8 rows), the canonical K-major B layout, so the
+descriptor of k16 step j is the stage address + 32 j. Position L = 16 j + kappa of a row holds the x element the
+words pair with lane (g, t)'s A register: kappa = 2 t + e -> k = 16 t + 4 j + e, kappa = 8 + 2 t + e ->
+k = 16 t + 4 j + 2 + e (w4mma.repack_mma). stage_map() is this map in torch; the CPU tests check it against the
+reference product.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from ..errors import SpecqError
+from . import w4mma
+
+MAX_M = 64
+_WG = r"""
+__device__ __forceinline__ float ldcg(const float* p) {       // L2, not L1: other CTAs wrote it
+    float v;
+    asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(v) : "l"(p));
+    return v;
+}
+__device__ __forceinline__ void cpa4(u32 dst, const void* src, int bytes) {   // 4 B, zero-filled past `bytes`
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" :: "r"(dst), "l"(src), "r"(bytes));
+}
+__device__ __forceinline__ unsigned long long xdesc(u32 addr) {  // K-major, 128-byte swizzle, 8-row groups 1024 B apart
+    return (unsigned long long)((addr & 0x3FFFFu) >> 4) | (1ull << 16) | (64ull << 32) | (1ull << 62);
+}
+WGMMA_FN
+#define ROWS (64 * RT * WG)     // output rows per CTA
+#define XST (NTOK * 128)        // bytes per x stage
+// grid (N / ROWS, SPLIT), block WG * 128, dynamic shared memory S * XST + 1024
+// ws: fp32 [SPLIT, M, N] partials (SPLIT > 1); locks: int32 [>= N / ROWS], zero between launches
+extern "C" __global__ void __launch_bounds__(WG * 128, MINB)
+w4wg(const uint4* __restrict__ qw, const u32* __restrict__ sz, const u16* __restrict__ x, u16* __restrict__ y,
+     float* __restrict__ ws, int* __restrict__ locks, int M, int N, int K, int sxm, int sym)
+{
+    extern __shared__ __align__(1024) unsigned char xsm[];
+    const u32 xs0 = ((u32)__cvta_generic_to_shared(xsm) + 1023u) & ~1023u;
+#if PDL
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int g = lane >> 2, t = lane & 3;
+    const int KB = K >> 6;
+    const int kb0 = blockIdx.y * KBW;                            // first 64-k block of this CTA's K slice
+    int tile[RT];
+    const uint4* wp[RT];
+    const u32* sp[RT];
+#pragma unroll
+    for (int r = 0; r < RT; r++) {
+        tile[r] = (blockIdx.x * ROWS + ((warp >> 2) * RT + r) * 64) / 16 + (warp & 3);
+        wp[r] = qw + ((size_t)tile[r] * KB + kb0) * 32 + lane;
+        sp[r] = sz + ((size_t)tile[r] * (KB >> 1) + (kb0 >> 1)) * 16 + g;
+    }
+    const u16* xg = x + (size_t)kb0 * 64;
+#define STAGE(blk, st) \
+    for (int q = threadIdx.x; q < NTOK * 32; q += WG * 128) { \
+        const int m = q >> 5, p = q & 31; \
+        cpa4(xs0 + (st) * XST + m * 128 + (((((p >> 1) & 3) * 2 + (p & 1)) ^ (m & 7)) << 4) + (p >> 3) * 4, \
+             xg + (size_t)(m < M ? m : 0) * sxm + (size_t)(blk) * 64 + 2 * p, m < M ? 4 : 0); \
+    }
+#pragma unroll
+    for (int i = 0; i < S - 2; i++) {
+        if (i < KBW) { STAGE(i, i) }
+        asm volatile("cp.async.commit_group;");
+    }
+    float acc[RT][NTOK / 2];
+#pragma unroll
+    for (int r = 0; r < RT; r++)
+#pragma unroll
+        for (int c = 0; c < NTOK / 2; c++) acc[r][c] = 0.f;
+    uint4 wb[P][RT];                  // weight ring: blocks b .. b+P-1 of every row tile
+    u32 sb[P / 2][RT][2];             // their groups' scale/zero words (rows g, g + 8)
+#pragma unroll
+    for (int i = 0; i < P; i++)
+#pragma unroll
+        for (int r = 0; r < RT; r++) {
+            if (i < KBW) {
+                wb[i][r] = ldw(wp[r] + i * 32);
+                if (i % 2 == 0) { sb[i / 2][r][0] = lds(sp[r] + (i / 2) * 16); sb[i / 2][r][1] = lds(sp[r] + (i / 2) * 16 + 8); }
+            }
+        }
+    u32 s[RT][2];
+    u32 a[DB + 1][RT][4][4];          // A registers: DB = 1 double-buffers them (block b's dequant beside b-1's wgmma)
+#pragma unroll 1
+    for (int c0 = 0; c0 < KBW; c0 += P) {         // KBW % P == 0
+#pragma unroll
+    for (int i = 0; i < P; i++) {
+        const int b = c0 + i;
+        asm volatile("cp.async.wait_group %0;" :: "n"(S - 3));
+        asm volatile("fence.proxy.async.shared::cta;" ::: "memory");   // cp.async writes -> visible to wgmma
+        __syncthreads();              // block b staged by every thread; blocks <= b - 2 read by every warpgroup
+        if (b + S - 2 < KBW) { STAGE(b + S - 2, (b + S - 2) % S) }
+        asm volatile("cp.async.commit_group;");
+        const int ab = DB ? (i & 1) : 0;
+#pragma unroll
+        for (int r = 0; r < RT; r++) {
+            const uint4 w = wb[i][r];
+            if (b + P < KBW) wb[i][r] = ldw(wp[r] + (b + P) * 32);
+            if (i % 2 == 0) {
+                s[r][0] = sb[i / 2][r][0];
+                s[r][1] = sb[i / 2][r][1];
+                if (b + P < KBW) {
+                    sb[i / 2][r][0] = lds(sp[r] + ((b + P) / 2) * 16);
+                    sb[i / 2][r][1] = lds(sp[r] + ((b + P) / 2) * 16 + 8);
+                }
+            }
+            const u32 nzg = (s[r][0] & 0xFFFFu) * 0x10001u, nzh = (s[r][1] & 0xFFFFu) * 0x10001u;
+            const u32 sg = (s[r][0] >> 16) * 0x10001u, sh = (s[r][1] >> 16) * 0x10001u;
+            const u32 wj[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+            for (int j = 0; j < 4; j++) {
+                a[ab][r][j][0] = deqs(wj[j], nzg, sg);
+                a[ab][r][j][1] = deqs(wj[j] >> 4, nzh, sh);
+                a[ab][r][j][2] = deqs(wj[j] >> 8, nzg, sg);
+                a[ab][r][j][3] = deqs(wj[j] >> 12, nzh, sh);
+            }
+        }
+        const u32 st = xs0 + (u32)(b % S) * XST;
+        asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
+#pragma unroll
+        for (int r = 0; r < RT; r++)
+#pragma unroll
+            for (int j = 0; j < 4; j++)
+                wgmma(acc[r], a[ab][r][j][0], a[ab][r][j][1], a[ab][r][j][2], a[ab][r][j][3], xdesc(st + 32 * j));
+        asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
+        asm volatile("wgmma.wait_group.sync.aligned %0;" :: "n"(DB) : "memory");
+    }
+    }
+    asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
+#pragma unroll
+    for (int r = 0; r < RT; r++)
+#pragma unroll
+        for (int c = 0; c < NTOK / 2; c++) asm volatile("" : "+f"(acc[r][c]) :: "memory");
+    // lane (g, t) of warp q holds acc[r][4 n + c]: row 16 tile[r] + g + 8 (c / 2), token 8 n + 2 t + c % 2
+#if DUMP
+    for (int r = 0; r < RT; r++)
+        for (int c = 0; c < NTOK / 2; c++)
+            ws[(((size_t)blockIdx.y * gridDim.x + blockIdx.x) * RT + r) * (WG * 128 * NTOK / 2) + threadIdx.x * (NTOK / 2) + c] = acc[r][c];
+    return;
+#endif
+    if (SPLIT == 1) {
+#pragma unroll
+        for (int r = 0; r < RT; r++)
+#pragma unroll
+            for (int n = 0; n < NTOK / 8; n++)
+#pragma unroll
+                for (int c = 0; c < 4; c++) {
+                    const int row = tile[r] * 16 + g + 8 * (c >> 1), tok = 8 * n + 2 * t + (c & 1);
+                    if (tok < M) y[(size_t)tok * sym + row] = to16(acc[r][4 * n + c]);
+                }
+        return;
+    }
+    float* part = ws + (size_t)blockIdx.y * M * N;
+#pragma unroll
+    for (int r = 0; r < RT; r++)
+#pragma unroll
+        for (int n = 0; n < NTOK / 8; n++)
+#pragma unroll
+            for (int c = 0; c < 4; c++) {
+                const int row = tile[r] * 16 + g + 8 * (c >> 1), tok = 8 * n + 2 * t + (c & 1);
+                if (tok < M) part[(size_t)tok * N + row] = acc[r][4 * n + c];
+            }
+    __threadfence();
+    __syncthreads();
+    __shared__ int last;
+    if (threadIdx.x == 0) last = atomicAdd(locks + blockIdx.x, 1) == SPLIT - 1;
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    for (int i = threadIdx.x; i < M * ROWS; i += WG * 128) {     // coalesced over rows, fixed order over splits
+        const int tok = i / ROWS, row = blockIdx.x * ROWS + i % ROWS;
+        float v = 0.f;
+        for (int q = 0; q < SPLIT; q++) v += ldcg(ws + ((size_t)q * M + tok) * N + row);
+        y[(size_t)tok * sym + row] = to16(v);
+    }
+    if (threadIdx.x == 0) locks[blockIdx.x] = 0;
+}
+"""
+
+
+def wgmma_fn(ntok: int, etype: str) -> str:
+    """The device function issuing one wgmma.m64n{ntok}k16 (f32 accumulators d[ntok / 2], A from 4 registers)."""
+    nd = ntok // 2
+    dl = ",".join(f"%{i}" for i in range(nd))
+    al = ",".join(f"%{nd + i}" for i in range(4))
+    outs = ", ".join(f'"+f"(d[{i}])' for i in range(nd))
+    return (
+        "__device__ __forceinline__ void wgmma(float* d, u32 a0, u32 a1, u32 a2, u32 a3, unsigned long long desc) {\n"
+        f'    asm volatile("{{\\n.reg .pred p;\\nsetp.ne.b32 p, %{nd + 5}, 0;\\n"\n'
+        f'        "wgmma.mma_async.sync.aligned.m64n{ntok}k16.f32.{etype}.{etype} {{{dl}}}, {{{al}}}, %{nd + 4}, p, 1, 1, 0;\\n}}\\n"\n'
+        f'        : {outs}\n'
+        '        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(desc), "r"(1) : "memory");\n'
+        "}\n")
+
+
+class WgCfg(NamedTuple):
+    WG: int = 2             # warpgroups per CTA
+    RT: int = 1             # 64-row blocks per warpgroup (each x tile feeds RT x 4 wgmma)
+    P: int = 4              # 64-k weight blocks in flight per warp and row tile (register ring)
+    S: int = 5              # x stages in shared memory (S - 2 blocks staged ahead)
+    SPLIT: int = 0          # CTAs over K (0: enough for TARGET CTAs)
+    TARGET: int = 264       # CTAs wanted when SPLIT = 0
+    MINB: int = 2           # __launch_bounds__ min blocks per SM
+    DB: int = 1             # double-buffered A registers
+
+
+def token_tile(M: int) -> int:
+    """wgmma N: tokens rounded up to a multiple of 16."""
+    return max(16, -(-M // 16) * 16)
+
+
+def resolve(c: WgCfg, M: int, N: int, K: int) -> tuple[WgCfg, int]:
+    """Concrete (cfg, KBW) for a shape, or SpecqError: ROWS divides N, every CTA gets an even number KBW of 64-k
+    blocks that P divides."""
+    rows = 64 * c.RT * c.WG
+    KB = K // 64
+    if M < 1 or M > MAX_M or N % rows or K % 128 or c.S < 3 or c.P % 2:
+        raise SpecqError(f"w4wg: M={M} N={N} K={K} not supported by {c} (N % {rows}, K % 128, M <= {MAX_M})")
+    split = c.SPLIT
+    if split == 0:      # the fewest splits giving >= 90% of TARGET CTAs with KBW % 4 == 0 (else % 2), KBW >= 8
+        cands = [s for s in range(1, KB // 8 + 1) if KB % (2 * s) == 0] or [1]
+        split = next((s for s in cands if (N // rows) * s >= 0.9 * c.TARGET and (KB // s) % 4 == 0),
+                     next((s for s in cands if (N // rows) * s >= 0.9 * c.TARGET), cands[-1]))
+    if KB % (2 * split):
+        raise SpecqError(f"w4wg: K={K} does not split {split} ways into whole 128-k groups")
+    kbw = KB // split
+    p = max(2, min(c.P, kbw))
+    while kbw % p or p % 2:
+        p -= 1
+    return c._replace(SPLIT=split, P=p), kbw
+
+
+def default_config(M: int, N: int, K: int) -> WgCfg:
+    for wg, rt in ((2, 1), (1, 1)):
+        if N % (64 * wg * rt) == 0:
+            return WgCfg(WG=wg, RT=rt)
+    raise SpecqError(f"w4wg: N={N} is not a multiple of 64")
+
+
+def supported(M: int, N: int, K: int) -> bool:
+    try:
+        resolve(default_config(M, N, K), M, N, K)
+        return True
+    except SpecqError:
+        return False
+
+
+def smem_bytes(c: WgCfg, ntok: int) -> int:
+    return c.S * ntok * 128 + 1024
+
+
+def source(c: WgCfg, ntok: int, KBW: int, fp16: bool, pdl: bool = False, dump: bool = False) -> str:
+    """The kernel's CUDA C for one resolved configuration."""
+    magic, ht, et = ("0x64006400", "f16x2", "f16") if fp16 else ("0x43004300", "bf16x2", "bf16")
+    head = (f"#define NTOK {ntok}\n#define RT {c.RT}\n#define WG {c.WG}\n#define KBW {KBW}\n#define P {c.P}\n"
+            f"#define SPLIT {c.SPLIT}\n#define S {c.S}\n#define MINB {c.MINB}\n#define DB {int(c.DB)}\n"
+            f"#define PDL {int(pdl)}\n#define DUMP {int(dump)}\n#define FP16 {int(fp16)}\n"
+            f"#define MAGIC_STR \"{magic}\"\n#define HTYPE \"{ht}\"\n#define ETYPE \"{et}\"\n#define LDHINT \"\"\n")
+    return head + w4mma.helpers(fp16) + _WG.replace("WGMMA_FN", wgmma_fn(ntok, et))
+
+
+def stage_map(ntok: int = 64) -> torch.Tensor:
+    """int64 [ntok * 64]: for each bf16 slot of a stage (byte offset / 2), the flat index m * 64 + k of the x element
+    the kernel's STAGE copies there (k inside the 64-k block). Every slot is written exactly once."""
+    out = torch.full((ntok * 64,), -1, dtype=torch.int64)
+    for m in range(ntok):
+        for p in range(32):
+            chunk = ((((p >> 1) & 3) * 2 + (p & 1)) ^ (m & 7))
+            byte = m * 128 + chunk * 16 + (p >> 3) * 4
+            out[byte // 2] = m * 64 + 2 * p
+            out[byte // 2 + 1] = m * 64 + 2 * p + 1
+    return out
+
+
+def wgmma_b(stage: torch.Tensor, j: int, ntok: int) -> torch.Tensor:
+    """The B operand [16 k, ntok] that wgmma reads for k16 step j from a stage [ntok * 64] laid out as the
+    descriptor says (K-major, 128-byte swizzle): element (kappa, n) at byte n * 128 + ((2 (16 j + kappa)) with its
+    16-byte chunk index XOR n % 8)."""
+    B = torch.empty(16, ntok, dtype=stage.dtype)
+    for n in range(ntok):
+        for kap in range(16):
+            byte = 2 * (16 * j + kap)
+            chunk, within = byte // 16, byte % 16
+            B[kap, n] = stage[(n * 128 + ((chunk ^ (n % 8)) << 4) + within) // 2]
+    return B
+
+
+_LOCKS: dict = {}
+
+
+def kernel(c: WgCfg, ntok: int, KBW: int, fp16: bool, device: int = 0, pdl: bool = False, dump: bool = False):
+    return w4mma.compiled(("w4wg", c, ntok, KBW, fp16, device, pdl, dump),
+                          lambda: source(c, ntok, KBW, fp16, pdl, dump), "w4wg", arch="90a")
+
+
+def locks_for(w: w4mma.MMAWeight) -> torch.Tensor:
+    """One zeroed int32 counter per 64 rows of the weight, kept per weight (allocated on the first, eager, call)."""
+    key = (w.words.data_ptr(), str(w.words.device))
+    hit = _LOCKS.get(key)
+    if hit is None or hit[0] is not w.words:
+        if torch.cuda.is_current_stream_capturing():
+            raise SpecqError("w4wg: run the Linear once eagerly before capturing it")
+        hit = _LOCKS[key] = (w.words, torch.zeros(w.N // 64, dtype=torch.int32, device=w.words.device))
+    return hit[1]
+
+
+def w4wg_linear(x: torch.Tensor, w: w4mma.MMAWeight, cfg: WgCfg | None = None, dump: bool = False) -> torch.Tensor:
+    """x [M, K] (M <= 64, 16-bit, CUDA, sm_90) @ W^T -> [M, N]. dump: the raw accumulators instead (debugging)."""
+    M, K = x.shape
+    if K != w.K:
+        raise SpecqError(f"w4wg: x {tuple(x.shape)} against weight K={w.K}")
+    c, kbw = resolve(cfg or default_config(M, w.N, K), M, w.N, K)
+    ntok = token_tile(M)
+    if x.stride(-1) != 1 or (x.stride(0) * 2) % 16 or x.data_ptr() % 16:
+        x = x.contiguous().clone()
+    y = torch.empty(M, w.N, dtype=x.dtype, device=x.device)
+    grid = (w.N // (64 * c.RT * c.WG), c.SPLIT, 1)
+    if dump:
+        ws = torch.zeros(grid[0] * grid[1] * c.RT * c.WG * 128 * ntok // 2, dtype=torch.float32, device=x.device)
+    else:
+        ws = torch.empty(c.SPLIT, M, w.N, dtype=torch.float32, device=x.device) if c.SPLIT > 1 else y
+    locks = locks_for(w)
+    with torch.cuda.device(x.device):
+        k = kernel(c, ntok, kbw, w.fp16, x.device.index or 0, False, dump)
+        k(grid=grid, block=(c.WG * 128, 1, 1), args=[w.words, w.sz, x, y, ws, locks, M, w.N, K, x.stride(0), y.stride(0)],
+          shared_mem=smem_bytes(c, ntok))
+    return ws if dump else y
