@@ -22,18 +22,17 @@ from specq.kernels import w4wg as V  # noqa: E402
 C = V.WgCfg
 VARIANTS = {
     "d": C(),
-    "p8": C(P=8),
-    "s4": C(S=4),
+    "ks1": C(KS=1, S=5),
     "s3": C(S=3),
+    "s5": C(S=5),
     "t132": C(TARGET=132),
-    "t528": C(TARGET=528),
+    "t132s5": C(TARGET=132, S=5),
+    "p8": C(P=8),
     "db0": C(DB=0),
     "m1": C(MINB=1),
+    "wg1": C(WG=1, MINB=4, TARGET=528),
+    "wg1t264": C(WG=1, MINB=4, TARGET=264),
     "wg1rt2": C(WG=1, RT=2, MINB=2),
-    "wg1rt2db0": C(WG=1, RT=2, MINB=2, DB=0),
-    "wg2rt2": C(WG=2, RT=2, MINB=1),
-    "wg1": C(WG=1, RT=1, MINB=4, TARGET=528),
-    "wg1m3": C(WG=1, RT=1, MINB=3, TARGET=396),
 }
 if os.environ.get("VARIANTS"):
     VARIANTS = {k: VARIANTS[k] for k in os.environ["VARIANTS"].split(",")}

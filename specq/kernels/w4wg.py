@@ -45,8 +45,11 @@ __device__ __forceinline__ unsigned long long xdesc(u32 addr) {  // K-major, 128
 }
 WGMMA_FN
 #define ROWS (64 * RT * WG)     // output rows per CTA
-#define XST (NTOK * 128)        // bytes per x stage
-// grid (N / ROWS, SPLIT), block WG * 128, dynamic shared memory S * XST + 1024
+#define XSUB (NTOK * 128)       // bytes of one 64-k block of x in a stage
+#define XST (KS * XSUB)         // bytes per x stage (KS blocks)
+#define RSTEP (4 * WG)          // token rows apart of one thread's copies
+#define NCP (NTOK / RSTEP)      // copies (4 bytes) per thread per block
+// grid (N / ROWS, SPLIT), block WG * 128, dynamic shared memory S * XST + 1024; x [M, KD] contiguous
 // ws: fp32 [SPLIT, M, N] partials (SPLIT > 1); locks: int32 [>= N / ROWS], zero between launches
 extern "C" __global__ void __launch_bounds__(WG * 128, MINB)
 w4wg(const uint4* __restrict__ qw, const u32* __restrict__ sz, const u16* __restrict__ x, u16* __restrict__ y,
@@ -60,7 +63,7 @@ w4wg(const uint4* __restrict__ qw, const u32* __restrict__ sz, const u16* __rest
 #endif
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, t = lane & 3;
-    const int KB = K >> 6;
+    constexpr int KB = KD >> 6;
     const int kb0 = blockIdx.y * KBW;                            // first 64-k block of this CTA's K slice
     int tile[RT];
     const uint4* wp[RT];
@@ -71,16 +74,24 @@ w4wg(const uint4* __restrict__ qw, const u32* __restrict__ sz, const u16* __rest
         wp[r] = qw + ((size_t)tile[r] * KB + kb0) * 32 + lane;
         sp[r] = sz + ((size_t)tile[r] * (KB >> 1) + (kb0 >> 1)) * 16 + g;
     }
-    const u16* xg = x + (size_t)kb0 * 64;
-#define STAGE(blk, st) \
-    for (int q = threadIdx.x; q < NTOK * 32; q += WG * 128) { \
-        const int m = q >> 5, p = q & 31; \
-        cpa4(xs0 + (st) * XST + m * 128 + (((((p >> 1) & 3) * 2 + (p & 1)) ^ (m & 7)) << 4) + (p >> 3) * 4, \
-             xg + (size_t)(m < M ? m : 0) * sxm + (size_t)(blk) * 64 + 2 * p, m < M ? 4 : 0); \
-    }
+    // x copies: thread (m0 = tid / 32, p = tid % 32) copies the 4 bytes at k 2p .. 2p+1 of token rows m0 + RSTEP i
+    // to slot L = 16 j + 8 c + 2 t' (k = 16 t' + 4 j + 2 c) of the row: 16-byte chunk 2 j + c, XOR the row % 8
+    const int m0 = threadIdx.x >> 5, p = threadIdx.x & 31;
+    const int chunk = ((p >> 1) & 3) * 2 + (p & 1);
+    const u32 dsw0 = (u32)(m0 * 128 + ((chunk ^ (m0 & 7)) << 4) + (p >> 3) * 4);
+    const u32 dsw1 = (u32)((m0 + 4) * 128 + ((chunk ^ ((m0 + 4) & 7)) << 4) + (p >> 3) * 4);   // RSTEP = 4: odd i
+    const int nv = M > m0 ? (M - m0 + RSTEP - 1) / RSTEP : 0;    // copies of real tokens (rows >= M: left as is,
+                                                                 // they only feed discarded output columns)
+    const u16* xg = x + (size_t)m0 * KD + (size_t)kb0 * 64 + 2 * p;
+#define STAGE(blk, st) { \
+    const u32 db = xs0 + (u32)(st) * XST + (u32)((blk) % KS) * XSUB; \
+    const u16* sb_ = xg + (size_t)(blk) * 64; \
+    STAGE_COPIES }
+#define STAGE_ALL(sidx) { for (int kk = 0; kk < KS; kk++) STAGE((sidx) * KS + kk, (sidx) % S) }
+    constexpr int NS = KBW / KS;                                 // stages of this CTA
 #pragma unroll
     for (int i = 0; i < S - 2; i++) {
-        if (i < KBW) { STAGE(i, i) }
+        if (i < NS) STAGE_ALL(i)
         asm volatile("cp.async.commit_group;");
     }
     float acc[RT][NTOK / 2];
@@ -102,15 +113,18 @@ w4wg(const uint4* __restrict__ qw, const u32* __restrict__ sz, const u16* __rest
     u32 s[RT][2];
     u32 a[DB + 1][RT][4][4];          // A registers: DB = 1 double-buffers them (block b's dequant beside b-1's wgmma)
 #pragma unroll 1
-    for (int c0 = 0; c0 < KBW; c0 += P) {         // KBW % P == 0
+    for (int c0 = 0; c0 < KBW; c0 += P) {         // KBW % P == 0, P % KS == 0
 #pragma unroll
     for (int i = 0; i < P; i++) {
         const int b = c0 + i;
-        asm volatile("cp.async.wait_group %0;" :: "n"(S - 3));
-        asm volatile("fence.proxy.async.shared::cta;" ::: "memory");   // cp.async writes -> visible to wgmma
-        __syncthreads();              // block b staged by every thread; blocks <= b - 2 read by every warpgroup
-        if (b + S - 2 < KBW) { STAGE(b + S - 2, (b + S - 2) % S) }
-        asm volatile("cp.async.commit_group;");
+        if (i % KS == 0) {
+            const int sidx = b / KS;
+            asm volatile("cp.async.wait_group %0;" :: "n"(S - 3));
+            asm volatile("fence.proxy.async.shared::cta;" ::: "memory");   // cp.async writes -> visible to wgmma
+            __syncthreads();          // stage sidx copied by every thread; stages <= sidx - 2 read by every warpgroup
+            if (sidx + S - 2 < NS) STAGE_ALL(sidx + S - 2)
+            asm volatile("cp.async.commit_group;");
+        }
         const int ab = DB ? (i & 1) : 0;
 #pragma unroll
         for (int r = 0; r < RT; r++) {
@@ -135,7 +149,7 @@ w4wg(const uint4* __restrict__ qw, const u32* __restrict__ sz, const u16* __rest
                 a[ab][r][j][3] = deqs(wj[j] >> 12, nzh, sh);
             }
         }
-        const u32 st = xs0 + (u32)(b % S) * XST;
+        const u32 st = xs0 + (u32)((b / KS) % S) * XST + (u32)(b % KS) * XSUB;
         asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
 #pragma unroll
         for (int r = 0; r < RT; r++)
@@ -217,11 +231,12 @@ class WgCfg(NamedTuple):
     WG: int = 2             # warpgroups per CTA
     RT: int = 1             # 64-row blocks per warpgroup (each x tile feeds RT x 4 wgmma)
     P: int = 4              # 64-k weight blocks in flight per warp and row tile (register ring)
-    S: int = 5              # x stages in shared memory (S - 2 blocks staged ahead)
+    S: int = 4              # x stages in shared memory (S - 2 stages copied ahead)
     SPLIT: int = 0          # CTAs over K (0: enough for TARGET CTAs)
     TARGET: int = 264       # CTAs wanted when SPLIT = 0
     MINB: int = 2           # __launch_bounds__ min blocks per SM
     DB: int = 1             # double-buffered A registers
+    KS: int = 2             # 64-k blocks per x stage (one barrier per stage)
 
 
 def token_tile(M: int) -> int:
@@ -234,7 +249,7 @@ def resolve(c: WgCfg, M: int, N: int, K: int) -> tuple[WgCfg, int]:
     blocks that P divides."""
     rows = 64 * c.RT * c.WG
     KB = K // 64
-    if M < 1 or M > MAX_M or N % rows or K % 128 or c.S < 3 or c.P % 2:
+    if M < 1 or M > MAX_M or N % rows or K % 128 or c.S < 3 or c.P % 2 or c.KS not in (1, 2):
         raise SpecqError(f"w4wg: M={M} N={N} K={K} not supported by {c} (N % {rows}, K % 128, M <= {MAX_M})")
     split = c.SPLIT
     if split == 0:      # the fewest splits giving >= 90% of TARGET CTAs with KBW % 4 == 0 (else % 2), KBW >= 8
@@ -247,6 +262,8 @@ def resolve(c: WgCfg, M: int, N: int, K: int) -> tuple[WgCfg, int]:
     p = max(2, min(c.P, kbw))
     while kbw % p or p % 2:
         p -= 1
+    if kbw % c.KS or p % c.KS:
+        raise SpecqError(f"w4wg: {kbw} blocks per CTA do not fill stages of {c.KS} blocks")
     return c._replace(SPLIT=split, P=p), kbw
 
 
@@ -266,17 +283,33 @@ def supported(M: int, N: int, K: int) -> bool:
 
 
 def smem_bytes(c: WgCfg, ntok: int) -> int:
-    return c.S * ntok * 128 + 1024
+    return c.S * c.KS * ntok * 128 + 1024
 
 
-def source(c: WgCfg, ntok: int, KBW: int, fp16: bool, pdl: bool = False, dump: bool = False) -> str:
-    """The kernel's CUDA C for one resolved configuration."""
+def source(c: WgCfg, ntok: int, KBW: int, fp16: bool, pdl: bool = False, dump: bool = False, K: int = 4096,
+           full: bool = False) -> str:
+    """The kernel's CUDA C for one resolved configuration (K: the row length of x and the weight; full: M == ntok,
+    every token row copied without a bounds check)."""
     magic, ht, et = ("0x64006400", "f16x2", "f16") if fp16 else ("0x43004300", "bf16x2", "bf16")
     head = (f"#define NTOK {ntok}\n#define RT {c.RT}\n#define WG {c.WG}\n#define KBW {KBW}\n#define P {c.P}\n"
-            f"#define SPLIT {c.SPLIT}\n#define S {c.S}\n#define MINB {c.MINB}\n#define DB {int(c.DB)}\n"
-            f"#define PDL {int(pdl)}\n#define DUMP {int(dump)}\n#define FP16 {int(fp16)}\n"
+            f"#define SPLIT {c.SPLIT}\n#define S {c.S}\n#define KS {c.KS}\n#define KD {K}\n#define MINB {c.MINB}\n#define DB {int(c.DB)}\n"
+            f"#define PDL {int(pdl)}\n#define FULL {int(full)}\n#define DUMP {int(dump)}\n#define FP16 {int(fp16)}\n"
             f"#define MAGIC_STR \"{magic}\"\n#define HTYPE \"{ht}\"\n#define ETYPE \"{et}\"\n#define LDHINT \"\"\n")
-    return head + w4mma.helpers(fp16) + _WG.replace("WGMMA_FN", wgmma_fn(ntok, et))
+    return head + w4mma.helpers(fp16) + _WG.replace("WGMMA_FN", wgmma_fn(ntok, et)).replace(
+        "STAGE_COPIES", stage_copies(ntok, c.WG, K, full))
+
+
+def stage_copies(ntok: int, wg: int, K: int, full: bool) -> str:
+    """STAGE's NCP copies of one thread, unrolled with immediate offsets: copy i is token row m0 + RSTEP i (smem row
+    offset and swizzle from dsw0 / dsw1, global offset RSTEP i K elements)."""
+    rstep = 4 * wg
+    out = []
+    for i in range(ntok // rstep):
+        cond = "" if full else f"if ({i} < nv) "
+        dsw = "dsw0" if (rstep * i) % 8 == 0 else "dsw1"
+        out.append(f'{cond}asm volatile("cp.async.ca.shared.global [%0+{((rstep * i) & ~7) * 128}], '
+                   f'[%1+{rstep * i * K * 2}], 4;" :: "r"(db + {dsw}), "l"(sb_)); \\\n')
+    return "".join(out)
 
 
 def stage_map(ntok: int = 64) -> torch.Tensor:
@@ -308,9 +341,15 @@ def wgmma_b(stage: torch.Tensor, j: int, ntok: int) -> torch.Tensor:
 _LOCKS: dict = {}
 
 
-def kernel(c: WgCfg, ntok: int, KBW: int, fp16: bool, device: int = 0, pdl: bool = False, dump: bool = False):
-    return w4mma.compiled(("w4wg", c, ntok, KBW, fp16, device, pdl, dump),
-                          lambda: source(c, ntok, KBW, fp16, pdl, dump), "w4wg", arch="90a")
+def kernel(c: WgCfg, ntok: int, KBW: int, K: int, fp16: bool, device: int = 0, pdl: bool = False, dump: bool = False,
+           full: bool = False):
+    k = w4mma.compiled(("w4wg", c, ntok, KBW, K, fp16, device, pdl, dump, full),
+                       lambda: source(c, ntok, KBW, fp16, pdl, dump, K, full), "w4wg", arch="90a")
+    shm = smem_bytes(c, ntok)
+    if shm > 48 * 1024 and getattr(k, "_specq_shm", 0) < shm:
+        k.set_shared_memory_config(shm)          # opt in beyond 48 KB (once per kernel)
+        k._specq_shm = shm
+    return k
 
 
 def locks_for(w: w4mma.MMAWeight) -> torch.Tensor:
@@ -331,7 +370,7 @@ def w4wg_linear(x: torch.Tensor, w: w4mma.MMAWeight, cfg: WgCfg | None = None, d
         raise SpecqError(f"w4wg: x {tuple(x.shape)} against weight K={w.K}")
     c, kbw = resolve(cfg or default_config(M, w.N, K), M, w.N, K)
     ntok = token_tile(M)
-    if x.stride(-1) != 1 or (x.stride(0) * 2) % 16 or x.data_ptr() % 16:
+    if x.stride(-1) != 1 or (M > 1 and x.stride(0) != K) or x.data_ptr() % 16:
         x = x.contiguous().clone()
     y = torch.empty(M, w.N, dtype=x.dtype, device=x.device)
     grid = (w.N // (64 * c.RT * c.WG), c.SPLIT, 1)
@@ -341,7 +380,7 @@ def w4wg_linear(x: torch.Tensor, w: w4mma.MMAWeight, cfg: WgCfg | None = None, d
         ws = torch.empty(c.SPLIT, M, w.N, dtype=torch.float32, device=x.device) if c.SPLIT > 1 else y
     locks = locks_for(w)
     with torch.cuda.device(x.device):
-        k = kernel(c, ntok, kbw, w.fp16, x.device.index or 0, False, dump)
+        k = kernel(c, ntok, kbw, K, w.fp16, x.device.index or 0, False, dump, M == ntok)
         k(grid=grid, block=(c.WG * 128, 1, 1), args=[w.words, w.sz, x, y, ws, locks, M, w.N, K, x.stride(0), y.stride(0)],
           shared_mem=smem_bytes(c, ntok))
     return ws if dump else y

@@ -83,7 +83,7 @@ def test_source_compiles_for_sm90a(tmp_path, ntok, cfg):
     """Complete CUDA C; with nvcc present it compiles for sm_90a without spills and without ptxas serializing the
     wgmma pipeline (which it does, with a warning, when it cannot prove the A registers are not overwritten)."""
     c, kbw = w4wg.resolve(cfg, ntok, 6144, 4096)
-    src = w4wg.source(c, ntok, kbw, False)
+    src = w4wg.source(c, ntok, kbw, False, K=4096)
     assert f"m64n{ntok}k16.f32.bf16.bf16" in src and "WGMMA_FN" not in src
     if shutil.which("nvcc") is None:
         pytest.skip("nvcc not installed: source checked only")
