@@ -22,17 +22,15 @@ from specq.kernels import w4wg as V  # noqa: E402
 C = V.WgCfg
 VARIANTS = {
     "d": C(),
-    "ks1": C(KS=1, S=5),
-    "s3": C(S=3),
-    "s5": C(S=5),
-    "t132": C(TARGET=132),
-    "t132s5": C(TARGET=132, S=5),
-    "p8": C(P=8),
+    "dw6": C(DW=6),
+    "dw8": C(DW=8),
+    "dx2": C(DX=2, DW=6),
+    "t264": C(TARGET=264),
+    "t264dw6": C(TARGET=264, DW=6),
     "db0": C(DB=0),
-    "m1": C(MINB=1),
-    "wg1": C(WG=1, MINB=4, TARGET=528),
-    "wg1t264": C(WG=1, MINB=4, TARGET=264),
-    "wg1rt2": C(WG=1, RT=2, MINB=2),
+    "m1": C(MINB=1, DW=8, DX=2),
+    "wg1rt2": C(WG=1, RT=2),
+    "wg4": C(WG=4, MINB=1, DW=6, DX=2),
 }
 if os.environ.get("VARIANTS"):
     VARIANTS = {k: VARIANTS[k] for k in os.environ["VARIANTS"].split(",")}

@@ -47,9 +47,16 @@ WGMMA_FN
 #define ROWS (64 * RT * WG)     // output rows per CTA
 #define XSUB (NTOK * 128)       // bytes of one 64-k block of x in a stage
 #define XST (KS * XSUB)         // bytes per x stage (KS blocks)
-#define RSTEP (4 * WG)          // token rows apart of one thread's copies
-#define NCP (NTOK / RSTEP)      // copies (4 bytes) per thread per block
-// grid (N / ROWS, SPLIT), block WG * 128, dynamic shared memory S * XST + 1024; x [M, KD] contiguous
+#define SX (DX + 2)             // x stages: DX copied ahead, the current one, the previous one (wgmma may read it)
+#define SW (DW + 1)             // weight stages: DW copied ahead and the current one (each lane reads its own)
+#define NW (WG * 4)             // warps
+#define WT (KS * 512 + 64)      // bytes per 16-row tile and weight stage: its words of KS blocks, then 16 scale words
+#define WST (RT * NW * WT)      // bytes per weight stage
+#define RSTEP (4 * WG)          // token rows apart of one thread's x copies
+#define NCP (NTOK / RSTEP)      // x copies (4 bytes) per thread per block
+// grid (N / ROWS, SPLIT), block WG * 128, dynamic shared memory SX * XST + SW * WST + SW * NW * 8 + 1024;
+// x [M, KD] contiguous. Weights: each warp bulk-copies (TMA, cp.async.bulk) its own row tiles' words and scale
+// words of a stage into shared memory, completing on its own mbarrier of that stage slot; x: cp.async groups.
 // ws: fp32 [SPLIT, M, N] partials (SPLIT > 1); locks: int32 [>= N / ROWS], zero between launches
 extern "C" __global__ void __launch_bounds__(WG * 128, MINB)
 w4wg(const uint4* __restrict__ qw, const u32* __restrict__ sz, const u16* __restrict__ x, u16* __restrict__ y,
@@ -57,6 +64,7 @@ w4wg(const uint4* __restrict__ qw, const u32* __restrict__ sz, const u16* __rest
 {
     extern __shared__ __align__(1024) unsigned char xsm[];
     const u32 xs0 = ((u32)__cvta_generic_to_shared(xsm) + 1023u) & ~1023u;
+    const u32 ws0 = xs0 + SX * XST, mb0 = ws0 + SW * WST;
 #if PDL
     asm volatile("griddepcontrol.wait;" ::: "memory");
     asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
@@ -64,6 +72,7 @@ w4wg(const uint4* __restrict__ qw, const u32* __restrict__ sz, const u16* __rest
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, t = lane & 3;
     constexpr int KB = KD >> 6;
+    constexpr int NS = KBW / KS;                                 // stages of this CTA
     const int kb0 = blockIdx.y * KBW;                            // first 64-k block of this CTA's K slice
     int tile[RT];
     const uint4* wp[RT];
@@ -71,9 +80,19 @@ w4wg(const uint4* __restrict__ qw, const u32* __restrict__ sz, const u16* __rest
 #pragma unroll
     for (int r = 0; r < RT; r++) {
         tile[r] = (blockIdx.x * ROWS + ((warp >> 2) * RT + r) * 64) / 16 + (warp & 3);
-        wp[r] = qw + ((size_t)tile[r] * KB + kb0) * 32 + lane;
-        sp[r] = sz + ((size_t)tile[r] * (KB >> 1) + (kb0 >> 1)) * 16 + g;
+        wp[r] = qw + ((size_t)tile[r] * KB + kb0) * 32;                 // the tile's words from block kb0 on
+        sp[r] = sz + ((size_t)tile[r] * (KB >> 1) + (kb0 >> 1)) * 16;   // its scale words from group kb0 / 2 on
     }
+    // in a weight stage, row tile r of this warp: words of block kk at wtile + r * WT + kk * 512 (lane's 16 B at
+    // + lane * 16), scale words of rows g, g + 8 at wtile + r * WT + KS * 512 + 4 g, + 32
+    const u32 wtile = (u32)(warp * RT * WT);
+    if (lane == 0) {
+#pragma unroll
+        for (int i = 0; i < SW; i++)
+            asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" :: "r"(mb0 + (u32)(i * NW + warp) * 8));
+        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    }
+    __syncwarp();
     // x copies: thread (m0 = tid / 32, p = tid % 32) copies the 4 bytes at k 2p .. 2p+1 of token rows m0 + RSTEP i
     // to slot L = 16 j + 8 c + 2 t' (k = 16 t' + 4 j + 2 c) of the row: 16-byte chunk 2 j + c, XOR the row % 8
     const int m0 = threadIdx.x >> 5, p = threadIdx.x & 31;
@@ -87,11 +106,22 @@ w4wg(const uint4* __restrict__ qw, const u32* __restrict__ sz, const u16* __rest
     const u32 db = xs0 + (u32)(st) * XST + (u32)((blk) % KS) * XSUB; \
     const u16* sb_ = xg + (size_t)(blk) * 64; \
     STAGE_COPIES }
-#define STAGE_ALL(sidx) { for (int kk = 0; kk < KS; kk++) STAGE((sidx) * KS + kk, (sidx) % S) }
-    constexpr int NS = KBW / KS;                                 // stages of this CTA
+#define STAGE_X(sidx) { for (int kk = 0; kk < KS; kk++) STAGE((sidx) * KS + kk, (sidx) % SX) }
+#define STAGE_W(sidx) if (lane == 0) { \
+    const u32 slot = (u32)((sidx) % SW), mb = mb0 + (slot * NW + warp) * 8, wd = ws0 + slot * WST + wtile; \
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" :: "r"(mb), "n"(RT * WT) : "memory"); \
+    _Pragma("unroll") for (int r = 0; r < RT; r++) { \
+        asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" \
+                     :: "r"(wd + r * WT), "l"(wp[r] + (size_t)(sidx) * KS * 32), "n"(KS * 512), "r"(mb) : "memory"); \
+        asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], 64, [%2];" \
+                     :: "r"(wd + r * WT + KS * 512), "l"(sp[r] + (size_t)(sidx) * (KS / 2) * 16), "r"(mb) : "memory"); } }
 #pragma unroll
-    for (int i = 0; i < S - 2; i++) {
-        if (i < NS) STAGE_ALL(i)
+    for (int i = 0; i < DW; i++) {                               // weights of stages 0 .. DW-1
+        if (i < NS) STAGE_W(i)
+    }
+#pragma unroll
+    for (int i = 0; i < DX; i++) {                               // x of stages 0 .. DX-1, one group each
+        if (i < NS) STAGE_X(i)
         asm volatile("cp.async.commit_group;");
     }
     float acc[RT][NTOK / 2];
@@ -99,45 +129,37 @@ w4wg(const uint4* __restrict__ qw, const u32* __restrict__ sz, const u16* __rest
     for (int r = 0; r < RT; r++)
 #pragma unroll
         for (int c = 0; c < NTOK / 2; c++) acc[r][c] = 0.f;
-    uint4 wb[P][RT];                  // weight ring: blocks b .. b+P-1 of every row tile
-    u32 sb[P / 2][RT][2];             // their groups' scale/zero words (rows g, g + 8)
-#pragma unroll
-    for (int i = 0; i < P; i++)
-#pragma unroll
-        for (int r = 0; r < RT; r++) {
-            if (i < KBW) {
-                wb[i][r] = ldw(wp[r] + i * 32);
-                if (i % 2 == 0) { sb[i / 2][r][0] = lds(sp[r] + (i / 2) * 16); sb[i / 2][r][1] = lds(sp[r] + (i / 2) * 16 + 8); }
-            }
-        }
-    u32 s[RT][2];
     u32 a[DB + 1][RT][4][4];          // A registers: DB = 1 double-buffers them (block b's dequant beside b-1's wgmma)
 #pragma unroll 1
-    for (int c0 = 0; c0 < KBW; c0 += P) {         // KBW % P == 0, P % KS == 0
+    for (int s0 = 0; s0 < NS; s0 += 2) {
 #pragma unroll
-    for (int i = 0; i < P; i++) {
-        const int b = c0 + i;
-        if (i % KS == 0) {
-            const int sidx = b / KS;
-            asm volatile("cp.async.wait_group %0;" :: "n"(S - 3));
-            asm volatile("fence.proxy.async.shared::cta;" ::: "memory");   // cp.async writes -> visible to wgmma
-            __syncthreads();          // stage sidx copied by every thread; stages <= sidx - 2 read by every warpgroup
-            if (sidx + S - 2 < NS) STAGE_ALL(sidx + S - 2)
-            asm volatile("cp.async.commit_group;");
-        }
-        const int ab = DB ? (i & 1) : 0;
+    for (int si = 0; si < 2; si++) {
+        const int sidx = s0 + si;
+        if (NS % 2 && sidx >= NS) break;
+        asm volatile("cp.async.wait_group %0;" :: "n"(DX - 1));   // this thread's x copies of stage sidx landed
+        asm volatile("fence.proxy.async.shared::cta;" ::: "memory");   // cp.async writes -> visible to wgmma
+        __syncthreads();              // every thread's x copies of stage sidx; stages <= sidx - 1 done with (weights:
+                                      // every lane's reads; x: every wgmma but those of the last block)
+        if (sidx + DW < NS) STAGE_W(sidx + DW)
+        if (sidx + DX < NS) STAGE_X(sidx + DX)
+        asm volatile("cp.async.commit_group;");
+        const u32 wst = ws0 + (u32)(sidx % SW) * WST + wtile;
+        asm volatile("{\n.reg .pred P1;\nWAIT:\nmbarrier.try_wait.parity.shared::cta.b64 P1, [%0], %1;\n@P1 bra DONE;\n"
+                     "bra WAIT;\nDONE:\n}" :: "r"(mb0 + (u32)((sidx % SW) * NW + warp) * 8), "r"((sidx / SW) & 1) : "memory");
+        u32 s[RT][2];
 #pragma unroll
         for (int r = 0; r < RT; r++) {
-            const uint4 w = wb[i][r];
-            if (b + P < KBW) wb[i][r] = ldw(wp[r] + (b + P) * 32);
-            if (i % 2 == 0) {
-                s[r][0] = sb[i / 2][r][0];
-                s[r][1] = sb[i / 2][r][1];
-                if (b + P < KBW) {
-                    sb[i / 2][r][0] = lds(sp[r] + ((b + P) / 2) * 16);
-                    sb[i / 2][r][1] = lds(sp[r] + ((b + P) / 2) * 16 + 8);
-                }
-            }
+            asm volatile("ld.shared.u32 %0, [%1];" : "=r"(s[r][0]) : "r"(wst + r * WT + KS * 512 + 4 * g));
+            asm volatile("ld.shared.u32 %0, [%1];" : "=r"(s[r][1]) : "r"(wst + r * WT + KS * 512 + 4 * g + 32));
+        }
+#pragma unroll
+        for (int kk = 0; kk < KS; kk++) {
+        const int ab = DB ? (kk & 1) : 0;
+#pragma unroll
+        for (int r = 0; r < RT; r++) {
+            uint4 w;
+            asm volatile("ld.shared.v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(w.x), "=r"(w.y), "=r"(w.z), "=r"(w.w)
+                         : "r"(wst + r * WT + kk * 512 + lane * 16));
             const u32 nzg = (s[r][0] & 0xFFFFu) * 0x10001u, nzh = (s[r][1] & 0xFFFFu) * 0x10001u;
             const u32 sg = (s[r][0] >> 16) * 0x10001u, sh = (s[r][1] >> 16) * 0x10001u;
             const u32 wj[4] = {w.x, w.y, w.z, w.w};
@@ -149,7 +171,7 @@ w4wg(const uint4* __restrict__ qw, const u32* __restrict__ sz, const u16* __rest
                 a[ab][r][j][3] = deqs(wj[j] >> 12, nzh, sh);
             }
         }
-        const u32 st = xs0 + (u32)((b / KS) % S) * XST + (u32)(b % KS) * XSUB;
+        const u32 st = xs0 + (u32)(sidx % SX) * XST + (u32)kk * XSUB;
         asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
 #pragma unroll
         for (int r = 0; r < RT; r++)
@@ -158,6 +180,7 @@ w4wg(const uint4* __restrict__ qw, const u32* __restrict__ sz, const u16* __rest
                 wgmma(acc[r], a[ab][r][j][0], a[ab][r][j][1], a[ab][r][j][2], a[ab][r][j][3], xdesc(st + 32 * j));
         asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
         asm volatile("wgmma.wait_group.sync.aligned %0;" :: "n"(DB) : "memory");
+        }
     }
     }
     asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
@@ -230,13 +253,13 @@ def wgmma_fn(ntok: int, etype: str) -> str:
 class WgCfg(NamedTuple):
     WG: int = 2             # warpgroups per CTA
     RT: int = 1             # 64-row blocks per warpgroup (each x tile feeds RT x 4 wgmma)
-    P: int = 4              # 64-k weight blocks in flight per warp and row tile (register ring)
-    S: int = 4              # x stages in shared memory (S - 2 stages copied ahead)
+    DW: int = 4             # weight stages copied ahead (cp.async into shared memory, each lane its own words)
+    DX: int = 1             # x stages copied ahead
     SPLIT: int = 0          # CTAs over K (0: enough for TARGET CTAs)
-    TARGET: int = 264       # CTAs wanted when SPLIT = 0
+    TARGET: int = 132       # CTAs wanted when SPLIT = 0
     MINB: int = 2           # __launch_bounds__ min blocks per SM
     DB: int = 1             # double-buffered A registers
-    KS: int = 2             # 64-k blocks per x stage (one barrier per stage)
+    KS: int = 2             # 64-k blocks per stage (one barrier per stage; one scale group)
 
 
 def token_tile(M: int) -> int:
@@ -249,7 +272,7 @@ def resolve(c: WgCfg, M: int, N: int, K: int) -> tuple[WgCfg, int]:
     blocks that P divides."""
     rows = 64 * c.RT * c.WG
     KB = K // 64
-    if M < 1 or M > MAX_M or N % rows or K % 128 or c.S < 3 or c.P % 2 or c.KS not in (1, 2):
+    if M < 1 or M > MAX_M or N % rows or K % 128 or c.DX < 1 or c.DW < c.DX or c.KS != 2:
         raise SpecqError(f"w4wg: M={M} N={N} K={K} not supported by {c} (N % {rows}, K % 128, M <= {MAX_M})")
     split = c.SPLIT
     if split == 0:      # the fewest splits giving >= 90% of TARGET CTAs with KBW % 4 == 0 (else % 2), KBW >= 8
@@ -259,12 +282,7 @@ def resolve(c: WgCfg, M: int, N: int, K: int) -> tuple[WgCfg, int]:
     if KB % (2 * split):
         raise SpecqError(f"w4wg: K={K} does not split {split} ways into whole 128-k groups")
     kbw = KB // split
-    p = max(2, min(c.P, kbw))
-    while kbw % p or p % 2:
-        p -= 1
-    if kbw % c.KS or p % c.KS:
-        raise SpecqError(f"w4wg: {kbw} blocks per CTA do not fill stages of {c.KS} blocks")
-    return c._replace(SPLIT=split, P=p), kbw
+    return c._replace(SPLIT=split), kbw
 
 
 def default_config(M: int, N: int, K: int) -> WgCfg:
@@ -283,7 +301,8 @@ def supported(M: int, N: int, K: int) -> bool:
 
 
 def smem_bytes(c: WgCfg, ntok: int) -> int:
-    return c.S * c.KS * ntok * 128 + 1024
+    tiles = 4 * c.RT * c.WG
+    return (c.DX + 2) * c.KS * ntok * 128 + (c.DW + 1) * (tiles * (c.KS * 512 + 64) + c.WG * 4 * 8) + 1024
 
 
 def source(c: WgCfg, ntok: int, KBW: int, fp16: bool, pdl: bool = False, dump: bool = False, K: int = 4096,
@@ -291,8 +310,8 @@ def source(c: WgCfg, ntok: int, KBW: int, fp16: bool, pdl: bool = False, dump: b
     """The kernel's CUDA C for one resolved configuration (K: the row length of x and the weight; full: M == ntok,
     every token row copied without a bounds check)."""
     magic, ht, et = ("0x64006400", "f16x2", "f16") if fp16 else ("0x43004300", "bf16x2", "bf16")
-    head = (f"#define NTOK {ntok}\n#define RT {c.RT}\n#define WG {c.WG}\n#define KBW {KBW}\n#define P {c.P}\n"
-            f"#define SPLIT {c.SPLIT}\n#define S {c.S}\n#define KS {c.KS}\n#define KD {K}\n#define MINB {c.MINB}\n#define DB {int(c.DB)}\n"
+    head = (f"#define NTOK {ntok}\n#define RT {c.RT}\n#define WG {c.WG}\n#define KBW {KBW}\n#define DW {c.DW}\n#define DX {c.DX}\n"
+            f"#define SPLIT {c.SPLIT}\n#define KS {c.KS}\n#define KD {K}\n#define MINB {c.MINB}\n#define DB {int(c.DB)}\n"
             f"#define PDL {int(pdl)}\n#define FULL {int(full)}\n#define DUMP {int(dump)}\n#define FP16 {int(fp16)}\n"
             f"#define MAGIC_STR \"{magic}\"\n#define HTYPE \"{ht}\"\n#define ETYPE \"{et}\"\n#define LDHINT \"\"\n")
     return head + w4mma.helpers(fp16) + _WG.replace("WGMMA_FN", wgmma_fn(ntok, et)).replace(

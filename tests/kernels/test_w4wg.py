@@ -63,10 +63,12 @@ def test_a_wrong_swizzle_is_caught():
 
 
 def test_resolve_splits_k_into_whole_groups():
-    c, kbw = w4wg.resolve(w4wg.WgCfg(), 64, 6144, 4096)                       # 48 CTAs of 128 rows
-    assert c.SPLIT * 48 >= 264 and kbw * c.SPLIT == 64 and kbw % 2 == 0 and kbw % c.P == 0
-    c, kbw = w4wg.resolve(w4wg.WgCfg(), 64, 28672, 4096)
+    c, kbw = w4wg.resolve(w4wg.WgCfg(TARGET=264), 64, 6144, 4096)           # 48 CTAs of 128 rows
+    assert c.SPLIT * 48 >= 0.9 * 264 and kbw * c.SPLIT == 64 and kbw % 4 == 0
+    c, kbw = w4wg.resolve(w4wg.WgCfg(TARGET=264), 64, 28672, 4096)
     assert c.SPLIT == 2 and kbw == 32
+    c, kbw = w4wg.resolve(w4wg.WgCfg(TARGET=132), 64, 28672, 4096)        # 224 CTAs: no split
+    assert c.SPLIT == 1 and kbw == 64
     c, kbw = w4wg.resolve(w4wg.WgCfg(SPLIT=7), 64, 4096, 14336)
     assert kbw == 32
     with pytest.raises(SpecqError):
@@ -78,7 +80,7 @@ def test_resolve_splits_k_into_whole_groups():
     assert w4wg.token_tile(17) == 32 and w4wg.token_tile(64) == 64 and w4wg.token_tile(3) == 16
 
 
-@pytest.mark.parametrize("ntok,cfg", [(64, w4wg.WgCfg()), (32, w4wg.WgCfg(WG=1, RT=2, MINB=1, DB=0))])
+@pytest.mark.parametrize("ntok,cfg", [(64, w4wg.WgCfg()), (32, w4wg.WgCfg(WG=1, RT=2, MINB=1, DB=0)), (48, w4wg.WgCfg(DW=6, DX=2))])
 def test_source_compiles_for_sm90a(tmp_path, ntok, cfg):
     """Complete CUDA C; with nvcc present it compiles for sm_90a without spills and without ptxas serializing the
     wgmma pipeline (which it does, with a warning, when it cannot prove the A registers are not overwritten)."""
