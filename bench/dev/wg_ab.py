@@ -22,15 +22,17 @@ from specq.kernels import w4wg as V  # noqa: E402
 C = V.WgCfg
 VARIANTS = {
     "d": C(),
-    "dw6": C(DW=6),
-    "dw8": C(DW=8),
-    "dx2": C(DX=2, DW=6),
+    "p8": C(P=8),
+    "s3": C(S=3),
+    "s5": C(S=5),
     "t264": C(TARGET=264),
-    "t264dw6": C(TARGET=264, DW=6),
+    "t264p8": C(TARGET=264, P=8),
     "db0": C(DB=0),
-    "m1": C(MINB=1, DW=8, DX=2),
-    "wg1rt2": C(WG=1, RT=2),
-    "wg4": C(WG=4, MINB=1, DW=6, DX=2),
+    "m1p8": C(MINB=1, P=8),
+    "wg1rt2": C(WG=1, RT=2, MINB=2),
+    "wg2rt2": C(WG=2, RT=2, MINB=1),
+    "wg1": C(WG=1, MINB=4, TARGET=264),
+    "ks1": C(KS=1, S=6),
 }
 if os.environ.get("VARIANTS"):
     VARIANTS = {k: VARIANTS[k] for k in os.environ["VARIANTS"].split(",")}
@@ -41,7 +43,7 @@ def diagnose(dtype=torch.bfloat16):
     g = torch.Generator().manual_seed(3)
     N, K, M = 128, 128, 64
     q, s, z = ref.random_w4a16(N, K, 128, True, dtype, "cuda", g)
-    w = W.prepare_w4a16(q, s, z, 128).mma
+    w = V.prepare_wg(q, s, z, 128)
     x = torch.randn(M, K, device="cuda", dtype=dtype)
     r = (x.float() @ ref.dequant_w4(q, s, z).float().T).cpu()             # [M, N]
     d = V.w4wg_linear(x, w, C(SPLIT=1), dump=True).view(256, 32).cpu()
@@ -74,7 +76,8 @@ def main():
         ws = []
         for name, K, N in MODELS[model]:
             q, s, z = ref.random_w4a16(N, K, 128, True, torch.bfloat16, "cuda", g)
-            ws.append({"name": name, "K": K, "N": N, "raw": (q, s, z), "w": W.prepare_w4a16(q, s, z, 128)})
+            ws.append({"name": name, "K": K, "N": N, "raw": (q, s, z), "w": W.prepare_w4a16(q, s, z, 128),
+                       "wg": V.prepare_wg(q, s, z, 128)})
         failed = False
         for m in [int(v) for v in os.environ.get("MS", "64,32").split(",")]:
             xs = {d["K"]: torch.randn(m, d["K"], device="cuda", dtype=torch.bfloat16) for d in ws}
@@ -84,8 +87,8 @@ def main():
                 r = xs[d["K"]].float() @ ref.dequant_w4(q, s, z).float().T
                 for v, c in VARIANTS.items():
                     try:
-                        y = V.w4wg_linear(xs[d["K"]], d["w"].mma, c)
-                        y2 = V.w4wg_linear(xs[d["K"]], d["w"].mma, c)
+                        y = V.w4wg_linear(xs[d["K"]], d["wg"], c)
+                        y2 = V.w4wg_linear(xs[d["K"]], d["wg"], c)
                     except SpecqError as e:
                         print("skip", d["name"], v, e, flush=True)
                         continue
@@ -104,7 +107,7 @@ def main():
                    for d in ws}
             best = {}
             for d in ws:
-                t = {v: graph_time([lambda d=d, v=v: V.w4wg_linear(xs[d["K"]], d["w"].mma, VARIANTS[v])])
+                t = {v: graph_time([lambda d=d, v=v: V.w4wg_linear(xs[d["K"]], d["wg"], VARIANTS[v])])
                      for v in ok.get(d["name"], [])}
                 by = d["N"] * d["K"] / 2
                 if t:
@@ -118,9 +121,9 @@ def main():
             layer = {}
             for v in VARIANTS:
                 if all(v in ok.get(d["name"], []) for d in ws):
-                    layer[v] = graph_time([lambda d=d, v=v: V.w4wg_linear(xs[d["K"]], d["w"].mma, VARIANTS[v]) for d in ws])
+                    layer[v] = graph_time([lambda d=d, v=v: V.w4wg_linear(xs[d["K"]], d["wg"], VARIANTS[v]) for d in ws])
             if len(best) == len(ws):
-                layer["per-matmul-best"] = graph_time([lambda d=d: V.w4wg_linear(xs[d["K"]], d["w"].mma,
+                layer["per-matmul-best"] = graph_time([lambda d=d: V.w4wg_linear(xs[d["K"]], d["wg"],
                                                                                  VARIANTS[best[d["name"]]]) for d in ws])
             print(f"{model} M={m} LAYER triton {tt:6.1f} | " +
                   " ".join(f"{k} {v:6.1f}" for k, v in sorted(layer.items(), key=lambda kv: kv[1])) +

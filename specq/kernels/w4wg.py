@@ -1,6 +1,6 @@
 """W4A16 for 17..64 tokens (speculative verification) with Hopper warpgroup MMA (wgmma), as a CUDA C kernel
-compiled at run time by NVRTC for sm_90a, on the few-token kernel's weight layout (w4mma.py: int32
-[N/16, K/64, 32, 4] words, [N/16, K/128, 16] scale/zero words), so one copy of the int4 words serves every M.
+compiled at run time by NVRTC for sm_90a, on its own word layout (repack_wg: the w4mma layout with k in natural
+order inside each 64-k block) and w4mma's scale/zero words.
 
 Why: mma.sync caps a warp-level design near 50-60 us per Llama-3-8B layer at 64 tokens (kernels_w4a16_dev.txt run
 12), and the Triton kernel takes ~116 us. wgmma m64nNk16 takes A (64 rows x 16 k) from registers and B (16 k x N
@@ -8,18 +8,17 @@ tokens) from shared memory: the dequantized weights never touch shared memory, a
 feeds every warpgroup of the CTA.
 
 Work split: a CTA has WG warpgroups, each over RT 64-row blocks (warp q of a warpgroup: the 16-row tile q of each
-block, exactly the w4mma tile whose words its lanes load), all over the same K slice of KBW 64-k blocks; K is
-split over SPLIT CTAs (grid.y), partials summed by the last CTA of a row group in a fixed order (deterministic).
-Per 64-k block: every thread copies its share of x [NTOK tokens, 64 k] into a stage in shared memory (cp.async,
-4-byte pieces: the words permute k inside a block, see below), the warps dequantize their weights ((q - z) * s,
-one rounding, as the Triton kernel) into A registers, and each warpgroup issues RT x 4 wgmma.
+block), all over the same K slice of KBW 64-k blocks; K is split over SPLIT CTAs (grid.y), partials summed by the
+last CTA of a row group in a fixed order (deterministic). Per 64-k block: the lanes load their own 16 bytes of words
+P blocks ahead into registers (a ring, as w4mma), dequantize them ((q - z) * s, one rounding, as the Triton kernel)
+into A registers, and each warpgroup issues RT x 4 wgmma; x goes through S shared-memory stages of KS blocks
+(cp.async, 16 bytes, S - 2 stages ahead, one barrier per stage). The output tile goes through shared memory so
+that y (or the split's partial) is stored coalesced.
 
-Shared-memory x tile of a stage: NTOK rows (tokens; rows >= M zero-filled) of 128 bytes, 128-byte swizzled
-(16-byte chunk c of row m at chunk c ^ (m % 8); 1024-byte atoms of 8 rows), the canonical K-major B layout, so the
-descriptor of k16 step j is the stage address + 32 j. Position L = 16 j + kappa of a row holds the x element the
-words pair with lane (g, t)'s A register: kappa = 2 t + e -> k = 16 t + 4 j + e, kappa = 8 + 2 t + e ->
-k = 16 t + 4 j + 2 + e (w4mma.repack_mma). stage_map() is this map in torch; the CPU tests check it against the
-reference product.
+Shared-memory x tile of a block: NTOK rows (tokens; rows >= M are never read into an output) of 128 bytes,
+128-byte swizzled (16-byte chunk c of row m at chunk c ^ (m % 8); 1024-byte atoms of 8 rows): the canonical K-major
+B layout, so the descriptor of k16 step j is the tile address + 32 j. stage_map() and wgmma_b() model the copy and
+the descriptor read in torch; the CPU tests check them and repack_wg against the reference product.
 """
 from __future__ import annotations
 
@@ -29,6 +28,7 @@ import torch
 
 from ..errors import SpecqError
 from . import w4mma
+from .ref import unpack_int4
 
 MAX_M = 64
 _WG = r"""
@@ -37,8 +37,10 @@ __device__ __forceinline__ float ldcg(const float* p) {       // L2, not L1: oth
     asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(v) : "l"(p));
     return v;
 }
-__device__ __forceinline__ void cpa4(u32 dst, const void* src, int bytes) {   // 4 B, zero-filled past `bytes`
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" :: "r"(dst), "l"(src), "r"(bytes));
+__device__ __forceinline__ float4 ldcg4(const float* p) {
+    float4 v;
+    asm volatile("ld.global.cg.v4.f32 {%0,%1,%2,%3}, [%4];" : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w) : "l"(p));
+    return v;
 }
 __device__ __forceinline__ unsigned long long xdesc(u32 addr) {  // K-major, 128-byte swizzle, 8-row groups 1024 B apart
     return (unsigned long long)((addr & 0x3FFFFu) >> 4) | (1ull << 16) | (64ull << 32) | (1ull << 62);
@@ -47,16 +49,9 @@ WGMMA_FN
 #define ROWS (64 * RT * WG)     // output rows per CTA
 #define XSUB (NTOK * 128)       // bytes of one 64-k block of x in a stage
 #define XST (KS * XSUB)         // bytes per x stage (KS blocks)
-#define SX (DX + 2)             // x stages: DX copied ahead, the current one, the previous one (wgmma may read it)
-#define SW (DW + 1)             // weight stages: DW copied ahead and the current one (each lane reads its own)
-#define NW (WG * 4)             // warps
-#define WT (KS * 512 + 64)      // bytes per 16-row tile and weight stage: its words of KS blocks, then 16 scale words
-#define WST (RT * NW * WT)      // bytes per weight stage
-#define RSTEP (4 * WG)          // token rows apart of one thread's x copies
-#define NCP (NTOK / RSTEP)      // x copies (4 bytes) per thread per block
-// grid (N / ROWS, SPLIT), block WG * 128, dynamic shared memory SX * XST + SW * WST + SW * NW * 8 + 1024;
-// x [M, KD] contiguous. Weights: each warp bulk-copies (TMA, cp.async.bulk) its own row tiles' words and scale
-// words of a stage into shared memory, completing on its own mbarrier of that stage slot; x: cp.async groups.
+#define RSTEP (16 * WG)         // token rows apart of one thread's copies
+#define NCP ((NTOK + RSTEP - 1) / RSTEP)   // copies (16 bytes) per thread per block
+// grid (N / ROWS, SPLIT), block WG * 128, dynamic shared memory S * XST + 1024; x [M, KD] contiguous
 // ws: fp32 [SPLIT, M, N] partials (SPLIT > 1); locks: int32 [>= N / ROWS], zero between launches
 extern "C" __global__ void __launch_bounds__(WG * 128, MINB)
 w4wg(const uint4* __restrict__ qw, const u32* __restrict__ sz, const u16* __restrict__ x, u16* __restrict__ y,
@@ -64,7 +59,6 @@ w4wg(const uint4* __restrict__ qw, const u32* __restrict__ sz, const u16* __rest
 {
     extern __shared__ __align__(1024) unsigned char xsm[];
     const u32 xs0 = ((u32)__cvta_generic_to_shared(xsm) + 1023u) & ~1023u;
-    const u32 ws0 = xs0 + SX * XST, mb0 = ws0 + SW * WST;
 #if PDL
     asm volatile("griddepcontrol.wait;" ::: "memory");
     asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
@@ -72,7 +66,6 @@ w4wg(const uint4* __restrict__ qw, const u32* __restrict__ sz, const u16* __rest
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, t = lane & 3;
     constexpr int KB = KD >> 6;
-    constexpr int NS = KBW / KS;                                 // stages of this CTA
     const int kb0 = blockIdx.y * KBW;                            // first 64-k block of this CTA's K slice
     int tile[RT];
     const uint4* wp[RT];
@@ -80,48 +73,25 @@ w4wg(const uint4* __restrict__ qw, const u32* __restrict__ sz, const u16* __rest
 #pragma unroll
     for (int r = 0; r < RT; r++) {
         tile[r] = (blockIdx.x * ROWS + ((warp >> 2) * RT + r) * 64) / 16 + (warp & 3);
-        wp[r] = qw + ((size_t)tile[r] * KB + kb0) * 32;                 // the tile's words from block kb0 on
-        sp[r] = sz + ((size_t)tile[r] * (KB >> 1) + (kb0 >> 1)) * 16;   // its scale words from group kb0 / 2 on
+        wp[r] = qw + ((size_t)tile[r] * KB + kb0) * 32 + lane;
+        sp[r] = sz + ((size_t)tile[r] * (KB >> 1) + (kb0 >> 1)) * 16 + g;
     }
-    // in a weight stage, row tile r of this warp: words of block kk at wtile + r * WT + kk * 512 (lane's 16 B at
-    // + lane * 16), scale words of rows g, g + 8 at wtile + r * WT + KS * 512 + 4 g, + 32
-    const u32 wtile = (u32)(warp * RT * WT);
-    if (lane == 0) {
-#pragma unroll
-        for (int i = 0; i < SW; i++)
-            asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" :: "r"(mb0 + (u32)(i * NW + warp) * 8));
-        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-    }
-    __syncwarp();
-    // x copies: thread (m0 = tid / 32, p = tid % 32) copies the 4 bytes at k 2p .. 2p+1 of token rows m0 + RSTEP i
-    // to slot L = 16 j + 8 c + 2 t' (k = 16 t' + 4 j + 2 c) of the row: 16-byte chunk 2 j + c, XOR the row % 8
-    const int m0 = threadIdx.x >> 5, p = threadIdx.x & 31;
-    const int chunk = ((p >> 1) & 3) * 2 + (p & 1);
-    const u32 dsw0 = (u32)(m0 * 128 + ((chunk ^ (m0 & 7)) << 4) + (p >> 3) * 4);
-    const u32 dsw1 = (u32)((m0 + 4) * 128 + ((chunk ^ ((m0 + 4) & 7)) << 4) + (p >> 3) * 4);   // RSTEP = 4: odd i
+    // x copies (natural k order, the wg word layout): thread (m0 = tid / 8, c = tid % 8) copies the 16-byte chunk c
+    // (k 8c .. 8c+7) of token rows m0 + RSTEP i to chunk c ^ (row % 8) of the row (RSTEP = WG * 16, a multiple of 8)
+    const int m0 = threadIdx.x >> 3, cx = threadIdx.x & 7;
+    const u32 dsw = (u32)(m0 * 128 + ((cx ^ (m0 & 7)) << 4));
     const int nv = M > m0 ? (M - m0 + RSTEP - 1) / RSTEP : 0;    // copies of real tokens (rows >= M: left as is,
                                                                  // they only feed discarded output columns)
-    const u16* xg = x + (size_t)m0 * KD + (size_t)kb0 * 64 + 2 * p;
+    const u16* xg = x + (size_t)m0 * KD + (size_t)kb0 * 64 + 8 * cx;
 #define STAGE(blk, st) { \
-    const u32 db = xs0 + (u32)(st) * XST + (u32)((blk) % KS) * XSUB; \
+    const u32 db = xs0 + (u32)(st) * XST + (u32)((blk) % KS) * XSUB + dsw; \
     const u16* sb_ = xg + (size_t)(blk) * 64; \
     STAGE_COPIES }
-#define STAGE_X(sidx) { for (int kk = 0; kk < KS; kk++) STAGE((sidx) * KS + kk, (sidx) % SX) }
-#define STAGE_W(sidx) if (lane == 0) { \
-    const u32 slot = (u32)((sidx) % SW), mb = mb0 + (slot * NW + warp) * 8, wd = ws0 + slot * WST + wtile; \
-    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" :: "r"(mb), "n"(RT * WT) : "memory"); \
-    _Pragma("unroll") for (int r = 0; r < RT; r++) { \
-        asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" \
-                     :: "r"(wd + r * WT), "l"(wp[r] + (size_t)(sidx) * KS * 32), "n"(KS * 512), "r"(mb) : "memory"); \
-        asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], 64, [%2];" \
-                     :: "r"(wd + r * WT + KS * 512), "l"(sp[r] + (size_t)(sidx) * (KS / 2) * 16), "r"(mb) : "memory"); } }
+#define STAGE_ALL(sidx) { for (int kk = 0; kk < KS; kk++) STAGE((sidx) * KS + kk, (sidx) % S) }
+    constexpr int NS = KBW / KS;                                 // stages of this CTA
 #pragma unroll
-    for (int i = 0; i < DW; i++) {                               // weights of stages 0 .. DW-1
-        if (i < NS) STAGE_W(i)
-    }
-#pragma unroll
-    for (int i = 0; i < DX; i++) {                               // x of stages 0 .. DX-1, one group each
-        if (i < NS) STAGE_X(i)
+    for (int i = 0; i < S - 2; i++) {
+        if (i < NS) STAGE_ALL(i)
         asm volatile("cp.async.commit_group;");
     }
     float acc[RT][NTOK / 2];
@@ -129,37 +99,45 @@ w4wg(const uint4* __restrict__ qw, const u32* __restrict__ sz, const u16* __rest
     for (int r = 0; r < RT; r++)
 #pragma unroll
         for (int c = 0; c < NTOK / 2; c++) acc[r][c] = 0.f;
+    uint4 wb[P][RT];                  // weight ring: blocks b .. b+P-1 of every row tile
+    u32 sb[P / 2][RT][2];             // their groups' scale/zero words (rows g, g + 8)
+#pragma unroll
+    for (int i = 0; i < P; i++)
+#pragma unroll
+        for (int r = 0; r < RT; r++) {
+            if (i < KBW) {
+                wb[i][r] = ldw(wp[r] + i * 32);
+                if (i % 2 == 0) { sb[i / 2][r][0] = lds(sp[r] + (i / 2) * 16); sb[i / 2][r][1] = lds(sp[r] + (i / 2) * 16 + 8); }
+            }
+        }
+    u32 s[RT][2];
     u32 a[DB + 1][RT][4][4];          // A registers: DB = 1 double-buffers them (block b's dequant beside b-1's wgmma)
 #pragma unroll 1
-    for (int s0 = 0; s0 < NS; s0 += 2) {
+    for (int c0 = 0; c0 < KBW; c0 += P) {         // KBW % P == 0, P % KS == 0
 #pragma unroll
-    for (int si = 0; si < 2; si++) {
-        const int sidx = s0 + si;
-        if (NS % 2 && sidx >= NS) break;
-        asm volatile("cp.async.wait_group %0;" :: "n"(DX - 1));   // this thread's x copies of stage sidx landed
-        asm volatile("fence.proxy.async.shared::cta;" ::: "memory");   // cp.async writes -> visible to wgmma
-        __syncthreads();              // every thread's x copies of stage sidx; stages <= sidx - 1 done with (weights:
-                                      // every lane's reads; x: every wgmma but those of the last block)
-        if (sidx + DW < NS) STAGE_W(sidx + DW)
-        if (sidx + DX < NS) STAGE_X(sidx + DX)
-        asm volatile("cp.async.commit_group;");
-        const u32 wst = ws0 + (u32)(sidx % SW) * WST + wtile;
-        asm volatile("{\n.reg .pred P1;\nWAIT:\nmbarrier.try_wait.parity.shared::cta.b64 P1, [%0], %1;\n@P1 bra DONE;\n"
-                     "bra WAIT;\nDONE:\n}" :: "r"(mb0 + (u32)((sidx % SW) * NW + warp) * 8), "r"((sidx / SW) & 1) : "memory");
-        u32 s[RT][2];
-#pragma unroll
-        for (int r = 0; r < RT; r++) {
-            asm volatile("ld.shared.u32 %0, [%1];" : "=r"(s[r][0]) : "r"(wst + r * WT + KS * 512 + 4 * g));
-            asm volatile("ld.shared.u32 %0, [%1];" : "=r"(s[r][1]) : "r"(wst + r * WT + KS * 512 + 4 * g + 32));
+    for (int i = 0; i < P; i++) {
+        const int b = c0 + i;
+        if (i % KS == 0) {
+            const int sidx = b / KS;
+            asm volatile("cp.async.wait_group %0;" :: "n"(S - 3));
+            asm volatile("fence.proxy.async.shared::cta;" ::: "memory");   // cp.async writes -> visible to wgmma
+            __syncthreads();          // stage sidx copied by every thread; stages <= sidx - 2 read by every warpgroup
+            if (sidx + S - 2 < NS) STAGE_ALL(sidx + S - 2)
+            asm volatile("cp.async.commit_group;");
         }
-#pragma unroll
-        for (int kk = 0; kk < KS; kk++) {
-        const int ab = DB ? (kk & 1) : 0;
+        const int ab = DB ? (i & 1) : 0;
 #pragma unroll
         for (int r = 0; r < RT; r++) {
-            uint4 w;
-            asm volatile("ld.shared.v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(w.x), "=r"(w.y), "=r"(w.z), "=r"(w.w)
-                         : "r"(wst + r * WT + kk * 512 + lane * 16));
+            const uint4 w = wb[i][r];
+            if (b + P < KBW) wb[i][r] = ldw(wp[r] + (b + P) * 32);
+            if (i % 2 == 0) {
+                s[r][0] = sb[i / 2][r][0];
+                s[r][1] = sb[i / 2][r][1];
+                if (b + P < KBW) {
+                    sb[i / 2][r][0] = lds(sp[r] + ((b + P) / 2) * 16);
+                    sb[i / 2][r][1] = lds(sp[r] + ((b + P) / 2) * 16 + 8);
+                }
+            }
             const u32 nzg = (s[r][0] & 0xFFFFu) * 0x10001u, nzh = (s[r][1] & 0xFFFFu) * 0x10001u;
             const u32 sg = (s[r][0] >> 16) * 0x10001u, sh = (s[r][1] >> 16) * 0x10001u;
             const u32 wj[4] = {w.x, w.y, w.z, w.w};
@@ -171,7 +149,7 @@ w4wg(const uint4* __restrict__ qw, const u32* __restrict__ sz, const u16* __rest
                 a[ab][r][j][3] = deqs(wj[j] >> 12, nzh, sh);
             }
         }
-        const u32 st = xs0 + (u32)(sidx % SX) * XST + (u32)kk * XSUB;
+        const u32 st = xs0 + (u32)((b / KS) % S) * XST + (u32)(b % KS) * XSUB;
         asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
 #pragma unroll
         for (int r = 0; r < RT; r++)
@@ -180,7 +158,6 @@ w4wg(const uint4* __restrict__ qw, const u32* __restrict__ sz, const u16* __rest
                 wgmma(acc[r], a[ab][r][j][0], a[ab][r][j][1], a[ab][r][j][2], a[ab][r][j][3], xdesc(st + 32 * j));
         asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
         asm volatile("wgmma.wait_group.sync.aligned %0;" :: "n"(DB) : "memory");
-        }
     }
     }
     asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
@@ -195,28 +172,34 @@ w4wg(const uint4* __restrict__ qw, const u32* __restrict__ sz, const u16* __rest
             ws[(((size_t)blockIdx.y * gridDim.x + blockIdx.x) * RT + r) * (WG * 128 * NTOK / 2) + threadIdx.x * (NTOK / 2) + c] = acc[r][c];
     return;
 #endif
-    if (SPLIT == 1) {
-#pragma unroll
-        for (int r = 0; r < RT; r++)
-#pragma unroll
-            for (int n = 0; n < NTOK / 8; n++)
-#pragma unroll
-                for (int c = 0; c < 4; c++) {
-                    const int row = tile[r] * 16 + g + 8 * (c >> 1), tok = 8 * n + 2 * t + (c & 1);
-                    if (tok < M) y[(size_t)tok * sym + row] = to16(acc[r][4 * n + c]);
-                }
-        return;
-    }
-    float* part = ws + (size_t)blockIdx.y * M * N;
+    // the CTA's [NTOK tokens, ROWS rows] fp32 tile through shared memory (the x stages, every wgmma done), rows
+    // padded by 4 floats (conflict-free), then stored coalesced: y (SPLIT = 1) or this split's partial
+    __syncthreads();
+    float* ot = (float*)(xsm + (xs0 - (u32)__cvta_generic_to_shared(xsm)));
 #pragma unroll
     for (int r = 0; r < RT; r++)
 #pragma unroll
         for (int n = 0; n < NTOK / 8; n++)
 #pragma unroll
             for (int c = 0; c < 4; c++) {
-                const int row = tile[r] * 16 + g + 8 * (c >> 1), tok = 8 * n + 2 * t + (c & 1);
-                if (tok < M) part[(size_t)tok * N + row] = acc[r][4 * n + c];
+                const int lrow = ((warp >> 2) * RT + r) * 64 + (warp & 3) * 16 + g + 8 * (c >> 1);
+                ot[(8 * n + 2 * t + (c & 1)) * (ROWS + 4) + lrow] = acc[r][4 * n + c];
             }
+    __syncthreads();
+    const int row0 = blockIdx.x * ROWS;
+    if (SPLIT == 1) {
+        for (int i = threadIdx.x; i < M * (ROWS / 2); i += WG * 128) {   // two rows (4 bytes of y) per store
+            const int tok = i / (ROWS / 2), lr = 2 * (i % (ROWS / 2));
+            const float* o = ot + tok * (ROWS + 4) + lr;
+            *(u32*)(y + (size_t)tok * sym + row0 + lr) = (u32)to16(o[0]) | ((u32)to16(o[1]) << 16);
+        }
+        return;
+    }
+    float* part = ws + (size_t)blockIdx.y * M * N;
+    for (int i = threadIdx.x; i < M * (ROWS / 4); i += WG * 128) {       // four rows (16 bytes) per store
+        const int tok = i / (ROWS / 4), lr = 4 * (i % (ROWS / 4));
+        *(float4*)(part + (size_t)tok * N + row0 + lr) = *(const float4*)(ot + tok * (ROWS + 4) + lr);
+    }
     __threadfence();
     __syncthreads();
     __shared__ int last;
@@ -224,11 +207,15 @@ w4wg(const uint4* __restrict__ qw, const u32* __restrict__ sz, const u16* __rest
     __syncthreads();
     if (!last) return;
     __threadfence();
-    for (int i = threadIdx.x; i < M * ROWS; i += WG * 128) {     // coalesced over rows, fixed order over splits
-        const int tok = i / ROWS, row = blockIdx.x * ROWS + i % ROWS;
-        float v = 0.f;
-        for (int q = 0; q < SPLIT; q++) v += ldcg(ws + ((size_t)q * M + tok) * N + row);
-        y[(size_t)tok * sym + row] = to16(v);
+    for (int i = threadIdx.x; i < M * (ROWS / 4); i += WG * 128) {   // 4 rows per thread, fixed order over splits
+        const int tok = i / (ROWS / 4), row = row0 + 4 * (i % (ROWS / 4));
+        float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+        for (int q = 0; q < SPLIT; q++) {
+            const float4 u = ldcg4(ws + ((size_t)q * M + tok) * N + row);
+            v.x += u.x; v.y += u.y; v.z += u.z; v.w += u.w;
+        }
+        *(uint2*)(y + (size_t)tok * sym + row) = make_uint2((u32)to16(v.x) | ((u32)to16(v.y) << 16),
+                                                            (u32)to16(v.z) | ((u32)to16(v.w) << 16));
     }
     if (threadIdx.x == 0) locks[blockIdx.x] = 0;
 }
@@ -253,13 +240,13 @@ def wgmma_fn(ntok: int, etype: str) -> str:
 class WgCfg(NamedTuple):
     WG: int = 2             # warpgroups per CTA
     RT: int = 1             # 64-row blocks per warpgroup (each x tile feeds RT x 4 wgmma)
-    DW: int = 4             # weight stages copied ahead (cp.async into shared memory, each lane its own words)
-    DX: int = 1             # x stages copied ahead
+    P: int = 4              # 64-k weight blocks in flight per warp and row tile (register ring)
+    S: int = 4              # x stages in shared memory (S - 2 stages copied ahead)
     SPLIT: int = 0          # CTAs over K (0: enough for TARGET CTAs)
     TARGET: int = 132       # CTAs wanted when SPLIT = 0
     MINB: int = 2           # __launch_bounds__ min blocks per SM
     DB: int = 1             # double-buffered A registers
-    KS: int = 2             # 64-k blocks per stage (one barrier per stage; one scale group)
+    KS: int = 2             # 64-k blocks per x stage (one barrier per stage)
 
 
 def token_tile(M: int) -> int:
@@ -272,7 +259,7 @@ def resolve(c: WgCfg, M: int, N: int, K: int) -> tuple[WgCfg, int]:
     blocks that P divides."""
     rows = 64 * c.RT * c.WG
     KB = K // 64
-    if M < 1 or M > MAX_M or N % rows or K % 128 or c.DX < 1 or c.DW < c.DX or c.KS != 2:
+    if M < 1 or M > MAX_M or N % rows or K % 128 or c.S < 3 or c.P % 2 or c.KS not in (1, 2):
         raise SpecqError(f"w4wg: M={M} N={N} K={K} not supported by {c} (N % {rows}, K % 128, M <= {MAX_M})")
     split = c.SPLIT
     if split == 0:      # the fewest splits giving >= 90% of TARGET CTAs with KBW % 4 == 0 (else % 2), KBW >= 8
@@ -282,7 +269,12 @@ def resolve(c: WgCfg, M: int, N: int, K: int) -> tuple[WgCfg, int]:
     if KB % (2 * split):
         raise SpecqError(f"w4wg: K={K} does not split {split} ways into whole 128-k groups")
     kbw = KB // split
-    return c._replace(SPLIT=split), kbw
+    p = max(2, min(c.P, kbw))
+    while kbw % p or p % 2:
+        p -= 1
+    if kbw % c.KS or p % c.KS:
+        raise SpecqError(f"w4wg: {kbw} blocks per CTA do not fill stages of {c.KS} blocks")
+    return c._replace(SPLIT=split, P=p), kbw
 
 
 def default_config(M: int, N: int, K: int) -> WgCfg:
@@ -301,8 +293,8 @@ def supported(M: int, N: int, K: int) -> bool:
 
 
 def smem_bytes(c: WgCfg, ntok: int) -> int:
-    tiles = 4 * c.RT * c.WG
-    return (c.DX + 2) * c.KS * ntok * 128 + (c.DW + 1) * (tiles * (c.KS * 512 + 64) + c.WG * 4 * 8) + 1024
+    """x stages, which also hold the output tile [ntok, rows + 4] fp32 at the end, and the 1024-byte alignment."""
+    return max(c.S * c.KS * ntok * 128, ntok * (64 * c.RT * c.WG + 4) * 4) + 1024
 
 
 def source(c: WgCfg, ntok: int, KBW: int, fp16: bool, pdl: bool = False, dump: bool = False, K: int = 4096,
@@ -310,8 +302,8 @@ def source(c: WgCfg, ntok: int, KBW: int, fp16: bool, pdl: bool = False, dump: b
     """The kernel's CUDA C for one resolved configuration (K: the row length of x and the weight; full: M == ntok,
     every token row copied without a bounds check)."""
     magic, ht, et = ("0x64006400", "f16x2", "f16") if fp16 else ("0x43004300", "bf16x2", "bf16")
-    head = (f"#define NTOK {ntok}\n#define RT {c.RT}\n#define WG {c.WG}\n#define KBW {KBW}\n#define DW {c.DW}\n#define DX {c.DX}\n"
-            f"#define SPLIT {c.SPLIT}\n#define KS {c.KS}\n#define KD {K}\n#define MINB {c.MINB}\n#define DB {int(c.DB)}\n"
+    head = (f"#define NTOK {ntok}\n#define RT {c.RT}\n#define WG {c.WG}\n#define KBW {KBW}\n#define P {c.P}\n"
+            f"#define SPLIT {c.SPLIT}\n#define S {c.S}\n#define KS {c.KS}\n#define KD {K}\n#define MINB {c.MINB}\n#define DB {int(c.DB)}\n"
             f"#define PDL {int(pdl)}\n#define FULL {int(full)}\n#define DUMP {int(dump)}\n#define FP16 {int(fp16)}\n"
             f"#define MAGIC_STR \"{magic}\"\n#define HTYPE \"{ht}\"\n#define ETYPE \"{et}\"\n#define LDHINT \"\"\n")
     return head + w4mma.helpers(fp16) + _WG.replace("WGMMA_FN", wgmma_fn(ntok, et)).replace(
@@ -319,28 +311,25 @@ def source(c: WgCfg, ntok: int, KBW: int, fp16: bool, pdl: bool = False, dump: b
 
 
 def stage_copies(ntok: int, wg: int, K: int, full: bool) -> str:
-    """STAGE's NCP copies of one thread, unrolled with immediate offsets: copy i is token row m0 + RSTEP i (smem row
-    offset and swizzle from dsw0 / dsw1, global offset RSTEP i K elements)."""
-    rstep = 4 * wg
+    """STAGE's copies of one thread, unrolled with immediate offsets: copy i is token row m0 + RSTEP i (RSTEP = 16 WG
+    rows, a multiple of 8: the same swizzle), 16 bytes."""
+    rstep = 16 * wg
     out = []
-    for i in range(ntok // rstep):
-        cond = "" if full else f"if ({i} < nv) "
-        dsw = "dsw0" if (rstep * i) % 8 == 0 else "dsw1"
-        out.append(f'{cond}asm volatile("cp.async.ca.shared.global [%0+{((rstep * i) & ~7) * 128}], '
-                   f'[%1+{rstep * i * K * 2}], 4;" :: "r"(db + {dsw}), "l"(sb_)); \\\n')
+    for i in range(-(-ntok // rstep)):
+        cond = "" if full and rstep * (i + 1) <= ntok else f"if ({i} < nv) "
+        out.append(f'{cond}asm volatile("cp.async.cg.shared.global [%0+{rstep * i * 128}], [%1+{rstep * i * K * 2}], 16;" '
+                   f':: "r"(db), "l"(sb_)); \\\n')
     return "".join(out)
 
 
 def stage_map(ntok: int = 64) -> torch.Tensor:
-    """int64 [ntok * 64]: for each bf16 slot of a stage (byte offset / 2), the flat index m * 64 + k of the x element
-    the kernel's STAGE copies there (k inside the 64-k block). Every slot is written exactly once."""
+    """int64 [ntok * 64]: for each 16-bit slot of a stage (byte offset / 2), the flat index m * 64 + k of the x element
+    the kernel's STAGE copies there (k inside the 64-k block): chunk c of row m at chunk c ^ (m % 8)."""
     out = torch.full((ntok * 64,), -1, dtype=torch.int64)
     for m in range(ntok):
-        for p in range(32):
-            chunk = ((((p >> 1) & 3) * 2 + (p & 1)) ^ (m & 7))
-            byte = m * 128 + chunk * 16 + (p >> 3) * 4
-            out[byte // 2] = m * 64 + 2 * p
-            out[byte // 2 + 1] = m * 64 + 2 * p + 1
+        for c in range(8):
+            for u in range(8):
+                out[(m * 128 + ((c ^ (m % 8)) << 4) + 2 * u) // 2] = m * 64 + 8 * c + u
     return out
 
 
@@ -371,7 +360,44 @@ def kernel(c: WgCfg, ntok: int, KBW: int, K: int, fp16: bool, device: int = 0, p
     return k
 
 
-def locks_for(w: w4mma.MMAWeight) -> torch.Tensor:
+class WGWeight(NamedTuple):
+    words: torch.Tensor     # int32 [N/16, K/64, 32, 4] (repack_wg)
+    sz: torch.Tensor        # int32 [N/16, K/128, 16]: scale bits << 16 | bits of -(MAGIC + z) (w4mma.pack_sz)
+    N: int
+    K: int
+    fp16: bool
+
+
+def repack_wg(qweight: torch.Tensor) -> torch.Tensor:
+    """Canonical qweight [N, K//8] (N % 16 == 0, K % 64 == 0) -> words [N/16, K/64, 32, 4]: lane (g, t) of block
+    (tile, b), word j = the wgmma A fragment of k16 step j in natural k order: nibble i (bits 4i) and nibble i of the
+    high half (bits 16 + 4i) are the 16-bit pair of register a_i, row 16 tile + g + 8 (i % 2),
+    k = 64 b + 16 j + 8 (i // 2) + 2 t + e (e = 0 low, 1 high)."""
+    N, W = qweight.shape
+    K = 8 * W
+    q = unpack_int4(qweight).to(torch.int64)                                 # [N, K]
+    q = q.view(N // 16, 2, 8, K // 64, 4, 2, 4, 2)                           # [tile, h, g, b, j, c, t, e]
+    q = q.permute(0, 3, 2, 6, 4, 7, 5, 1)                                    # [tile, b, g, t, j, e, c, h]
+    shift = (16 * torch.arange(2).view(2, 1, 1) + 4 * (2 * torch.arange(2).view(1, 2, 1)
+                                                       + torch.arange(2).view(1, 1, 2))).to(q.device)
+    w = (q << shift).sum((-3, -2, -1))                                        # [tile, b, g, t, j]
+    w = torch.where(w >= 2**31, w - 2**32, w).to(torch.int32)
+    return w.reshape(N // 16, K // 64, 32, 4).contiguous()
+
+
+def prepare_wg(qweight, scales, zeros, group_size=None, dtype=torch.bfloat16) -> WGWeight:
+    """The kernel's weight: repacked words and the w4mma scale/zero words (the same limits as w4mma.prepare_mma)."""
+    N, W = qweight.shape
+    K = 8 * W
+    G = K if group_size in (None, -1, 0) else int(group_size)
+    zf = zeros.float()
+    if not w4mma.supported(N, K, G) or N % 64 or K % G or not bool(((zf == zf.round()) & (zf.abs() <= 64)).all()):
+        raise SpecqError(f"w4wg: unsupported weight N={N} K={K} group {group_size} (or non-integer zeros)")
+    fp16 = dtype == torch.float16
+    return WGWeight(repack_wg(qweight), w4mma.pack_sz(scales, zeros, K, fp16), N, K, fp16)
+
+
+def locks_for(w: WGWeight) -> torch.Tensor:
     """One zeroed int32 counter per 64 rows of the weight, kept per weight (allocated on the first, eager, call)."""
     key = (w.words.data_ptr(), str(w.words.device))
     hit = _LOCKS.get(key)
@@ -382,7 +408,7 @@ def locks_for(w: w4mma.MMAWeight) -> torch.Tensor:
     return hit[1]
 
 
-def w4wg_linear(x: torch.Tensor, w: w4mma.MMAWeight, cfg: WgCfg | None = None, dump: bool = False) -> torch.Tensor:
+def w4wg_linear(x: torch.Tensor, w: WGWeight, cfg: WgCfg | None = None, dump: bool = False) -> torch.Tensor:
     """x [M, K] (M <= 64, 16-bit, CUDA, sm_90) @ W^T -> [M, N]. dump: the raw accumulators instead (debugging)."""
     M, K = x.shape
     if K != w.K:

@@ -27,15 +27,15 @@ def _a_fragments(words: torch.Tensor, tile: int, b: int, j: int) -> torch.Tensor
 
 @pytest.mark.parametrize("ntok", [16, 32])
 def test_stage_layout_pairs_words_with_x(ntok):
-    """sum over blocks and k16 steps of A_j @ B_j (A from the words, B read through the swizzled descriptor from a
-    stage written by STAGE's map) equals q @ x^T: the kernel's k permutation of x matches the words'."""
+    """sum over blocks and k16 steps of A_j @ B_j (A from the repack_wg words, B read through the swizzled descriptor
+    from a stage written by STAGE's map) equals q @ x^T: the words pair each A register with the right x element."""
     g = torch.Generator().manual_seed(0)
     N, K = 32, 128
     q = torch.randint(0, 16, (N, K), generator=g)
     packed = (q.view(N, K // 8, 8) << (4 * torch.arange(8))).sum(-1)
     qweight = torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)
     assert torch.equal(unpack_int4(qweight).long(), q)
-    words = w4mma.repack_mma(qweight)
+    words = w4wg.repack_wg(qweight)
     x = torch.randint(-8, 8, (ntok, K), generator=g)
     smap = w4wg.stage_map(ntok)
     out = torch.zeros(N, ntok, dtype=torch.int64)
@@ -46,6 +46,21 @@ def test_stage_layout_pairs_words_with_x(ntok):
             for tile in range(N // 16):
                 out[16 * tile:16 * tile + 16] += _a_fragments(words, tile, b, j) @ B
     assert torch.equal(out, q @ x.T)
+
+
+def test_the_w4mma_words_would_not_pair():
+    """The check can fail: w4mma's words (k permuted inside a block) against the natural-order stage give another
+    product."""
+    g = torch.Generator().manual_seed(1)
+    N, K, ntok = 16, 64, 16
+    q = torch.randint(0, 16, (N, K), generator=g)
+    packed = (q.view(N, K // 8, 8) << (4 * torch.arange(8))).sum(-1)
+    qweight = torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)
+    words = w4mma.repack_mma(qweight)
+    x = torch.randint(-8, 8, (ntok, K), generator=g)
+    stage = x.reshape(-1)[w4wg.stage_map(ntok)]
+    out = sum(_a_fragments(words, 0, 0, j) @ w4wg.wgmma_b(stage, j, ntok) for j in range(4))
+    assert not torch.equal(out, q @ x.T)
 
 
 def test_stage_map_writes_every_slot_once():
@@ -80,7 +95,7 @@ def test_resolve_splits_k_into_whole_groups():
     assert w4wg.token_tile(17) == 32 and w4wg.token_tile(64) == 64 and w4wg.token_tile(3) == 16
 
 
-@pytest.mark.parametrize("ntok,cfg", [(64, w4wg.WgCfg()), (32, w4wg.WgCfg(WG=1, RT=2, MINB=1, DB=0)), (48, w4wg.WgCfg(DW=6, DX=2))])
+@pytest.mark.parametrize("ntok,cfg", [(64, w4wg.WgCfg()), (32, w4wg.WgCfg(WG=1, RT=2, MINB=1, DB=0)), (48, w4wg.WgCfg(P=8))])
 def test_source_compiles_for_sm90a(tmp_path, ntok, cfg):
     """Complete CUDA C; with nvcc present it compiles for sm_90a without spills and without ptxas serializing the
     wgmma pipeline (which it does, with a warning, when it cannot prove the A registers are not overwritten)."""
