@@ -21,18 +21,15 @@ from specq.kernels import w4wg as V  # noqa: E402
 
 C = V.WgCfg
 VARIANTS = {
-    "d": C(),
-    "p8": C(P=8),
-    "s3": C(S=3),
-    "s5": C(S=5),
-    "t264": C(TARGET=264),
-    "t264p8": C(TARGET=264, P=8),
-    "db0": C(DB=0),
-    "m1p8": C(MINB=1, P=8),
     "wg1rt2": C(WG=1, RT=2, MINB=2),
-    "wg2rt2": C(WG=2, RT=2, MINB=1),
+    "wg1rt2nf": C(WG=1, RT=2, MINB=2, FENCE=0),
+    "t264": C(TARGET=264),
+    "t264nf": C(TARGET=264, FENCE=0),
     "wg1": C(WG=1, MINB=4, TARGET=264),
-    "ks1": C(KS=1, S=6),
+    "wg1nf": C(WG=1, MINB=4, TARGET=264, FENCE=0),
+    "wg1s3nf": C(WG=1, MINB=4, TARGET=264, S=3, FENCE=0),
+    "dnf": C(FENCE=0),
+    "p8nf": C(P=8, FENCE=0),
 }
 if os.environ.get("VARIANTS"):
     VARIANTS = {k: VARIANTS[k] for k in os.environ["VARIANTS"].split(",")}

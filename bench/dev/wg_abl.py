@@ -12,8 +12,8 @@ from specq.kernels import ref  # noqa: E402
 from specq.kernels import w4a16 as W  # noqa: E402
 from specq.kernels import w4wg as V  # noqa: E402
 
-ABL = {"full": 0, "no-dequant": 1, "no-wgmma": 2, "no-x": 4, "no-w": 8, "no-dq-mma": 3, "no-x-w": 12,
-       "only-loads": 3, "nothing": 15}
+ABL = {"full": 0, "no-dequant": 1, "no-wgmma": 2, "no-x": 4, "no-w": 8, "only-loads": 3, "no-x-w": 12,
+       "nothing": 15}
 
 
 @torch.inference_mode()
@@ -27,10 +27,11 @@ def main():
             x = torch.randn(m, K, device="cuda", dtype=torch.bfloat16)
             tri = graph_time([lambda: W.w4a16_linear(x, w, cfg=W.default_config(m, N, K))])
             row = []
-            for base in ("d", "t264"):
-                c0 = V.WgCfg() if base == "d" else V.WgCfg(TARGET=264)
+            wg = V.prepare_wg(q, s, z, 128)
+            for base in ("wg1rt2", "wg1"):
+                c0 = V.WgCfg(WG=1, RT=2, MINB=2) if base == "wg1rt2" else V.WgCfg(WG=1, MINB=4, TARGET=264)
                 for k, a in ABL.items():
-                    row.append(f"{base}/{k} {graph_time([lambda a=a: V.w4wg_linear(x, w.mma, c0._replace(ABL=a))]):6.1f}")
+                    row.append(f"{base}/{k} {graph_time([lambda a=a: V.w4wg_linear(x, wg, c0._replace(ABL=a))]):6.1f}")
             print(f"M={m} {name:8s} triton {tri:6.1f} | " + " ".join(row), flush=True)
 
 

@@ -87,7 +87,7 @@ w4wg(const uint4* __restrict__ qw, const u32* __restrict__ sz, const u16* __rest
     const u32 db = xs0 + (u32)(st) * XST + (u32)((blk) % KS) * XSUB + dsw; \
     const u16* sb_ = xg + (size_t)(blk) * 64; \
     STAGE_COPIES }
-#define STAGE_ALL(sidx) { for (int kk = 0; kk < KS; kk++) STAGE((sidx) * KS + kk, (sidx) % S) }
+#define STAGE_ALL(sidx) if (!(ABL & 4)) { for (int kk = 0; kk < KS; kk++) STAGE((sidx) * KS + kk, (sidx) % S) }
     constexpr int NS = KBW / KS;                                 // stages of this CTA
 #pragma unroll
     for (int i = 0; i < S - 2; i++) {
@@ -120,7 +120,7 @@ w4wg(const uint4* __restrict__ qw, const u32* __restrict__ sz, const u16* __rest
         if (i % KS == 0) {
             const int sidx = b / KS;
             asm volatile("cp.async.wait_group %0;" :: "n"(S - 3));
-            asm volatile("fence.proxy.async.shared::cta;" ::: "memory");   // cp.async writes -> visible to wgmma
+            if (FENCE) asm volatile("fence.proxy.async.shared::cta;" ::: "memory");   // cp.async writes -> wgmma
             __syncthreads();          // stage sidx copied by every thread; stages <= sidx - 2 read by every warpgroup
             if (sidx + S - 2 < NS) STAGE_ALL(sidx + S - 2)
             asm volatile("cp.async.commit_group;");
@@ -129,7 +129,7 @@ w4wg(const uint4* __restrict__ qw, const u32* __restrict__ sz, const u16* __rest
 #pragma unroll
         for (int r = 0; r < RT; r++) {
             const uint4 w = wb[i][r];
-            if (b + P < KBW) wb[i][r] = ldw(wp[r] + (b + P) * 32);
+            if (b + P < KBW && !(ABL & 8)) wb[i][r] = ldw(wp[r] + (b + P) * 32);
             if (i % 2 == 0) {
                 s[r][0] = sb[i / 2][r][0];
                 s[r][1] = sb[i / 2][r][1];
@@ -143,6 +143,11 @@ w4wg(const uint4* __restrict__ qw, const u32* __restrict__ sz, const u16* __rest
             const u32 wj[4] = {w.x, w.y, w.z, w.w};
 #pragma unroll
             for (int j = 0; j < 4; j++) {
+                if (ABL & 1) {
+                    a[ab][r][j][0] = wj[j] ^ nzg; a[ab][r][j][1] = wj[j] ^ nzh;
+                    a[ab][r][j][2] = wj[j] ^ sg; a[ab][r][j][3] = wj[j] ^ sh;
+                    continue;
+                }
                 a[ab][r][j][0] = deqs(wj[j], nzg, sg);
                 a[ab][r][j][1] = deqs(wj[j] >> 4, nzh, sh);
                 a[ab][r][j][2] = deqs(wj[j] >> 8, nzg, sg);
@@ -155,7 +160,8 @@ w4wg(const uint4* __restrict__ qw, const u32* __restrict__ sz, const u16* __rest
         for (int r = 0; r < RT; r++)
 #pragma unroll
             for (int j = 0; j < 4; j++)
-                wgmma(acc[r], a[ab][r][j][0], a[ab][r][j][1], a[ab][r][j][2], a[ab][r][j][3], xdesc(st + 32 * j));
+                if (ABL & 2) acc[r][j] += __uint_as_float(a[ab][r][j][0] ^ a[ab][r][j][1] ^ a[ab][r][j][2] ^ a[ab][r][j][3]);
+                else wgmma(acc[r], a[ab][r][j][0], a[ab][r][j][1], a[ab][r][j][2], a[ab][r][j][3], xdesc(st + 32 * j));
         asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
         asm volatile("wgmma.wait_group.sync.aligned %0;" :: "n"(DB) : "memory");
     }
@@ -247,6 +253,9 @@ class WgCfg(NamedTuple):
     MINB: int = 2           # __launch_bounds__ min blocks per SM
     DB: int = 1             # double-buffered A registers
     KS: int = 2             # 64-k blocks per x stage (one barrier per stage)
+    FENCE: int = 1          # proxy fence after each stage's copies (0: timing experiment only)
+    ABL: int = 0            # timing ablations only (wrong results): 1 no dequant, 2 no wgmma, 4 no x copies,
+                            # 8 no weight loads
 
 
 def token_tile(M: int) -> int:
@@ -304,7 +313,7 @@ def source(c: WgCfg, ntok: int, KBW: int, fp16: bool, pdl: bool = False, dump: b
     magic, ht, et = ("0x64006400", "f16x2", "f16") if fp16 else ("0x43004300", "bf16x2", "bf16")
     head = (f"#define NTOK {ntok}\n#define RT {c.RT}\n#define WG {c.WG}\n#define KBW {KBW}\n#define P {c.P}\n"
             f"#define SPLIT {c.SPLIT}\n#define S {c.S}\n#define KS {c.KS}\n#define KD {K}\n#define MINB {c.MINB}\n#define DB {int(c.DB)}\n"
-            f"#define PDL {int(pdl)}\n#define FULL {int(full)}\n#define DUMP {int(dump)}\n#define FP16 {int(fp16)}\n"
+            f"#define ABL {c.ABL}\n#define FENCE {c.FENCE}\n#define PDL {int(pdl)}\n#define FULL {int(full)}\n#define DUMP {int(dump)}\n#define FP16 {int(fp16)}\n"
             f"#define MAGIC_STR \"{magic}\"\n#define HTYPE \"{ht}\"\n#define ETYPE \"{et}\"\n#define LDHINT \"\"\n")
     return head + w4mma.helpers(fp16) + _WG.replace("WGMMA_FN", wgmma_fn(ntok, et)).replace(
         "STAGE_COPIES", stage_copies(ntok, c.WG, K, full))
