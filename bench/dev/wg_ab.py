@@ -21,15 +21,17 @@ from specq.kernels import w4wg as V  # noqa: E402
 
 C = V.WgCfg
 VARIANTS = {
-    "wg1rt2": C(WG=1, RT=2, MINB=2),
-    "wg1rt2nf": C(WG=1, RT=2, MINB=2, FENCE=0),
+    "d": C(),
+    "p8": C(P=8),
     "t264": C(TARGET=264),
-    "t264nf": C(TARGET=264, FENCE=0),
+    "t264p8": C(TARGET=264, P=8),
+    "wg1rt2": C(WG=1, RT=2, MINB=2),
+    "wg1rt2s3": C(WG=1, RT=2, MINB=2, S=3),
+    "wg1rt2t264": C(WG=1, RT=2, MINB=2, TARGET=264),
     "wg1": C(WG=1, MINB=4, TARGET=264),
-    "wg1nf": C(WG=1, MINB=4, TARGET=264, FENCE=0),
-    "wg1s3nf": C(WG=1, MINB=4, TARGET=264, S=3, FENCE=0),
-    "dnf": C(FENCE=0),
-    "p8nf": C(P=8, FENCE=0),
+    "wg1s3": C(WG=1, MINB=4, TARGET=264, S=3),
+    "wg1t528": C(WG=1, MINB=4, TARGET=528),
+    "wg1m3": C(WG=1, MINB=3, TARGET=264),
 }
 if os.environ.get("VARIANTS"):
     VARIANTS = {k: VARIANTS[k] for k in os.environ["VARIANTS"].split(",")}
@@ -122,6 +124,8 @@ def main():
             if len(best) == len(ws):
                 layer["per-matmul-best"] = graph_time([lambda d=d: V.w4wg_linear(xs[d["K"]], d["wg"],
                                                                                  VARIANTS[best[d["name"]]]) for d in ws])
+                layer["per-matmul-best-nopdl"] = graph_time([lambda d=d: V.w4wg_linear(
+                    xs[d["K"]], d["wg"], VARIANTS[best[d["name"]]], pdl=False) for d in ws])
             print(f"{model} M={m} LAYER triton {tt:6.1f} | " +
                   " ".join(f"{k} {v:6.1f}" for k, v in sorted(layer.items(), key=lambda kv: kv[1])) +
                   f"  best per matmul: {best}", flush=True)

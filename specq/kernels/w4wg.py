@@ -27,6 +27,7 @@ from typing import NamedTuple
 import torch
 
 from ..errors import SpecqError
+from . import pdl as PDL
 from . import w4mma
 from .ref import unpack_int4
 
@@ -59,10 +60,6 @@ w4wg(const uint4* __restrict__ qw, const u32* __restrict__ sz, const u16* __rest
 {
     extern __shared__ __align__(1024) unsigned char xsm[];
     const u32 xs0 = ((u32)__cvta_generic_to_shared(xsm) + 1023u) & ~1023u;
-#if PDL
-    asm volatile("griddepcontrol.wait;" ::: "memory");
-    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-#endif
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, t = lane & 3;
     constexpr int KB = KD >> 6;
@@ -89,11 +86,6 @@ w4wg(const uint4* __restrict__ qw, const u32* __restrict__ sz, const u16* __rest
     STAGE_COPIES }
 #define STAGE_ALL(sidx) if (!(ABL & 4)) { for (int kk = 0; kk < KS; kk++) STAGE((sidx) * KS + kk, (sidx) % S) }
     constexpr int NS = KBW / KS;                                 // stages of this CTA
-#pragma unroll
-    for (int i = 0; i < S - 2; i++) {
-        if (i < NS) STAGE_ALL(i)
-        asm volatile("cp.async.commit_group;");
-    }
     float acc[RT][NTOK / 2];
 #pragma unroll
     for (int r = 0; r < RT; r++)
@@ -110,6 +102,15 @@ w4wg(const uint4* __restrict__ qw, const u32* __restrict__ sz, const u16* __rest
                 if (i % 2 == 0) { sb[i / 2][r][0] = lds(sp[r] + (i / 2) * 16); sb[i / 2][r][1] = lds(sp[r] + (i / 2) * 16 + 8); }
             }
         }
+#if PDL    // programmatic dependent launch: the weights above are constant; x is the previous kernel's output
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+#pragma unroll
+    for (int i = 0; i < S - 2; i++) {
+        if (i < NS) STAGE_ALL(i)
+        asm volatile("cp.async.commit_group;");
+    }
     u32 s[RT][2];
     u32 a[DB + 1][RT][4][4];          // A registers: DB = 1 double-buffers them (block b's dequant beside b-1's wgmma)
 #pragma unroll 1
@@ -417,7 +418,8 @@ def locks_for(w: WGWeight) -> torch.Tensor:
     return hit[1]
 
 
-def w4wg_linear(x: torch.Tensor, w: WGWeight, cfg: WgCfg | None = None, dump: bool = False) -> torch.Tensor:
+def w4wg_linear(x: torch.Tensor, w: WGWeight, cfg: WgCfg | None = None, dump: bool = False,
+                pdl: bool | None = None) -> torch.Tensor:
     """x [M, K] (M <= 64, 16-bit, CUDA, sm_90) @ W^T -> [M, N]. dump: the raw accumulators instead (debugging)."""
     M, K = x.shape
     if K != w.K:
@@ -434,7 +436,11 @@ def w4wg_linear(x: torch.Tensor, w: WGWeight, cfg: WgCfg | None = None, dump: bo
         ws = torch.empty(c.SPLIT, M, w.N, dtype=torch.float32, device=x.device) if c.SPLIT > 1 else y
     locks = locks_for(w)
     with torch.cuda.device(x.device):
-        k = kernel(c, ntok, kbw, K, w.fp16, x.device.index or 0, False, dump, M == ntok)
-        k(grid=grid, block=(c.WG * 128, 1, 1), args=[w.words, w.sz, x, y, ws, locks, M, w.N, K, x.stride(0), y.stride(0)],
-          shared_mem=smem_bytes(c, ntok))
+        pdl = PDL.enabled(x.device) if pdl is None else pdl
+        k = kernel(c, ntok, kbw, K, w.fp16, x.device.index or 0, pdl, dump, M == ntok)
+        args = [w.words, w.sz, x, y, ws, locks, M, w.N, K, x.stride(0), y.stride(0)]
+        if pdl and torch.cuda.is_current_stream_capturing():
+            PDL.launch(k, grid, (c.WG * 128, 1, 1), args, shared_mem=smem_bytes(c, ntok))
+        else:
+            k(grid=grid, block=(c.WG * 128, 1, 1), args=args, shared_mem=smem_bytes(c, ntok))
     return ws if dump else y
