@@ -21,17 +21,11 @@ from specq.kernels import w4wg as V  # noqa: E402
 
 C = V.WgCfg
 VARIANTS = {
-    "d": C(),
+    "wide": C(WG=1, RT=2, MINB=2),                  # gate_up-like (N >= 4 K)
+    "longk": C(WG=1, RT=2, MINB=2, TARGET=264),     # down-like (K >= 3 N)
+    "small": C(WG=1, MINB=4, TARGET=264),           # qkv, o
+    "smalls3": C(WG=1, MINB=4, TARGET=264, S=3),
     "p8": C(P=8),
-    "t264": C(TARGET=264),
-    "t264p8": C(TARGET=264, P=8),
-    "wg1rt2": C(WG=1, RT=2, MINB=2),
-    "wg1rt2s3": C(WG=1, RT=2, MINB=2, S=3),
-    "wg1rt2t264": C(WG=1, RT=2, MINB=2, TARGET=264),
-    "wg1": C(WG=1, MINB=4, TARGET=264),
-    "wg1s3": C(WG=1, MINB=4, TARGET=264, S=3),
-    "wg1t528": C(WG=1, MINB=4, TARGET=528),
-    "wg1m3": C(WG=1, MINB=3, TARGET=264),
 }
 if os.environ.get("VARIANTS"):
     VARIANTS = {k: VARIANTS[k] for k in os.environ["VARIANTS"].split(",")}
