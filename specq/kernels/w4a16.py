@@ -26,7 +26,7 @@ import torch
 
 from ..errors import SpecqError
 from .common import HAS_TRITON, INTERPRET, tl, triton, use_asm, use_triton, version
-from . import w4mma
+from . import w4mma, w4wg
 from .ref import SHIFTS, dequant_w4, unpack_int4
 
 
@@ -69,6 +69,7 @@ class W4A16Weight(NamedTuple):
     tiled: bool = False     # tile-major storage (tile_major): each [64 rows, 128 k] block is 4 KB contiguous
     sz: torch.Tensor | None = None   # int32 [K//128, N]: scale bits | zero bits << 16 (kernel SZ modes 1, 2)
     mma: object = None      # w4mma.MMAWeight: the CUDA kernel's layout, used for M <= w4mma.MAX_SMALL_M on CUDA
+    wg: object = None       # w4wg.WGWeight: the wgmma kernel's layout (sm_90), used for MAX_SMALL_M < M <= w4wg.MAX_M
 
 
 def repack_int4(qweight: torch.Tensor, slices: bool) -> torch.Tensor:
@@ -131,12 +132,13 @@ def prepare_w4a16(qweight, scales, zeros, group_size=None, dtype=None, slices=SL
         e = torch.empty(0, dtype=torch.int32, device=qweight.device)
         return W4A16Weight(e, s.new_empty(0, N), z.new_empty(0, N), locks, G, N, K, (qweight, scales, zeros), slices,
                            tiled, None, mw)
+    wg = w4wg.prepare_wg(qweight, scales, zeros, G, dtype) if mw is not None and w4wg.usable(qweight, N, K, G) else None
     words = repack_int4(qweight, slices)
     sz = None
     if SZ_MODE != 0 if packed is None else packed:
         sz = ((s.view(torch.int16).to(torch.int32) & 0xFFFF) | (z.view(torch.int16).to(torch.int32) << 16)).contiguous()
     return W4A16Weight(tile_major(words) if tiled else words, s, z, locks, G, N, K, (qweight, scales, zeros),
-                       slices, tiled, sz, mw)
+                       slices, tiled, sz, mw, wg)
 
 
 _LOCKS = 4096          # tile counters per weight: n_tiles * m_tiles of a split launch must fit
@@ -196,6 +198,9 @@ def w4a16_linear(x, qweight, scales=None, zeros=None, group_size=None, cfg=None,
         y = torch.cat([w4mma.w4mma_linear(x2[i:i + S], w.mma) for i in range(0, x2.shape[0], S)]) \
             if x2.shape[0] > S else w4mma.w4mma_linear(x2, w.mma)
         return y.to(x.dtype).reshape(*lead, w.N)
+    if (w.wg is not None and cfg is None and asm is None and x2.is_cuda and (x2.dtype == torch.float16) == w.wg.fp16
+            and w4mma.MAX_SMALL_M < x2.shape[0] <= w4wg.MAX_M):
+        return w4wg.w4wg_linear(x2, w.wg).to(x.dtype).reshape(*lead, w.N)
     if w.qweight.numel() == 0:
         raise SpecqError("w4a16: weight prepared without the Triton layout (SPECQ_W4_LAYOUTS=mma) for this input")
     y = _launch(x2.contiguous(), w, cfg, use_asm(x2) if asm is None else asm)

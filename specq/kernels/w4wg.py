@@ -22,6 +22,7 @@ the descriptor read in torch; the CPU tests check them and repack_wg against the
 """
 from __future__ import annotations
 
+import os
 from typing import NamedTuple
 
 import torch
@@ -291,10 +292,27 @@ def resolve(c: WgCfg, M: int, N: int, K: int) -> tuple[WgCfg, int]:
 
 
 def default_config(M: int, N: int, K: int) -> WgCfg:
-    for wg, rt in ((2, 1), (1, 1)):
-        if N % (64 * wg * rt) == 0:
-            return WgCfg(WG=wg, RT=rt)
+    """One warpgroup per CTA. Fitted on the H100 (bench/dev/wg_ab.py, kernels_w4a16_dev.txt run 17, Llama-3-8B and
+    70B layers at 17, 32, 64 tokens): wide N (gate_up, N >= 4 K) two 64-row blocks per warpgroup over the whole K;
+    long K (down, K >= 3 N) the same, K split for ~2 CTAs per SM; otherwise (qkv, o) one 64-row block, 4 CTAs per
+    SM, K split for ~2 per SM."""
+    if N % 128 == 0 and (N >= 4 * K or K >= 3 * N):
+        return WgCfg(WG=1, RT=2, MINB=2, TARGET=132 if N >= 4 * K else 264)
+    if N % 64 == 0:
+        return WgCfg(WG=1, RT=1, MINB=4, TARGET=264)
     raise SpecqError(f"w4wg: N={N} is not a multiple of 64")
+
+
+def usable(qweight: torch.Tensor, N: int, K: int, group_size) -> bool:
+    """Keep this kernel's layout for a weight: a CUDA tensor on an sm_90 GPU (the code is compiled for sm_90a),
+    NVRTC present, both layouts kept (SPECQ_W4_LAYOUTS unset or "both": a third copy of the words) and not
+    SPECQ_W4_WG=0; N % 64 == 0, K % 128 == 0, groups of a multiple of 128."""
+    if (not qweight.is_cuda or not w4mma.available() or os.environ.get("SPECQ_W4_WG", "1") == "0"
+            or os.environ.get("SPECQ_W4_LAYOUTS", "both") != "both"):
+        return False
+    G = K if group_size in (None, -1, 0) else int(group_size)
+    return (torch.cuda.get_device_capability(qweight.device) == (9, 0) and N % 64 == 0 and K % 128 == 0
+            and G % 128 == 0)
 
 
 def supported(M: int, N: int, K: int) -> bool:
@@ -422,8 +440,10 @@ def locks_for(w: WGWeight) -> torch.Tensor:
 
 
 def w4wg_linear(x: torch.Tensor, w: WGWeight, cfg: WgCfg | None = None, dump: bool = False,
-                pdl: bool | None = None) -> torch.Tensor:
-    """x [M, K] (M <= 64, 16-bit, CUDA, sm_90) @ W^T -> [M, N]. dump: the raw accumulators instead (debugging)."""
+                pdl: bool = False) -> torch.Tensor:
+    """x [M, K] (M <= 64, 16-bit, CUDA, sm_90) @ W^T -> [M, N]. dump: the raw accumulators instead (debugging).
+    pdl: launched with programmatic dependent launch inside graph capture (off by default: 103.7 against 100.9 us
+    per 8B layer at 64 tokens, kernels_w4a16_dev.txt run 17)."""
     M, K = x.shape
     if K != w.K:
         raise SpecqError(f"w4wg: x {tuple(x.shape)} against weight K={w.K}")
@@ -439,7 +459,7 @@ def w4wg_linear(x: torch.Tensor, w: WGWeight, cfg: WgCfg | None = None, dump: bo
         ws = torch.empty(c.SPLIT, M, w.N, dtype=torch.float32, device=x.device) if c.SPLIT > 1 else y
     locks = locks_for(w)
     with torch.cuda.device(x.device):
-        pdl = PDL.enabled(x.device) if pdl is None else pdl
+        pdl = pdl and PDL.enabled(x.device)
         k = kernel(c, ntok, kbw, K, w.fp16, x.device.index or 0, pdl, dump, M == ntok)
         args = [w.words, w.sz, x, y, ws, locks, M, w.N, K, x.stride(0), y.stride(0)]
         if pdl and torch.cuda.is_current_stream_capturing():

@@ -111,3 +111,34 @@ def test_source_compiles_for_sm90a(tmp_path, ntok, cfg):
     assert r.returncode == 0, r.stderr
     assert "0 bytes spill stores" in r.stdout + r.stderr
     assert "serialized" not in r.stdout + r.stderr
+
+
+def test_config_rule_by_shape():
+    """Wide N and long K: two 64-row blocks per warpgroup (K split only for long K); qkv / o: one block, 4 per SM."""
+    wide, longk, small = (w4wg.default_config(64, 28672, 4096), w4wg.default_config(64, 4096, 14336),
+                          w4wg.default_config(64, 6144, 4096))
+    assert (wide.RT, wide.TARGET) == (2, 132) and (longk.RT, longk.TARGET) == (2, 264)
+    assert (small.RT, small.MINB) == (1, 4)
+    assert w4wg.resolve(wide, 64, 28672, 4096)[0].SPLIT == 1
+    assert w4wg.resolve(longk, 64, 4096, 14336)[0].SPLIT == 8
+    with pytest.raises(SpecqError):
+        w4wg.default_config(64, 4096 + 16, 4096)
+
+
+def test_cpu_weights_keep_no_wgmma_layout():
+    """The layout is kept only for CUDA weights on sm_90 (a CPU weight: no copy, w4a16_linear takes other paths)."""
+    from specq.kernels import ref
+    from specq.kernels.w4a16 import prepare_w4a16
+    q, s, z = ref.random_w4a16(128, 256, 128, True, torch.bfloat16, "cpu", torch.Generator().manual_seed(0))
+    assert not w4wg.usable(q, 128, 256, 128)
+    assert prepare_w4a16(q, s, z, 128).wg is None
+
+
+def test_prepare_wg_rejects_unsupported_weights():
+    from specq.kernels import ref
+    q, s, z = ref.random_w4a16(96, 256, 128, True, torch.bfloat16, "cpu", torch.Generator().manual_seed(0))
+    with pytest.raises(SpecqError):
+        w4wg.prepare_wg(q, s, z, 128)                                        # N % 64
+    q, s, z = ref.random_w4a16(128, 256, 128, True, torch.bfloat16, "cpu", torch.Generator().manual_seed(0))
+    w = w4wg.prepare_wg(q, s, z, 128)
+    assert w.words.shape == (8, 4, 32, 4) and w.sz.shape == (8, 2, 16)
