@@ -459,7 +459,7 @@ class WgCfg(NamedTuple):
     DB: int = 1             # double-buffered A registers
     KS: int = 2             # 64-k blocks per x stage (one barrier per stage)
     FENCE: int = 1          # proxy fence after each stage's copies (0: timing experiment only)
-    SD: int = 0             # > 0: the warp-specialized kernel (w4wgws) with SD shared-memory stages of KS blocks
+    SD: int = 0             # > 0: the warp-specialized kernel (w4wgws), SD stages of KS blocks (slower, run 17)
     ABL: int = 0            # timing ablations only (wrong results): 1 no dequant, 2 no wgmma, 4 no x copies,
                             # 8 no weight loads
 
