@@ -20,17 +20,14 @@ from specq.kernels import w4a16 as W  # noqa: E402
 from specq.kernels import w4wg as V  # noqa: E402
 
 C = V.WgCfg
-VARIANTS = {
+VARIANTS = {                                       # the per-shape defaults of w4wg.default_config, and others
     "wide": C(WG=1, RT=2, MINB=2),                  # gate_up-like (N >= 4 K)
     "longk": C(WG=1, RT=2, MINB=2, TARGET=264),     # down-like (K >= 3 N)
     "small": C(WG=1, MINB=4, TARGET=264),           # qkv, o
-    "ws2sd4": C(WG=2, SD=4, MINB=1),
-    "ws2sd3m2": C(WG=2, SD=3, MINB=2),
-    "ws2sd3m2t264": C(WG=2, SD=3, MINB=2, TARGET=264),
-    "ws1rt2sd6": C(WG=1, RT=2, SD=6, MINB=1),
-    "ws1rt2sd3m2": C(WG=1, RT=2, SD=3, MINB=2),
-    "ws1rt2sd3m2t264": C(WG=1, RT=2, SD=3, MINB=2, TARGET=264),
-    "ws1sd3m3t264": C(WG=1, SD=3, MINB=3, TARGET=264),
+    "smalls3": C(WG=1, MINB=4, TARGET=264, S=3),
+    "d": C(),
+    "p8": C(P=8),
+    "t264": C(TARGET=264),
 }
 if os.environ.get("VARIANTS"):
     VARIANTS = {k: VARIANTS[k] for k in os.environ["VARIANTS"].split(",")}

@@ -408,14 +408,21 @@ def source(NT: int, KBW: int, P: int, WARPS: int, fp16: bool, minb: int = 1, l2h
     return head + helpers(fp16) + _SMALL
 
 
-def repack_mma(qweight: torch.Tensor) -> torch.Tensor:
-    """Canonical qweight [N, K//8] (N % 16 == 0, K % 64 == 0) -> words [N/16, K/64, 32, 4] (module docstring)."""
+def repack_mma(qweight: torch.Tensor, natural_k: bool = False) -> torch.Tensor:
+    """Canonical qweight [N, K//8] (N % 16 == 0, K % 64 == 0) -> words [N/16, K/64, 32, 4] (module docstring).
+    natural_k: the wgmma kernel's layout (w4wg.py): register a_i of step j holds k = 64 b + 16 j + 8 (i // 2) + 2 t + e
+    instead of 64 b + 16 t + 4 j + 2 (i // 2) + e."""
     N, W = qweight.shape
     K = 8 * W
     q = unpack_int4(qweight).to(torch.int64)                                 # [N, K]
-    # row = 16 tile + 8 h + g;  k = 64 b + 16 t + 4 j + 2 c + e;  register i = 2 c + h
-    q = q.view(N // 16, 2, 8, K // 64, 4, 4, 2, 2)                           # [tile, h, g, b, t, j, c, e]
-    q = q.permute(0, 3, 2, 4, 5, 7, 6, 1)                                    # [tile, b, g, t, j, e, c, h]
+    # row = 16 tile + 8 h + g;  k = 64 b + 16 t + 4 j + 2 c + e (natural_k: 64 b + 16 j + 8 c + 2 t + e);
+    # register i = 2 c + h
+    if natural_k:
+        q = q.view(N // 16, 2, 8, K // 64, 4, 2, 4, 2)                       # [tile, h, g, b, j, c, t, e]
+        q = q.permute(0, 3, 2, 6, 4, 7, 5, 1)                                # [tile, b, g, t, j, e, c, h]
+    else:
+        q = q.view(N // 16, 2, 8, K // 64, 4, 4, 2, 2)                       # [tile, h, g, b, t, j, c, e]
+        q = q.permute(0, 3, 2, 4, 5, 7, 6, 1)                                # [tile, b, g, t, j, e, c, h]
     shift = (16 * torch.arange(2).view(2, 1, 1) + 4 * (2 * torch.arange(2).view(1, 2, 1)
                                                        + torch.arange(2).view(1, 1, 2))).to(q.device)
     w = (q << shift).sum((-3, -2, -1))                                        # [tile, b, g, t, j]
@@ -444,15 +451,18 @@ def supported(N: int, K: int, group_size: int) -> bool:
     return N % 16 == 0 and K % 128 == 0 and (group_size in (-1, 0, None) or group_size % 128 == 0)
 
 
-def prepare_mma(qweight, scales, zeros, group_size=None, dtype=torch.bfloat16) -> MMAWeight:
+def prepare_mma(qweight, scales, zeros, group_size=None, dtype=torch.bfloat16, natural_k: bool = False,
+                row_multiple: int = 16, name: str = "w4mma") -> MMAWeight:
+    """Words (repack_mma; natural_k: the wgmma kernel's layout) and scale/zero words; N % row_multiple == 0."""
     N, W = qweight.shape
     K = 8 * W
     G = K if group_size in (None, -1, 0) else int(group_size)
     zf = zeros.float()
-    if not supported(N, K, G) or K % G or not bool(((zf == zf.round()) & (zf.abs() <= 64)).all()):
-        raise SpecqError(f"w4mma: unsupported weight N={N} K={K} group {group_size} (or non-integer zeros)")
+    if (not supported(N, K, G) or N % row_multiple or K % G
+            or not bool(((zf == zf.round()) & (zf.abs() <= 64)).all())):
+        raise SpecqError(f"{name}: unsupported weight N={N} K={K} group {group_size} (or non-integer zeros)")
     fp16 = dtype == torch.float16
-    return MMAWeight(repack_mma(qweight), pack_sz(scales, zeros, K, fp16), N, K, fp16)
+    return MMAWeight(repack_mma(qweight, natural_k), pack_sz(scales, zeros, K, fp16), N, K, fp16)
 
 
 def emulate(x: torch.Tensor, w: MMAWeight) -> torch.Tensor:

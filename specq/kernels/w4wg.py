@@ -30,24 +30,10 @@ import torch
 from ..errors import SpecqError
 from . import pdl as PDL
 from . import w4mma
-from .ref import unpack_int4
 
 MAX_M = 64
 _WG = r"""
-__device__ __forceinline__ float ldcg(const float* p) {       // L2, not L1: other CTAs wrote it
-    float v;
-    asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(v) : "l"(p));
-    return v;
-}
-__device__ __forceinline__ float4 ldcg4(const float* p) {
-    float4 v;
-    asm volatile("ld.global.cg.v4.f32 {%0,%1,%2,%3}, [%4];" : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w) : "l"(p));
-    return v;
-}
-__device__ __forceinline__ unsigned long long xdesc(u32 addr) {  // K-major, 128-byte swizzle, 8-row groups 1024 B apart
-    return (unsigned long long)((addr & 0x3FFFFu) >> 4) | (1ull << 16) | (64ull << 32) | (1ull << 62);
-}
-WGMMA_FN
+DEVICE_FNS
 #define ROWS (64 * RT * WG)     // output rows per CTA
 #define XSUB (NTOK * 128)       // bytes of one 64-k block of x in a stage
 #define XST (KS * XSUB)         // bytes per x stage (KS blocks)
@@ -186,7 +172,33 @@ w4wg(const uint4* __restrict__ qw, const u32* __restrict__ sz, const u16* __rest
     // the CTA's [NTOK tokens, ROWS rows] fp32 tile through shared memory (the x stages, every wgmma done), rows
     // padded by 4 floats (conflict-free), then stored coalesced: y (SPLIT = 1) or this split's partial
     __syncthreads();
-    float* ot = (float*)(xsm + (xs0 - (u32)__cvta_generic_to_shared(xsm)));
+OUTPUT_TILE
+}
+"""
+
+
+
+# Device functions, shared with the warp-specialized experiment (bench/dev/w4wgws_exp.py).
+DEVICE_FNS = r"""__device__ __forceinline__ float ldcg(const float* p) {       // L2, not L1: other CTAs wrote it
+    float v;
+    asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(v) : "l"(p));
+    return v;
+}
+__device__ __forceinline__ float4 ldcg4(const float* p) {
+    float4 v;
+    asm volatile("ld.global.cg.v4.f32 {%0,%1,%2,%3}, [%4];" : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w) : "l"(p));
+    return v;
+}
+__device__ __forceinline__ unsigned long long xdesc(u32 addr) {  // K-major, 128-byte swizzle, 8-row groups 1024 B apart
+    return (unsigned long long)((addr & 0x3FFFFu) >> 4) | (1ull << 16) | (64ull << 32) | (1ull << 62);
+}
+WGMMA_FN
+"""
+
+# The end of the kernel, shared with the warp-specialized experiment (bench/dev/w4wgws_exp.py; CTA_SYNC: its
+# consumer warpgroups' barrier): the accumulators through shared memory, then y or this split's partial stored
+# coalesced, and the last CTA of a row group reduces the partials in a fixed order.
+OUTPUT_TILE = r"""    float* ot = (float*)(xsm + (xs0 - (u32)__cvta_generic_to_shared(xsm)));
 #pragma unroll
     for (int r = 0; r < RT; r++)
 #pragma unroll
@@ -196,7 +208,7 @@ w4wg(const uint4* __restrict__ qw, const u32* __restrict__ sz, const u16* __rest
                 const int lrow = ((warp >> 2) * RT + r) * 64 + (warp & 3) * 16 + g + 8 * (c >> 1);
                 ot[(8 * n + 2 * t + (c & 1)) * (ROWS + 4) + lrow] = acc[r][4 * n + c];
             }
-    __syncthreads();
+    CTA_SYNC();
     const int row0 = blockIdx.x * ROWS;
     if (SPLIT == 1) {
         for (int i = threadIdx.x; i < M * (ROWS / 2); i += WG * 128) {   // two rows (4 bytes of y) per store
@@ -212,10 +224,10 @@ w4wg(const uint4* __restrict__ qw, const u32* __restrict__ sz, const u16* __rest
         *(float4*)(part + (size_t)tok * N + row0 + lr) = *(const float4*)(ot + tok * (ROWS + 4) + lr);
     }
     __threadfence();
-    __syncthreads();
+    CTA_SYNC();
     __shared__ int last;
     if (threadIdx.x == 0) last = atomicAdd(locks + blockIdx.x, 1) == SPLIT - 1;
-    __syncthreads();
+    CTA_SYNC();
     if (!last) return;
     __threadfence();
     for (int i = threadIdx.x; i < M * (ROWS / 4); i += WG * 128) {   // 4 rows per thread, fixed order over splits
@@ -229,207 +241,6 @@ w4wg(const uint4* __restrict__ qw, const u32* __restrict__ sz, const u16* __rest
                                                             (u32)to16(v.z) | ((u32)to16(v.w) << 16));
     }
     if (threadIdx.x == 0) locks[blockIdx.x] = 0;
-}
-"""
-
-
-_WS = r"""
-__device__ __forceinline__ float ldcg(const float* p) {
-    float v;
-    asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(v) : "l"(p));
-    return v;
-}
-__device__ __forceinline__ float4 ldcg4(const float* p) {
-    float4 v;
-    asm volatile("ld.global.cg.v4.f32 {%0,%1,%2,%3}, [%4];" : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w) : "l"(p));
-    return v;
-}
-__device__ __forceinline__ unsigned long long xdesc(u32 addr) {
-    return (unsigned long long)((addr & 0x3FFFFu) >> 4) | (1ull << 16) | (64ull << 32) | (1ull << 62);
-}
-__device__ __forceinline__ void mbwait(u32 mb, u32 phase) {
-    asm volatile("{\n.reg .pred P1;\nWAIT:\nmbarrier.try_wait.parity.shared::cta.b64 P1, [%0], %1;\n@P1 bra DONE;\n"
-                 "bra WAIT;\nDONE:\n}" :: "r"(mb), "r"(phase) : "memory");
-}
-__device__ __forceinline__ void cbar() {          // the consumer warpgroups only (named barrier 1)
-    asm volatile("bar.sync 1, %0;" :: "n"(WG * 128) : "memory");
-}
-WGMMA_FN
-#define ROWS (64 * RT * WG)     // output rows per CTA
-#define NWC (4 * WG)            // consumer warps; warp NWC is the producer
-#define XSUB (NTOK * 128)       // bytes of one 64-k block of x (128-byte swizzled rows)
-#define XST (KS * XSUB)         // x bytes per stage
-#define WT (KS * 512 + 64)      // bytes per 16-row tile and stage: its words of KS blocks, then its 16 scale words
-#define WST (RT * NWC * WT)     // weight bytes per stage
-// grid (N / ROWS, SPLIT), block WG * 128 + 32, dynamic shared memory SD * (XST + WST) + SD * 16 + 1024; x [M, KD]
-// contiguous. Stages: the producer warp fills x (cp.async, 16-byte chunks, completion counted on the stage's full
-// barrier by cp.async.mbarrier.arrive) and the words and scale words (lane 0: one bulk copy per tile, complete_tx on
-// the same barrier); the consumer warpgroups wait on it, and every consumer thread arrives on the stage's empty
-// barrier once the wgmma reading it are done.
-extern "C" __global__ void __launch_bounds__(WG * 128 + 32, MINB)
-w4wgws(const uint4* __restrict__ qw, const u32* __restrict__ sz, const u16* __restrict__ x, u16* __restrict__ y,
-       float* __restrict__ ws, int* __restrict__ locks, int M, int N, int K, int sxm, int sym)
-{
-    extern __shared__ __align__(1024) unsigned char xsm[];
-    const u32 xs0 = ((u32)__cvta_generic_to_shared(xsm) + 1023u) & ~1023u;
-    const u32 ws0 = xs0 + SD * XST, fb0 = ws0 + SD * WST, eb0 = fb0 + SD * 8;
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    constexpr int KB = KD >> 6;
-    constexpr int NS = KBW / KS;
-    const int kb0 = blockIdx.y * KBW;
-    if (threadIdx.x == 0) {
-#pragma unroll
-        for (int i = 0; i < SD; i++) {
-            asm volatile("mbarrier.init.shared::cta.b64 [%0], 33;" :: "r"(fb0 + i * 8));        // 32 lanes + lane 0's tx
-            asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" :: "r"(eb0 + i * 8), "n"(WG * 128));
-        }
-        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-    }
-    __syncthreads();
-    if (warp == NWC) {                                       // ---- producer warp
-        const int mq = lane >> 3, cx = lane & 7;             // chunk (m = mq + 4 i, c = cx) of every block
-        const u16* xg = x + (size_t)mq * KD + (size_t)kb0 * 64 + 8 * cx;
-        const u32 sw0 = (u32)(mq * 128 + ((cx ^ mq) << 4)), sw1 = (u32)((mq + 4) * 128 + ((cx ^ (mq + 4)) << 4));
-        for (int s = 0; s < NS; s++) {
-            const int slot = s % SD;
-            if (s >= SD) mbwait(eb0 + slot * 8, ((s / SD) - 1) & 1);
-            const u32 fb = fb0 + slot * 8;
-            if (lane == 0) {
-                asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" :: "r"(fb), "n"(WST) : "memory");
-#pragma unroll 1
-                for (int tt = 0; tt < RT * NWC; tt++) {      // tile of consumer warp w = tt / RT, row block r = tt % RT
-                    const int w = tt / RT, r = tt % RT;
-                    const int tile = (blockIdx.x * ROWS + ((w >> 2) * RT + r) * 64) / 16 + (w & 3);
-                    const u32 dst = ws0 + slot * WST + tt * WT;
-                    const uint4* src = qw + ((size_t)tile * KB + kb0 + s * KS) * 32;
-                    const u32* ssrc = sz + ((size_t)tile * (KB >> 1) + (kb0 >> 1) + s * (KS / 2)) * 16;
-                    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
-                                 :: "r"(dst), "l"(src), "n"(KS * 512), "r"(fb) : "memory");
-                    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], 64, [%2];"
-                                 :: "r"(dst + KS * 512), "l"(ssrc), "r"(fb) : "memory");
-                }
-            }
-#pragma unroll
-            for (int kk = 0; kk < KS; kk++) {
-                const u32 db = xs0 + slot * XST + kk * XSUB;
-                const u16* src = xg + (size_t)(s * KS + kk) * 64;
-#pragma unroll
-                for (int i = 0; i < NTOK / 4; i++)
-                    if (mq + 4 * i < M)
-                        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;"
-                                     :: "r"(db + (i & 1 ? sw1 : sw0) + (u32)((4 * i) & ~7) * 128),
-                                        "l"(src + (size_t)4 * i * KD));
-            }
-            asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];" :: "r"(fb) : "memory");
-        }
-        asm volatile("cp.async.wait_all;" ::: "memory");
-        return;
-    }
-    // ---- consumer warpgroups
-    const int g = lane >> 2, t = lane & 3;
-    int tile[RT];
-#pragma unroll
-    for (int r = 0; r < RT; r++) tile[r] = (blockIdx.x * ROWS + ((warp >> 2) * RT + r) * 64) / 16 + (warp & 3);
-    float acc[RT][NTOK / 2];
-#pragma unroll
-    for (int r = 0; r < RT; r++)
-#pragma unroll
-        for (int c = 0; c < NTOK / 2; c++) acc[r][c] = 0.f;
-    u32 a[2][RT][4][4];
-#pragma unroll 1
-    for (int s = 0; s < NS; s++) {
-        const int slot = s % SD;
-        mbwait(fb0 + slot * 8, (s / SD) & 1);
-        asm volatile("fence.proxy.async.shared::cta;" ::: "memory");   // the cp.async x writes -> wgmma's reads
-        const u32 wst = ws0 + slot * WST + warp * RT * WT;
-        u32 sc[RT][2];
-#pragma unroll
-        for (int r = 0; r < RT; r++) {
-            asm volatile("ld.shared.u32 %0, [%1];" : "=r"(sc[r][0]) : "r"(wst + r * WT + KS * 512 + 4 * g));
-            asm volatile("ld.shared.u32 %0, [%1];" : "=r"(sc[r][1]) : "r"(wst + r * WT + KS * 512 + 4 * g + 32));
-        }
-#pragma unroll
-        for (int kk = 0; kk < KS; kk++) {
-#pragma unroll
-            for (int r = 0; r < RT; r++) {
-                uint4 w;
-                asm volatile("ld.shared.v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(w.x), "=r"(w.y), "=r"(w.z), "=r"(w.w)
-                             : "r"(wst + r * WT + kk * 512 + lane * 16));
-                const u32 nzg = (sc[r][0] & 0xFFFFu) * 0x10001u, nzh = (sc[r][1] & 0xFFFFu) * 0x10001u;
-                const u32 sg = (sc[r][0] >> 16) * 0x10001u, sh = (sc[r][1] >> 16) * 0x10001u;
-                const u32 wj[4] = {w.x, w.y, w.z, w.w};
-#pragma unroll
-                for (int j = 0; j < 4; j++) {
-                    a[kk & 1][r][j][0] = deqs(wj[j], nzg, sg);
-                    a[kk & 1][r][j][1] = deqs(wj[j] >> 4, nzh, sh);
-                    a[kk & 1][r][j][2] = deqs(wj[j] >> 8, nzg, sg);
-                    a[kk & 1][r][j][3] = deqs(wj[j] >> 12, nzh, sh);
-                }
-            }
-            const u32 st = xs0 + slot * XST + kk * XSUB;
-            asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
-#pragma unroll
-            for (int r = 0; r < RT; r++)
-#pragma unroll
-                for (int j = 0; j < 4; j++)
-                    wgmma(acc[r], a[kk & 1][r][j][0], a[kk & 1][r][j][1], a[kk & 1][r][j][2], a[kk & 1][r][j][3],
-                          xdesc(st + 32 * j));
-            asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
-            asm volatile("wgmma.wait_group.sync.aligned 1;" ::: "memory");
-            if (kk == 0 && s > 0)     // every wgmma of stage s - 1 done: its slot may be refilled
-                asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" :: "r"(eb0 + ((s - 1) % SD) * 8) : "memory");
-        }
-    }
-    asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
-#pragma unroll
-    for (int r = 0; r < RT; r++)
-#pragma unroll
-        for (int c = 0; c < NTOK / 2; c++) asm volatile("" : "+f"(acc[r][c]) :: "memory");
-    cbar();                           // every consumer's wgmma done (the producer's copies all consumed: none in flight)
-    float* ot = (float*)(xsm + (xs0 - (u32)__cvta_generic_to_shared(xsm)));
-#pragma unroll
-    for (int r = 0; r < RT; r++)
-#pragma unroll
-        for (int n = 0; n < NTOK / 8; n++)
-#pragma unroll
-            for (int c = 0; c < 4; c++) {
-                const int lrow = ((warp >> 2) * RT + r) * 64 + (warp & 3) * 16 + g + 8 * (c >> 1);
-                ot[(8 * n + 2 * t + (c & 1)) * (ROWS + 4) + lrow] = acc[r][4 * n + c];
-            }
-    cbar();
-    const int row0 = blockIdx.x * ROWS;
-    if (SPLIT == 1) {
-        for (int i = threadIdx.x; i < M * (ROWS / 2); i += WG * 128) {
-            const int tok = i / (ROWS / 2), lr = 2 * (i % (ROWS / 2));
-            const float* o = ot + tok * (ROWS + 4) + lr;
-            *(u32*)(y + (size_t)tok * sym + row0 + lr) = (u32)to16(o[0]) | ((u32)to16(o[1]) << 16);
-        }
-        return;
-    }
-    float* part = ws + (size_t)blockIdx.y * M * N;
-    for (int i = threadIdx.x; i < M * (ROWS / 4); i += WG * 128) {
-        const int tok = i / (ROWS / 4), lr = 4 * (i % (ROWS / 4));
-        *(float4*)(part + (size_t)tok * N + row0 + lr) = *(const float4*)(ot + tok * (ROWS + 4) + lr);
-    }
-    __threadfence();
-    cbar();
-    __shared__ int last;
-    if (threadIdx.x == 0) last = atomicAdd(locks + blockIdx.x, 1) == SPLIT - 1;
-    cbar();
-    if (!last) return;
-    __threadfence();
-    for (int i = threadIdx.x; i < M * (ROWS / 4); i += WG * 128) {
-        const int tok = i / (ROWS / 4), row = row0 + 4 * (i % (ROWS / 4));
-        float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
-        for (int q = 0; q < SPLIT; q++) {
-            const float4 u = ldcg4(ws + ((size_t)q * M + tok) * N + row);
-            v.x += u.x; v.y += u.y; v.z += u.z; v.w += u.w;
-        }
-        *(uint2*)(y + (size_t)tok * sym + row) = make_uint2((u32)to16(v.x) | ((u32)to16(v.y) << 16),
-                                                            (u32)to16(v.z) | ((u32)to16(v.w) << 16));
-    }
-    if (threadIdx.x == 0) locks[blockIdx.x] = 0;
-}
 """
 
 
@@ -459,7 +270,6 @@ class WgCfg(NamedTuple):
     DB: int = 1             # double-buffered A registers
     KS: int = 2             # 64-k blocks per x stage (one barrier per stage)
     FENCE: int = 1          # proxy fence after each stage's copies (0: timing experiment only)
-    SD: int = 0             # > 0: the warp-specialized kernel (w4wgws), SD stages of KS blocks (slower, run 17)
     ABL: int = 0            # timing ablations only (wrong results): 1 no dequant, 2 no wgmma, 4 no x copies,
                             # 8 no weight loads
 
@@ -474,8 +284,7 @@ def resolve(c: WgCfg, M: int, N: int, K: int) -> tuple[WgCfg, int]:
     blocks that P divides."""
     rows = 64 * c.RT * c.WG
     KB = K // 64
-    if (M < 1 or M > MAX_M or N % rows or K % 128 or c.S < 3 or c.P % 2 or c.KS not in (1, 2)
-            or (c.SD and (c.SD < 2 or c.KS != 2 or c.ABL))):
+    if M < 1 or M > MAX_M or N % rows or K % 128 or c.S < 3 or c.P % 2 or c.KS not in (1, 2):
         raise SpecqError(f"w4wg: M={M} N={N} K={K} not supported by {c} (N % {rows}, K % 128, M <= {MAX_M})")
     split = c.SPLIT
     if split == 0:      # the fewest splits giving >= 90% of TARGET CTAs with KBW % 4 == 0 (else % 2), KBW >= 8
@@ -526,11 +335,7 @@ def supported(M: int, N: int, K: int) -> bool:
 
 
 def smem_bytes(c: WgCfg, ntok: int) -> int:
-    """x stages, which also hold the output tile [ntok, rows + 4] fp32 at the end, and the 1024-byte alignment; the
-    warp-specialized kernel: SD stages of x and words, and two mbarriers per stage."""
-    if c.SD:
-        xb = c.SD * c.KS * ntok * 128
-        return max(xb, ntok * (64 * c.RT * c.WG + 4) * 4) + c.SD * (c.RT * c.WG * 4 * (c.KS * 512 + 64) + 16) + 1024
+    """x stages, which also hold the output tile [ntok, rows + 4] fp32 at the end, and the 1024-byte alignment."""
     return max(c.S * c.KS * ntok * 128, ntok * (64 * c.RT * c.WG + 4) * 4) + 1024
 
 
@@ -541,12 +346,12 @@ def source(c: WgCfg, ntok: int, KBW: int, fp16: bool, pdl: bool = False, dump: b
     magic, ht, et = ("0x64006400", "f16x2", "f16") if fp16 else ("0x43004300", "bf16x2", "bf16")
     head = (f"#define NTOK {ntok}\n#define RT {c.RT}\n#define WG {c.WG}\n#define KBW {KBW}\n#define P {c.P}\n"
             f"#define SPLIT {c.SPLIT}\n#define S {c.S}\n#define KS {c.KS}\n#define KD {K}\n#define MINB {c.MINB}\n#define DB {int(c.DB)}\n"
-            f"#define ABL {c.ABL}\n#define FENCE {c.FENCE}\n#define SD {c.SD}\n#define PDL {int(pdl)}\n#define FULL {int(full)}\n#define DUMP {int(dump)}\n#define FP16 {int(fp16)}\n"
+            f"#define ABL {c.ABL}\n#define FENCE {c.FENCE}\n#define PDL {int(pdl)}\n#define FULL {int(full)}\n#define DUMP {int(dump)}\n#define FP16 {int(fp16)}\n"
             f"#define MAGIC_STR \"{magic}\"\n#define HTYPE \"{ht}\"\n#define ETYPE \"{et}\"\n#define LDHINT \"\"\n")
-    if c.SD:
-        return head + w4mma.helpers(fp16) + _WS.replace("WGMMA_FN", wgmma_fn(ntok, et))
-    return head + w4mma.helpers(fp16) + _WG.replace("WGMMA_FN", wgmma_fn(ntok, et)).replace(
-        "STAGE_COPIES", stage_copies(ntok, c.WG, K, full))
+    body = (_WG.replace("DEVICE_FNS", DEVICE_FNS).replace("WGMMA_FN", wgmma_fn(ntok, et))
+            .replace("STAGE_COPIES", stage_copies(ntok, c.WG, K, full))
+            .replace("OUTPUT_TILE", "#define CTA_SYNC() __syncthreads()\n" + OUTPUT_TILE))
+    return head + w4mma.helpers(fp16) + body
 
 
 def stage_copies(ntok: int, wg: int, K: int, full: bool) -> str:
@@ -591,8 +396,7 @@ _LOCKS: dict = {}
 def kernel(c: WgCfg, ntok: int, KBW: int, K: int, fp16: bool, device: int = 0, pdl: bool = False, dump: bool = False,
            full: bool = False):
     k = w4mma.compiled(("w4wg", c, ntok, KBW, K, fp16, device, pdl, dump, full),
-                       lambda: source(c, ntok, KBW, fp16, pdl, dump, K, full), "w4wgws" if c.SD else "w4wg",
-                       arch="90a")
+                       lambda: source(c, ntok, KBW, fp16, pdl, dump, K, full), "w4wg", arch="90a")
     shm = smem_bytes(c, ntok)
     if shm > 48 * 1024 and getattr(k, "_specq_shm", 0) < shm:
         k.set_shared_memory_config(shm)          # opt in beyond 48 KB (once per kernel)
@@ -600,41 +404,19 @@ def kernel(c: WgCfg, ntok: int, KBW: int, K: int, fp16: bool, device: int = 0, p
     return k
 
 
-class WGWeight(NamedTuple):
-    words: torch.Tensor     # int32 [N/16, K/64, 32, 4] (repack_wg)
-    sz: torch.Tensor        # int32 [N/16, K/128, 16]: scale bits << 16 | bits of -(MAGIC + z) (w4mma.pack_sz)
-    N: int
-    K: int
-    fp16: bool
+WGWeight = w4mma.MMAWeight   # words in the natural-k layout (repack_wg), w4mma's scale/zero words
 
 
 def repack_wg(qweight: torch.Tensor) -> torch.Tensor:
-    """Canonical qweight [N, K//8] (N % 16 == 0, K % 64 == 0) -> words [N/16, K/64, 32, 4]: lane (g, t) of block
-    (tile, b), word j = the wgmma A fragment of k16 step j in natural k order: nibble i (bits 4i) and nibble i of the
-    high half (bits 16 + 4i) are the 16-bit pair of register a_i, row 16 tile + g + 8 (i % 2),
-    k = 64 b + 16 j + 8 (i // 2) + 2 t + e (e = 0 low, 1 high)."""
-    N, W = qweight.shape
-    K = 8 * W
-    q = unpack_int4(qweight).to(torch.int64)                                 # [N, K]
-    q = q.view(N // 16, 2, 8, K // 64, 4, 2, 4, 2)                           # [tile, h, g, b, j, c, t, e]
-    q = q.permute(0, 3, 2, 6, 4, 7, 5, 1)                                    # [tile, b, g, t, j, e, c, h]
-    shift = (16 * torch.arange(2).view(2, 1, 1) + 4 * (2 * torch.arange(2).view(1, 2, 1)
-                                                       + torch.arange(2).view(1, 1, 2))).to(q.device)
-    w = (q << shift).sum((-3, -2, -1))                                        # [tile, b, g, t, j]
-    w = torch.where(w >= 2**31, w - 2**32, w).to(torch.int32)
-    return w.reshape(N // 16, K // 64, 32, 4).contiguous()
+    """Canonical qweight [N, K//8] -> words [N/16, K/64, 32, 4]: lane (g, t) of block (tile, b), word j = the wgmma
+    A fragment of k16 step j in natural k order: nibble i (bits 4i) and nibble i of the high half (bits 16 + 4i) are
+    the 16-bit pair of register a_i, row 16 tile + g + 8 (i % 2), k = 64 b + 16 j + 8 (i // 2) + 2 t + e."""
+    return w4mma.repack_mma(qweight, natural_k=True)
 
 
 def prepare_wg(qweight, scales, zeros, group_size=None, dtype=torch.bfloat16) -> WGWeight:
-    """The kernel's weight: repacked words and the w4mma scale/zero words (the same limits as w4mma.prepare_mma)."""
-    N, W = qweight.shape
-    K = 8 * W
-    G = K if group_size in (None, -1, 0) else int(group_size)
-    zf = zeros.float()
-    if not w4mma.supported(N, K, G) or N % 64 or K % G or not bool(((zf == zf.round()) & (zf.abs() <= 64)).all()):
-        raise SpecqError(f"w4wg: unsupported weight N={N} K={K} group {group_size} (or non-integer zeros)")
-    fp16 = dtype == torch.float16
-    return WGWeight(repack_wg(qweight), w4mma.pack_sz(scales, zeros, K, fp16), N, K, fp16)
+    """The kernel's weight: repack_wg words and the w4mma scale/zero words (w4mma's limits, and N % 64 == 0)."""
+    return w4mma.prepare_mma(qweight, scales, zeros, group_size, dtype, natural_k=True, row_multiple=64, name="w4wg")
 
 
 def locks_for(w: WGWeight) -> torch.Tensor:
@@ -657,8 +439,6 @@ def w4wg_linear(x: torch.Tensor, w: WGWeight, cfg: WgCfg | None = None, dump: bo
     if K != w.K:
         raise SpecqError(f"w4wg: x {tuple(x.shape)} against weight K={w.K}")
     c, kbw = resolve(cfg or default_config(M, w.N, K), M, w.N, K)
-    if dump and c.SD:
-        raise SpecqError("w4wg: dump is for the register-ring kernel (SD = 0)")
     ntok = token_tile(M)
     if x.stride(-1) != 1 or (M > 1 and x.stride(0) != K) or x.data_ptr() % 16:
         x = x.contiguous().clone()
@@ -670,10 +450,10 @@ def w4wg_linear(x: torch.Tensor, w: WGWeight, cfg: WgCfg | None = None, dump: bo
         ws = torch.empty(c.SPLIT, M, w.N, dtype=torch.float32, device=x.device) if c.SPLIT > 1 else y
     locks = locks_for(w)
     with torch.cuda.device(x.device):
-        pdl = pdl and not c.SD and PDL.enabled(x.device)          # (the warp-specialized kernel has no PDL wait)
+        pdl = pdl and PDL.enabled(x.device)
         k = kernel(c, ntok, kbw, K, w.fp16, x.device.index or 0, pdl, dump, M == ntok)
         args = [w.words, w.sz, x, y, ws, locks, M, w.N, K, x.stride(0), y.stride(0)]
-        block = (c.WG * 128 + (32 if c.SD else 0), 1, 1)
+        block = (c.WG * 128, 1, 1)
         if pdl and torch.cuda.is_current_stream_capturing():
             PDL.launch(k, grid, block, args, shared_mem=smem_bytes(c, ntok))
         else:

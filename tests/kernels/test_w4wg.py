@@ -95,8 +95,8 @@ def test_resolve_splits_k_into_whole_groups():
     assert w4wg.token_tile(17) == 32 and w4wg.token_tile(64) == 64 and w4wg.token_tile(3) == 16
 
 
-@pytest.mark.parametrize("ntok,cfg", [(64, w4wg.WgCfg()), (32, w4wg.WgCfg(WG=1, RT=2, MINB=1, DB=0)), (48, w4wg.WgCfg(P=8)),
-                                     (64, w4wg.WgCfg(WG=2, SD=4, MINB=1))])
+@pytest.mark.parametrize("ntok,cfg", [(64, w4wg.WgCfg()), (32, w4wg.WgCfg(WG=1, RT=2, MINB=1, DB=0)),
+                                      (48, w4wg.WgCfg(P=8)), (64, w4wg.default_config(64, 28672, 4096))])
 def test_source_compiles_for_sm90a(tmp_path, ntok, cfg):
     """Complete CUDA C; with nvcc present it compiles for sm_90a without spills and without ptxas serializing the
     wgmma pipeline (which it does, with a warning, when it cannot prove the A registers are not overwritten)."""
