@@ -133,6 +133,8 @@ def prepare_w4a16(qweight, scales, zeros, group_size=None, dtype=None, slices=SL
         return W4A16Weight(e, s.new_empty(0, N), z.new_empty(0, N), locks, G, N, K, (qweight, scales, zeros), slices,
                            tiled, None, mw)
     wg = w4wg.prepare_wg(qweight, scales, zeros, G, dtype) if mw is not None and w4wg.usable(qweight, N, K, G) else None
+    if wg is not None:
+        w4wg.locks_for(wg)          # its split-K counters now, not first inside a CUDA-graph capture
     words = repack_int4(qweight, slices)
     sz = None
     if SZ_MODE != 0 if packed is None else packed:

@@ -420,7 +420,8 @@ def prepare_wg(qweight, scales, zeros, group_size=None, dtype=torch.bfloat16) ->
 
 
 def locks_for(w: WGWeight) -> torch.Tensor:
-    """One zeroed int32 counter per 64 rows of the weight, kept per weight (allocated on the first, eager, call)."""
+    """One zeroed int32 counter per 64 rows of the weight, kept per weight (prepare_w4a16 allocates it; otherwise the
+    first call must be eager)."""
     key = (w.words.data_ptr(), str(w.words.device))
     hit = _LOCKS.get(key)
     if hit is None or hit[0] is not w.words:
