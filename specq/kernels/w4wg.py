@@ -23,6 +23,7 @@ the descriptor read in torch; the CPU tests check them and repack_wg against the
 from __future__ import annotations
 
 import os
+import weakref
 from typing import NamedTuple
 
 import torch
@@ -424,10 +425,11 @@ def locks_for(w: WGWeight) -> torch.Tensor:
     first call must be eager)."""
     key = (w.words.data_ptr(), str(w.words.device))
     hit = _LOCKS.get(key)
-    if hit is None or hit[0] is not w.words:
-        if torch.cuda.is_current_stream_capturing():
+    if hit is None or hit[0]() is not w.words:       # a weak reference: the table never keeps a weight alive
+        if w.words.is_cuda and torch.cuda.is_current_stream_capturing():
             raise SpecqError("w4wg: run the Linear once eagerly before capturing it")
-        hit = _LOCKS[key] = (w.words, torch.zeros(w.N // 64, dtype=torch.int32, device=w.words.device))
+        hit = _LOCKS[key] = (weakref.ref(w.words, lambda _, k=key: _LOCKS.pop(k, None)),
+                             torch.zeros(w.N // 64, dtype=torch.int32, device=w.words.device))
     return hit[1]
 
 

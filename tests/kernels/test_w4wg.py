@@ -143,3 +143,20 @@ def test_prepare_wg_rejects_unsupported_weights():
     q, s, z = ref.random_w4a16(128, 256, 128, True, torch.bfloat16, "cpu", torch.Generator().manual_seed(0))
     w = w4wg.prepare_wg(q, s, z, 128)
     assert w.words.shape == (8, 4, 32, 4) and w.sz.shape == (8, 2, 16)
+
+
+def test_lock_table_does_not_keep_weights_alive():
+    """The split-K counters are kept per weight through a weak reference: dropping the weight drops its entry."""
+    import gc
+    import weakref
+    from specq.kernels import ref
+    q, s, z = ref.random_w4a16(128, 256, 128, True, torch.bfloat16, "cpu", torch.Generator().manual_seed(0))
+    w = w4wg.prepare_wg(q, s, z, 128)
+    locks = w4wg.locks_for(w)
+    assert locks.shape == (2,) and int(locks.abs().sum()) == 0
+    assert w4wg.locks_for(w) is locks                                       # the same counters on the next call
+    alive = weakref.ref(w.words)
+    n = len(w4wg._LOCKS)
+    del w
+    gc.collect()
+    assert alive() is None and len(w4wg._LOCKS) == n - 1
