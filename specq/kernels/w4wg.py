@@ -108,7 +108,7 @@ w4wg(const uint4* __restrict__ qw, const u32* __restrict__ sz, const u16* __rest
         if (i % KS == 0) {
             const int sidx = b / KS;
             asm volatile("cp.async.wait_group %0;" :: "n"(S - 3));
-            if (FENCE) asm volatile("fence.proxy.async.shared::cta;" ::: "memory");   // cp.async writes -> wgmma
+            asm volatile("fence.proxy.async.shared::cta;" ::: "memory");   // cp.async writes -> wgmma reads
             __syncthreads();          // stage sidx copied by every thread; stages <= sidx - 2 read by every warpgroup
             if (sidx + S - 2 < NS) STAGE_ALL(sidx + S - 2)
             asm volatile("cp.async.commit_group;");
@@ -270,7 +270,6 @@ class WgCfg(NamedTuple):
     MINB: int = 2           # __launch_bounds__ min blocks per SM
     DB: int = 1             # double-buffered A registers
     KS: int = 2             # 64-k blocks per x stage (one barrier per stage)
-    FENCE: int = 1          # proxy fence after each stage's copies (0: timing experiment only)
     ABL: int = 0            # timing ablations only (wrong results): 1 no dequant, 2 no wgmma, 4 no x copies,
                             # 8 no weight loads
 
@@ -317,10 +316,9 @@ def default_config(M: int, N: int, K: int) -> WgCfg:
 
 def usable(qweight: torch.Tensor, N: int, K: int, group_size) -> bool:
     """Keep this kernel's layout for a weight: a CUDA tensor on an sm_90 GPU (the code is compiled for sm_90a),
-    NVRTC present, both layouts kept (SPECQ_W4_LAYOUTS unset or "both": a third copy of the words) and not
-    SPECQ_W4_WG=0; N % 64 == 0, K % 128 == 0, groups of a multiple of 128."""
-    if (not qweight.is_cuda or not w4mma.available() or os.environ.get("SPECQ_W4_WG", "1") == "0"
-            or os.environ.get("SPECQ_W4_LAYOUTS", "both") != "both"):
+    NVRTC present, not SPECQ_W4_WG=0; N % 64 == 0, K % 128 == 0, groups of a multiple of 128. (prepare_w4a16 asks
+    only when it keeps both other layouts: this is a third copy of the words.)"""
+    if not qweight.is_cuda or not w4mma.available() or os.environ.get("SPECQ_W4_WG", "1") == "0":
         return False
     G = K if group_size in (None, -1, 0) else int(group_size)
     return (torch.cuda.get_device_capability(qweight.device) == (9, 0) and N % 64 == 0 and K % 128 == 0
@@ -347,7 +345,7 @@ def source(c: WgCfg, ntok: int, KBW: int, fp16: bool, pdl: bool = False, dump: b
     magic, ht, et = ("0x64006400", "f16x2", "f16") if fp16 else ("0x43004300", "bf16x2", "bf16")
     head = (f"#define NTOK {ntok}\n#define RT {c.RT}\n#define WG {c.WG}\n#define KBW {KBW}\n#define P {c.P}\n"
             f"#define SPLIT {c.SPLIT}\n#define S {c.S}\n#define KS {c.KS}\n#define KD {K}\n#define MINB {c.MINB}\n#define DB {int(c.DB)}\n"
-            f"#define ABL {c.ABL}\n#define FENCE {c.FENCE}\n#define PDL {int(pdl)}\n#define FULL {int(full)}\n#define DUMP {int(dump)}\n#define FP16 {int(fp16)}\n"
+            f"#define ABL {c.ABL}\n#define PDL {int(pdl)}\n#define FULL {int(full)}\n#define DUMP {int(dump)}\n#define FP16 {int(fp16)}\n"
             f"#define MAGIC_STR \"{magic}\"\n#define HTYPE \"{ht}\"\n#define ETYPE \"{et}\"\n#define LDHINT \"\"\n")
     body = (_WG.replace("DEVICE_FNS", DEVICE_FNS).replace("WGMMA_FN", wgmma_fn(ntok, et))
             .replace("STAGE_COPIES", stage_copies(ntok, c.WG, K, full))
@@ -443,8 +441,7 @@ def w4wg_linear(x: torch.Tensor, w: WGWeight, cfg: WgCfg | None = None, dump: bo
         raise SpecqError(f"w4wg: x {tuple(x.shape)} against weight K={w.K}")
     c, kbw = resolve(cfg or default_config(M, w.N, K), M, w.N, K)
     ntok = token_tile(M)
-    if x.stride(-1) != 1 or (M > 1 and x.stride(0) != K) or x.data_ptr() % 16:
-        x = x.contiguous().clone()
+    x = w4mma._aligned(x if M == 1 or x.stride(0) == K else x.contiguous())    # rows of exactly K elements
     y = torch.empty(M, w.N, dtype=x.dtype, device=x.device)
     grid = (w.N // (64 * c.RT * c.WG), c.SPLIT, 1)
     if dump:

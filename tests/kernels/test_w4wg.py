@@ -160,3 +160,16 @@ def test_lock_table_does_not_keep_weights_alive():
     del w
     gc.collect()
     assert alive() is None and len(w4wg._LOCKS) == n - 1
+
+
+def test_w4wg_linear_rejects_bad_inputs_before_any_launch():
+    """A wrong K, too many tokens or an unsupported config is one SpecqError, raised before anything reaches a GPU."""
+    from specq.kernels import ref
+    q, s, z = ref.random_w4a16(128, 256, 128, True, torch.bfloat16, "cpu", torch.Generator().manual_seed(0))
+    w = w4wg.prepare_wg(q, s, z, 128)
+    with pytest.raises(SpecqError, match="K=256"):
+        w4wg.w4wg_linear(torch.randn(32, 128, dtype=torch.bfloat16), w)
+    with pytest.raises(SpecqError, match="M=65"):
+        w4wg.w4wg_linear(torch.randn(65, 256, dtype=torch.bfloat16), w)
+    with pytest.raises(SpecqError):
+        w4wg.w4wg_linear(torch.randn(32, 256, dtype=torch.bfloat16), w, w4wg.WgCfg(WG=4))   # 256 rows per CTA
