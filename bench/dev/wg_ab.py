@@ -17,20 +17,42 @@ from bench.kernels import graph_time  # noqa: E402
 from specq.errors import SpecqError  # noqa: E402
 from specq.kernels import ref  # noqa: E402
 from specq.kernels import w4a16 as W  # noqa: E402
-from specq.kernels import w4wg as V  # noqa: E402
+import importlib  # noqa: E402
+V = importlib.import_module(os.environ.get("MOD", "specq.kernels.w4wg"))   # MOD: an older copy of the kernel, for A/B
 
 C = V.WgCfg
 VARIANTS = {                                       # the per-shape defaults of w4wg.default_config, and others
-    "wide": C(WG=1, RT=2, MINB=2),                  # gate_up-like (N >= 4 K)
-    "longk": C(WG=1, RT=2, MINB=2, TARGET=264),     # down-like (K >= 3 N)
-    "small": C(WG=1, MINB=4, TARGET=264),           # qkv, o
-    "smalls3": C(WG=1, MINB=4, TARGET=264, S=3),
-    "d": C(),
-    "p8": C(P=8),
-    "t264": C(TARGET=264),
+    "wide": dict(WG=1, RT=2, MINB=2),                  # gate_up-like (N >= 4 K)
+    "longk": dict(WG=1, RT=2, MINB=2, TARGET=264),     # down-like (K >= 3 N)
+    "small": dict(WG=1, MINB=4, TARGET=264),           # qkv, o
+    "smalls3": dict(WG=1, MINB=4, TARGET=264, S=3),
+    "d": dict(),
+    "p8": dict(P=8),
+    "t264": dict(TARGET=264),
+    # 256 rows per CTA (one x tile feeds 4 row blocks: half the x traffic from L2 of the 2-block CTAs), 1 CTA per SM
+    "wg4": dict(WG=4, RT=1, MINB=1),
+    "wg4t96": dict(WG=4, RT=1, MINB=1, TARGET=96),
+    "wg4s6": dict(WG=4, RT=1, MINB=1, S=6),
+    "wg4s6t96": dict(WG=4, RT=1, MINB=1, S=6, TARGET=96),
+    "wg2rt2": dict(WG=2, RT=2, MINB=1),
+    # split-K reduced inside a thread block cluster (DSMEM) instead of global partials + last-CTA counter
+    "smallcl": dict(WG=1, MINB=4, TARGET=264, CL=1),
+    "smallclt132": dict(WG=1, MINB=4, TARGET=132, CL=1),
+    "smallcl8": dict(WG=1, MINB=4, SPLIT=8, CL=1),
+    "longkcl": dict(WG=1, RT=2, MINB=2, TARGET=264, CL=1),
+    "widecl2": dict(WG=1, RT=2, MINB=2, SPLIT=2, CL=1),
+    # 3 x stages (49 KB of shared memory): 4 CTAs per SM
+    "smalls3s1": dict(WG=1, MINB=4, S=3, SPLIT=1),
+    "smallcls3": dict(WG=1, MINB=4, S=3, TARGET=264, CL=1),
+    "smallcls3t528": dict(WG=1, MINB=4, S=3, TARGET=528, CL=1),
+    "smallcl2s3": dict(WG=1, MINB=4, S=3, SPLIT=2, CL=1),
+    "smallcl4s3": dict(WG=1, MINB=4, S=3, SPLIT=4, CL=1),
+    "wg2rt2s1": dict(WG=2, RT=2, MINB=1, SPLIT=1),
+    "wideks4": dict(WG=1, RT=2, MINB=2, S=3, KS=4),
 }
 if os.environ.get("VARIANTS"):
     VARIANTS = {k: VARIANTS[k] for k in os.environ["VARIANTS"].split(",")}
+VARIANTS = {k: C(**kw) for k, kw in VARIANTS.items()}
 
 
 def diagnose(dtype=torch.bfloat16):
@@ -117,6 +139,7 @@ def main():
             for v in VARIANTS:
                 if all(v in ok.get(d["name"], []) for d in ws):
                     layer[v] = graph_time([lambda d=d, v=v: V.w4wg_linear(xs[d["K"]], d["wg"], VARIANTS[v]) for d in ws])
+            layer["default"] = graph_time([lambda d=d: V.w4wg_linear(xs[d["K"]], d["wg"]) for d in ws])
             if len(best) == len(ws):
                 layer["per-matmul-best"] = graph_time([lambda d=d: V.w4wg_linear(xs[d["K"]], d["wg"],
                                                                                  VARIANTS[best[d["name"]]]) for d in ws])

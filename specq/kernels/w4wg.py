@@ -41,8 +41,13 @@ DEVICE_FNS
 #define RSTEP (16 * WG)         // token rows apart of one thread's copies
 #define NCP ((NTOK + RSTEP - 1) / RSTEP)   // copies (16 bytes) per thread per block
 // grid (N / ROWS, SPLIT), block WG * 128, dynamic shared memory S * XST + 1024; x [M, KD] contiguous
-// ws: fp32 [SPLIT, M, N] partials (SPLIT > 1); locks: int32 [>= N / ROWS], zero between launches
-extern "C" __global__ void __launch_bounds__(WG * 128, MINB)
+// ws: fp32 [SPLIT, M, N] partials (SPLIT > 1, not CL); locks: int32 [>= N / ROWS], zero between launches
+#if CL       // split-K inside a cluster: the SPLIT CTAs of a row group (grid.y) are one thread block cluster
+#define CLDIMS __cluster_dims__(1, SPLIT, 1)
+#else
+#define CLDIMS
+#endif
+extern "C" __global__ void CLDIMS __launch_bounds__(WG * 128, MINB)
 w4wg(const uint4* __restrict__ qw, const u32* __restrict__ sz, const u16* __restrict__ x, u16* __restrict__ y,
      float* __restrict__ ws, int* __restrict__ locks, int M, int N, int K, int sxm, int sym)
 {
@@ -68,10 +73,11 @@ w4wg(const uint4* __restrict__ qw, const u32* __restrict__ sz, const u16* __rest
     const int nv = M > m0 ? (M - m0 + RSTEP - 1) / RSTEP : 0;    // copies of real tokens (rows >= M: left as is,
                                                                  // they only feed discarded output columns)
     const u16* xg = x + (size_t)m0 * KD + (size_t)kb0 * 64 + 8 * cx;
-#define STAGE(blk, st) { \
+#define STAGEP(src, blk, st) { \
     const u32 db = xs0 + (u32)(st) * XST + (u32)((blk) % KS) * XSUB + dsw; \
-    const u16* sb_ = xg + (size_t)(blk) * 64; \
+    const u16* sb_ = (src); \
     STAGE_COPIES }
+#define STAGE(blk, st) STAGEP(xg + (size_t)(blk) * 64, blk, st)
 #define STAGE_ALL(sidx) if (!(ABL & 4)) { for (int kk = 0; kk < KS; kk++) STAGE((sidx) * KS + kk, (sidx) % S) }
     constexpr int NS = KBW / KS;                                 // stages of this CTA
     float acc[RT][NTOK / 2];
@@ -100,6 +106,13 @@ w4wg(const uint4* __restrict__ qw, const u32* __restrict__ sz, const u16* __rest
     }
     u32 s[RT][2];
     u32 a[DB + 1][RT][4][4];          // A registers: DB = 1 double-buffers them (block b's dequant beside b-1's wgmma)
+    // running pointers, advanced once per P blocks (the unrolled loads use immediate offsets): x of block
+    // c0 + (S - 2) KS (the next stage to copy), words and scale words of block c0 + P (the next ring loads)
+    const u16* xn = xg + (size_t)(S - 2) * KS * 64;
+    const uint4* wn[RT];
+    const u32* sn[RT];
+#pragma unroll
+    for (int r = 0; r < RT; r++) { wn[r] = wp[r] + P * 32; sn[r] = sp[r] + (P / 2) * 16; }
 #pragma unroll 1
     for (int c0 = 0; c0 < KBW; c0 += P) {         // KBW % P == 0, P % KS == 0
 #pragma unroll
@@ -110,20 +123,23 @@ w4wg(const uint4* __restrict__ qw, const u32* __restrict__ sz, const u16* __rest
             asm volatile("cp.async.wait_group %0;" :: "n"(S - 3));
             asm volatile("fence.proxy.async.shared::cta;" ::: "memory");   // cp.async writes -> wgmma reads
             __syncthreads();          // stage sidx copied by every thread; stages <= sidx - 2 read by every warpgroup
-            if (sidx + S - 2 < NS) STAGE_ALL(sidx + S - 2)
+            if (sidx + S - 2 < NS && !(ABL & 4)) {
+#pragma unroll
+                for (int kk = 0; kk < KS; kk++) STAGEP(xn + (i + kk) * 64, (sidx + S - 2) * KS + kk, (sidx + S - 2) % S)
+            }
             asm volatile("cp.async.commit_group;");
         }
         const int ab = DB ? (i & 1) : 0;
 #pragma unroll
         for (int r = 0; r < RT; r++) {
             const uint4 w = wb[i][r];
-            if (b + P < KBW && !(ABL & 8)) wb[i][r] = ldw(wp[r] + (b + P) * 32);
+            if (b + P < KBW && !(ABL & 8)) wb[i][r] = ldw(wn[r] + i * 32);
             if (i % 2 == 0) {
                 s[r][0] = sb[i / 2][r][0];
                 s[r][1] = sb[i / 2][r][1];
                 if (b + P < KBW) {
-                    sb[i / 2][r][0] = lds(sp[r] + ((b + P) / 2) * 16);
-                    sb[i / 2][r][1] = lds(sp[r] + ((b + P) / 2) * 16 + 8);
+                    sb[i / 2][r][0] = lds(sn[r] + (i / 2) * 16);
+                    sb[i / 2][r][1] = lds(sn[r] + (i / 2) * 16 + 8);
                 }
             }
             const u32 nzg = (s[r][0] & 0xFFFFu) * 0x10001u, nzh = (s[r][1] & 0xFFFFu) * 0x10001u;
@@ -153,6 +169,9 @@ w4wg(const uint4* __restrict__ qw, const u32* __restrict__ sz, const u16* __rest
         asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
         asm volatile("wgmma.wait_group.sync.aligned %0;" :: "n"(DB) : "memory");
     }
+    xn += P * 64;
+#pragma unroll
+    for (int r = 0; r < RT; r++) { wn[r] += P * 32; sn[r] += (P / 2) * 16; }
     }
     asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
 #if PDL    // the next kernel may launch once every CTA is past its main loop (earlier, its CTAs would take SM slots and
@@ -219,6 +238,34 @@ OUTPUT_TILE = r"""    float* ot = (float*)(xsm + (xs0 - (u32)__cvta_generic_to_s
         }
         return;
     }
+#if CL
+    // every CTA of the cluster sums its share of the tile over the cluster's shared-memory tiles (DSMEM), ranks in
+    // a fixed order: no global partials, counters or fences
+    asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+    {
+        u32 rank;
+        asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(rank));
+        const u32 ob = (u32)__cvta_generic_to_shared(ot);
+        for (int i = threadIdx.x + rank * (WG * 128); i < M * (ROWS / 4); i += WG * 128 * SPLIT) {
+            const int tok = i / (ROWS / 4), lr = 4 * (i % (ROWS / 4));
+            const u32 la = ob + (u32)(tok * (ROWS + 4) + lr) * 4u;
+            float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+            for (int q = 0; q < SPLIT; q++) {
+                u32 ra;
+                float4 u;
+                asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(ra) : "r"(la), "r"(q));
+                asm volatile("ld.shared::cluster.v4.f32 {%0,%1,%2,%3}, [%4];"
+                             : "=f"(u.x), "=f"(u.y), "=f"(u.z), "=f"(u.w) : "r"(ra) : "memory");
+                v.x += u.x; v.y += u.y; v.z += u.z; v.w += u.w;
+            }
+            *(uint2*)(y + (size_t)tok * sym + row0 + lr) = make_uint2((u32)to16(v.x) | ((u32)to16(v.y) << 16),
+                                                                      (u32)to16(v.z) | ((u32)to16(v.w) << 16));
+        }
+    }
+    asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+    return;   // (the cluster's tiles stay readable until every CTA has passed the second barrier)
+#endif
     float* part = ws + (size_t)blockIdx.y * M * N;
     for (int i = threadIdx.x; i < M * (ROWS / 4); i += WG * 128) {       // four rows (16 bytes) per store
         const int tok = i / (ROWS / 4), lr = 4 * (i % (ROWS / 4));
@@ -272,6 +319,7 @@ class WgCfg(NamedTuple):
     KS: int = 2             # 64-k blocks per x stage (one barrier per stage)
     ABL: int = 0            # timing ablations only (wrong results): 1 no dequant, 2 no wgmma, 4 no x copies,
                             # 8 no weight loads
+    CL: int = 0             # 1: the SPLIT (2..8) CTAs of a row group are a cluster and reduce through shared memory
 
 
 def token_tile(M: int) -> int:
@@ -284,7 +332,7 @@ def resolve(c: WgCfg, M: int, N: int, K: int) -> tuple[WgCfg, int]:
     blocks that P divides."""
     rows = 64 * c.RT * c.WG
     KB = K // 64
-    if M < 1 or M > MAX_M or N % rows or K % 128 or c.S < 3 or c.P % 2 or c.KS not in (1, 2):
+    if M < 1 or M > MAX_M or N % rows or K % 128 or c.S < 3 or c.P % 2 or c.KS not in (1, 2, 4):
         raise SpecqError(f"w4wg: M={M} N={N} K={K} not supported by {c} (N % {rows}, K % 128, M <= {MAX_M})")
     split = c.SPLIT
     if split == 0:      # the fewest splits giving >= 90% of TARGET CTAs with KBW % 4 == 0 (else % 2), KBW >= 8
@@ -299,18 +347,18 @@ def resolve(c: WgCfg, M: int, N: int, K: int) -> tuple[WgCfg, int]:
         p -= 1
     if kbw % c.KS or p % c.KS:
         raise SpecqError(f"w4wg: {kbw} blocks per CTA do not fill stages of {c.KS} blocks")
-    return c._replace(SPLIT=split, P=p), kbw
+    return c._replace(SPLIT=split, P=p, CL=int(bool(c.CL) and 2 <= split <= 8)), kbw
 
 
 def default_config(M: int, N: int, K: int) -> WgCfg:
-    """One warpgroup per CTA. Fitted on the H100 (bench/dev/wg_ab.py, kernels_w4a16_dev.txt run 17, Llama-3-8B and
+    """One warpgroup per CTA. Fitted on the H100 (bench/dev/wg_ab.py, kernels_w4a16_dev.txt runs 17-18, Llama-3-8B and
     70B layers at 17, 32, 64 tokens): wide N (gate_up, N >= 4 K) two 64-row blocks per warpgroup over the whole K;
-    long K (down, K >= 3 N) the same, K split for ~2 CTAs per SM; otherwise (qkv, o) one 64-row block, 4 CTAs per
-    SM, K split for ~2 per SM."""
+    long K (down, K >= 3 N) the same, K split for ~2 CTAs per SM; otherwise (qkv, o) one 64-row block, K split for
+    ~2 CTAs per SM and reduced inside a cluster, 3 x stages over 32 tokens (4 CTAs per SM by shared memory)."""
     if N % 128 == 0 and (N >= 4 * K or K >= 3 * N):
         return WgCfg(WG=1, RT=2, MINB=2, TARGET=132 if N >= 4 * K else 264)
     if N % 64 == 0:
-        return WgCfg(WG=1, RT=1, MINB=4, TARGET=264)
+        return WgCfg(WG=1, RT=1, MINB=4, S=3 if M > 32 else 4, TARGET=264, CL=1)
     raise SpecqError(f"w4wg: N={N} is not a multiple of 64")
 
 
@@ -345,7 +393,7 @@ def source(c: WgCfg, ntok: int, KBW: int, fp16: bool, pdl: bool = False, dump: b
     magic, ht, et = ("0x64006400", "f16x2", "f16") if fp16 else ("0x43004300", "bf16x2", "bf16")
     head = (f"#define NTOK {ntok}\n#define RT {c.RT}\n#define WG {c.WG}\n#define KBW {KBW}\n#define P {c.P}\n"
             f"#define SPLIT {c.SPLIT}\n#define S {c.S}\n#define KS {c.KS}\n#define KD {K}\n#define MINB {c.MINB}\n#define DB {int(c.DB)}\n"
-            f"#define ABL {c.ABL}\n#define PDL {int(pdl)}\n#define FULL {int(full)}\n#define DUMP {int(dump)}\n#define FP16 {int(fp16)}\n"
+            f"#define ABL {c.ABL}\n#define CL {c.CL}\n#define PDL {int(pdl)}\n#define FULL {int(full)}\n#define DUMP {int(dump)}\n#define FP16 {int(fp16)}\n"
             f"#define MAGIC_STR \"{magic}\"\n#define HTYPE \"{ht}\"\n#define ETYPE \"{et}\"\n#define LDHINT \"\"\n")
     body = (_WG.replace("DEVICE_FNS", DEVICE_FNS).replace("WGMMA_FN", wgmma_fn(ntok, et))
             .replace("STAGE_COPIES", stage_copies(ntok, c.WG, K, full))
@@ -447,7 +495,7 @@ def w4wg_linear(x: torch.Tensor, w: WGWeight, cfg: WgCfg | None = None, dump: bo
     if dump:
         ws = torch.zeros(grid[0] * grid[1] * c.RT * c.WG * 128 * ntok // 2, dtype=torch.float32, device=x.device)
     else:
-        ws = torch.empty(c.SPLIT, M, w.N, dtype=torch.float32, device=x.device) if c.SPLIT > 1 else y
+        ws = torch.empty(c.SPLIT, M, w.N, dtype=torch.float32, device=x.device) if c.SPLIT > 1 and not c.CL else y
     locks = locks_for(w)
     with torch.cuda.device(x.device):
         pdl = pdl and PDL.enabled(x.device)

@@ -88,6 +88,10 @@ def test_resolve_splits_k_into_whole_groups():
     assert kbw == 32
     with pytest.raises(SpecqError):
         w4wg.resolve(w4wg.WgCfg(SPLIT=3), 64, 4096, 4096)                   # 64 blocks do not split 3 ways
+    # a cluster reduction only for 2..8 CTAs over K (the portable cluster size); otherwise global partials
+    assert w4wg.resolve(w4wg.WgCfg(SPLIT=8, CL=1), 64, 4096, 4096)[0].CL == 1
+    assert w4wg.resolve(w4wg.WgCfg(SPLIT=1, CL=1), 64, 4096, 4096)[0].CL == 0
+    assert w4wg.resolve(w4wg.WgCfg(SPLIT=16, CL=1), 64, 4096, 14336)[0].CL == 0
     with pytest.raises(SpecqError):
         w4wg.resolve(w4wg.WgCfg(), 65, 4096, 4096)
     with pytest.raises(SpecqError):
@@ -96,13 +100,15 @@ def test_resolve_splits_k_into_whole_groups():
 
 
 @pytest.mark.parametrize("ntok,cfg", [(64, w4wg.WgCfg()), (32, w4wg.WgCfg(WG=1, RT=2, MINB=1, DB=0)),
-                                      (48, w4wg.WgCfg(P=8)), (64, w4wg.default_config(64, 28672, 4096))])
+                                      (48, w4wg.WgCfg(P=8)), (64, w4wg.default_config(64, 28672, 4096)),
+                                      (64, w4wg.default_config(64, 6144, 4096)), (32, w4wg.WgCfg(S=3, KS=4))])
 def test_source_compiles_for_sm90a(tmp_path, ntok, cfg):
     """Complete CUDA C; with nvcc present it compiles for sm_90a without spills and without ptxas serializing the
     wgmma pipeline (which it does, with a warning, when it cannot prove the A registers are not overwritten)."""
     c, kbw = w4wg.resolve(cfg, ntok, 6144, 4096)
     src = w4wg.source(c, ntok, kbw, False, K=4096)
     assert f"m64n{ntok}k16.f32.bf16.bf16" in src and "WGMMA_FN" not in src
+    assert f"#define CL {c.CL}" in src
     if shutil.which("nvcc") is None:
         pytest.skip("nvcc not installed: source checked only")
     f = tmp_path / "wg.cu"
@@ -115,11 +121,16 @@ def test_source_compiles_for_sm90a(tmp_path, ntok, cfg):
 
 
 def test_config_rule_by_shape():
-    """Wide N and long K: two 64-row blocks per warpgroup (K split only for long K); qkv / o: one block, 4 per SM."""
+    """Wide N and long K: two 64-row blocks per warpgroup (K split only for long K); qkv / o: one block, 4 per SM,
+    the K split reduced inside a cluster, 3 x stages over 32 tokens."""
     wide, longk, small = (w4wg.default_config(64, 28672, 4096), w4wg.default_config(64, 4096, 14336),
                           w4wg.default_config(64, 6144, 4096))
     assert (wide.RT, wide.TARGET) == (2, 132) and (longk.RT, longk.TARGET) == (2, 264)
-    assert (small.RT, small.MINB) == (1, 4)
+    assert (small.RT, small.MINB, small.CL, small.S) == (1, 4, 1, 3)
+    assert w4wg.default_config(32, 6144, 4096).S == 4
+    rs = w4wg.resolve(small, 64, 6144, 4096)[0]
+    assert rs.SPLIT == 4 and rs.CL == 1                     # 96 row groups x 4: clusters of 4 CTAs
+    assert w4wg.resolve(longk, 64, 4096, 14336)[0].CL == 0  # no cluster asked for: global partials
     assert w4wg.resolve(wide, 64, 28672, 4096)[0].SPLIT == 1
     assert w4wg.resolve(longk, 64, 4096, 14336)[0].SPLIT == 8
     with pytest.raises(SpecqError):
