@@ -146,3 +146,45 @@ def test_w4mma_rejects_bad_compensation_before_launching():
         w4mma.w4mma_linear(x1, w, comp=(torch.zeros(2, N + 8), sc, 2))         # wrong width
     with pytest.raises(SpecqError, match="one token"):
         w4mma.w4mma_linear(x1, w, norm_w=torch.ones(K, dtype=torch.bfloat16), eps=1e-5, comp=(ws, sc, 2))
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None or _cuobjdump() is None, reason="nvcc / cuobjdump not installed")
+def test_sass_early_launch_order(tmp_path):
+    """Early launch (XF): qdec1 clears the flag (then a GPU-scope fence), lets the next grid launch (PREEXIT) before
+    its own wait (ACQBULK) and releases the flag (a fence, then the store) only after that wait; w4mma issues its weight loads before the flag's spin
+    (NANOSLEEP), and reads x (coherent L2 loads, not .CONSTANT) only after the spin and the CTA barrier."""
+    ops = _sass_ops(tmp_path, mma.source(1024, 5, 32, False, True, 2, xf=True))
+    membar = [i for i, o in enumerate(ops) if o.startswith("MEMBAR")]      # the clear's fence, the set's release
+    assert len(membar) >= 2 and membar[0] < ops.index("PREEXIT") < ops.index("ACQBULK") < membar[-1]
+    ops0 = _sass_ops(tmp_path, mma.source(1024, 5, 32, False, True, 2))
+    assert ops0.index("ACQBULK") < ops0.index("PREEXIT") and not any(o.startswith("MEMBAR") for o in ops0)
+    ops = _sass_ops(tmp_path, w4mma.source(1, 8, 4, 8, False, 3, False, 2, False, False, False, False, 0.0, True, 1,
+                                           True))
+    spin = ops.index("NANOSLEEP")
+    bar = next(i for i in range(spin, len(ops)) if ops[i].startswith("BAR"))
+    assert any(o.startswith("LDG.E.NA.128.CONSTANT") for o in ops[:spin])           # the weight ring, in flight
+    assert min(i for i, o in enumerate(ops) if o == "LDG.E.128.STRONG.GPU") > bar   # x after the flag
+    assert "NANOSLEEP" not in _sass_ops(tmp_path, w4mma.source(1, 8, 4, 8, False, 3, False, 2, False, False, False,
+                                                               False, 0.0, True, 1))
+
+
+def test_linear_passes_the_flag_only_when_early(monkeypatch):
+    """mma.linear hands the weight's flag to qdec1 and to w4mma together (early launch), or to neither."""
+    seen = {}
+    monkeypatch.setattr(mma, "partials", lambda cl, x2, fp16, xflag=None: seen.setdefault("q", xflag) or "ws")
+    monkeypatch.setattr(mma.w4mma, "xflags", lambda w, dev: "FLAG")
+    monkeypatch.setattr(mma.w4mma, "w4mma_linear", lambda x, w, comp: seen.setdefault("w", comp[3]))
+
+    class R:
+        @staticmethod
+        def scales_on(dev):
+            return torch.ones(1)
+    cl = type("CL", (), {"residual": R, "n_chunks": 1})()
+    w = type("W", (), {"fp16": False})()
+    x = torch.zeros(1, 8)
+    mma.linear(cl, x, w)
+    assert seen == {"q": "FLAG", "w": "FLAG"}
+    seen.clear()
+    monkeypatch.setenv("SPECQ_QDEC_EARLY", "0")
+    mma.linear(cl, x, w)
+    assert seen == {"q": None, "w": None}
