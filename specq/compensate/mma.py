@@ -49,28 +49,11 @@ __device__ __forceinline__ u32 ldh(const u32* p) {          // pinned host memor
 // x [K] (one token, 16-bit); thr [n, NB] float32, descending per chunk; codes [K, W] int32 (host, mapped: 8 columns
 // per word, nibble e = column 8w + e, code q - 8); ws [n, 8W] float32
 extern "C" __global__ void __launch_bounds__(THREADS)
-qdec1(const u16* __restrict__ x, const float* __restrict__ thr, const u32* codes, float* __restrict__ ws, int W,
-      int* xflag)
+qdec1(const u16* __restrict__ x, const float* __restrict__ thr, const u32* codes, float* __restrict__ ws, int W)
 {
-#if XF       // early launch: w4mma may launch (and stream its weights) before the previous kernel is done; it reads
-            // x once xflag[0] is set, right after this kernel's wait. The flag is cleared (and the clear made visible
-            // at GPU scope) before this CTA lets w4mma launch: w4mma launches only once every CTA of this grid has.
-    if (blockIdx.x == 0 && blockIdx.y == 0 && threadIdx.x == 0) {
-        *(volatile int*)xflag = 0;
-        __threadfence();
-    }
-    __syncthreads();
-#endif
-#if PDL && XF
-    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-    asm volatile("griddepcontrol.wait;" ::: "memory");
-#elif PDL
+#if PDL
     asm volatile("griddepcontrol.wait;" ::: "memory");
     asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-#endif
-#if XF
-    if (blockIdx.x == 0 && blockIdx.y == 0 && threadIdx.x == 0)
-        asm volatile("st.release.gpu.b32 [%0], %1;" :: "l"(xflag), "r"(1) : "memory");
 #endif
     __shared__ float th[NB];
     __shared__ int hist[NB + 2];
@@ -164,10 +147,10 @@ qdec1(const u16* __restrict__ x, const float* __restrict__ thr, const u32* codes
 """
 
 
-def source(C: int, KC: int, NB: int, fp16: bool, pdl: bool, wpt: int = 1, xf: bool = False) -> str:
+def source(C: int, KC: int, NB: int, fp16: bool, pdl: bool, wpt: int = 1) -> str:
     magic, ht, et = ("0x64006400", "f16x2", "f16") if fp16 else ("0x43004300", "bf16x2", "bf16")
     head = (f"#define C {C}\n#define KC {KC}\n#define NB {NB}\n#define CPT {-(-C // THREADS)}\n#define THREADS {THREADS}\n#define WPT {wpt}\n"
-            f"#define PDL {int(pdl)}\n#define XF {int(xf)}\n#define FP16 {int(fp16)}\n#define MAGIC_STR \"{magic}\"\n#define HTYPE \"{ht}\"\n"
+            f"#define PDL {int(pdl)}\n#define FP16 {int(fp16)}\n#define MAGIC_STR \"{magic}\"\n#define HTYPE \"{ht}\"\n"
             f"#define ETYPE \"{et}\"\n#define LDHINT \"\"\n")
     return head + helpers(fp16) + _SRC
 
@@ -180,10 +163,8 @@ def usable(cl, x2: torch.Tensor, w) -> bool:
             and w4mma.available() and x2.dtype in (torch.float16, torch.bfloat16) and (x2.dtype == torch.float16) == w.fp16)
 
 
-def partials(cl, x2: torch.Tensor, fp16: bool, xflag: torch.Tensor | None = None) -> torch.Tensor:
-    """Launch qdec1 alone: x2 [1, K] -> ws float32 [n, N] (PDL launch inside CUDA-graph capture on sm_90+). xflag
-    (w4mma.xflags of the weight): set once x is ready, for a w4mma launched right after with that flag (early
-    launch); without it no kernel may wait on a flag."""
+def partials(cl, x2: torch.Tensor, fp16: bool) -> torch.Tensor:
+    """Launch qdec1 alone: x2 [1, K] -> ws float32 [n, N] (PDL launch inside CUDA-graph capture on sm_90+)."""
     from .kernel import mapped
     R = cl.residual
     n, C, KC = cl.n_chunks, cl.chunk, cl.k_chunk
@@ -195,11 +176,9 @@ def partials(cl, x2: torch.Tensor, fp16: bool, xflag: torch.Tensor | None = None
     with torch.cuda.device(x2.device):
         on = PDL.enabled(x2.device)
         wpt = WPT_WIDE if W >= WIDE_W else 1
-        xf = xflag is not None
-        k = w4mma.compiled(("qdec1", C, KC, NB, fp16, x2.device.index or 0, on, wpt, xf),
-                           lambda: source(C, KC, NB, fp16, on, wpt, xf), "qdec1")
-        PDL.launch(k, (n, -(-W // (THREADS * wpt)), 1), (THREADS, 1, 1),
-                   [x2, cl.thr, mapped(R.codes), ws, W, xflag if xf else ws],
+        k = w4mma.compiled(("qdec1", C, KC, NB, fp16, x2.device.index or 0, on, wpt),
+                           lambda: source(C, KC, NB, fp16, on, wpt), "qdec1")
+        PDL.launch(k, (n, -(-W // (THREADS * wpt)), 1), (THREADS, 1, 1), [x2, cl.thr, mapped(R.codes), ws, W],
                    pdl=on and torch.cuda.is_current_stream_capturing())
     return ws
 
@@ -214,14 +193,7 @@ def partials_ref(cl, x2: torch.Tensor) -> torch.Tensor:
     return torch.einsum("nk,nkc->nc", xs, q)
 
 
-EARLY = True   # w4mma launched before qdec1's wait, reading x on qdec1's flag (SPECQ_QDEC_EARLY=0: off)
-
-
 def linear(cl, x2: torch.Tensor, w) -> torch.Tensor:
     """x2 [1, K] -> base(x2) + compensation [1, N] (usable() said so)."""
-    import os
-    early = EARLY and os.environ.get("SPECQ_QDEC_EARLY", "1") != "0"
-    xflag = w4mma.xflags(w, x2.device) if early else None
-    ws = partials(cl, x2, w.fp16, xflag)
-    return w4mma.w4mma_linear(x2.contiguous(), w, comp=(ws, cl.residual.scales_on(x2.device).float(), cl.n_chunks,
-                                                        xflag))
+    ws = partials(cl, x2, w.fp16)
+    return w4mma.w4mma_linear(x2.contiguous(), w, comp=(ws, cl.residual.scales_on(x2.device).float(), cl.n_chunks))

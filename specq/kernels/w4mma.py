@@ -122,15 +122,10 @@ _SMALL = r"""
 // (xs [K/8] uint4, dynamic). RES: y <- res + y (res [M, N], row stride srm), rounded as torch rounds y, then
 // the sum. (A SiLU-and-multiply prologue for down_proj was tried and dropped: every CTA recomputes the whole K of
 // SiLU, which cost 8.4 us per layer more than a separate kernel, bench/results/h100/kernels_w4a16_dev.txt.)
-__device__ __forceinline__ uint4 ldcgx(const uint4* p) {          // L2 (x written by a kernel still ending)
-    uint4 v;
-    asm volatile("ld.global.cg.v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
-    return v;
-}
 extern "C" __global__ void __launch_bounds__(WARPS * 32, MINB)
 w4mma(const uint4* __restrict__ qw, const u32* __restrict__ sz, const u16* __restrict__ x, u16* __restrict__ y,
       int M, int K, int sxm, int sym, const u16* __restrict__ nw, const u16* __restrict__ res, int srm,
-      const float* __restrict__ qws, const float* __restrict__ qsc, int qnc, float* qg, int* qcnt, int* xflag)
+      const float* __restrict__ qws, const float* __restrict__ qsc, int qnc, float* qg, int* qcnt)
 {
     __shared__ float4 red[WARPS][NT][32];
 #if PRO
@@ -218,31 +213,6 @@ w4mma(const uint4* __restrict__ qw, const u32* __restrict__ sz, const u16* __res
 #define LDX(p) (*(p))
 #else
 #define LDX(p) ldx(p)
-#endif
-#if XF      // compensation, early launch: qdec1 let this grid launch before its own griddepcontrol.wait, so x is ready
-            // only once qdec1 sets xflag[0] (after that wait; qdec1 cleared it before letting this grid launch). The
-            // weight ring above is already in flight.
-    if (threadIdx.x == 0) {
-        int v;
-        unsigned ns = 256;
-        for (;;) {            // relaxed polls (an acquire load invalidates the SM's L1 each time, under the CTAs
-                              // of the kernel still running there), then one acquire load of the set flag (not a
-                              // fence: that would wait for this thread's weight loads in flight, in every CTA);
-                              // backing off: hundreds of CTAs polling one address load its L2 slice
-            asm volatile("ld.relaxed.gpu.b32 %0, [%1];" : "=r"(v) : "l"(xflag) : "memory");
-            if (v) break;
-            __nanosleep(ns);
-            ns = ns < SPIN_MAX ? 2 * ns : ns;
-        }
-#if XF == 1 || XF == 2
-        asm volatile("ld.acquire.gpu.b32 %0, [%1];" : "=r"(v) : "l"(xflag) : "memory");
-#endif
-    }
-    __syncthreads();
-#if XF == 1
-#undef LDX
-#define LDX(p) ldcgx(p)
-#endif
 #endif
 #pragma unroll
     for (int i = 0; i < XR; i++)
@@ -427,14 +397,13 @@ def helpers(fp16: bool) -> str:
 
 def source(NT: int, KBW: int, P: int, WARPS: int, fp16: bool, minb: int = 1, l2hint: bool = False, XR: int = 2,
            pre: bool = False, roll: bool = False, pro: bool = False, res: bool = False, eps: float = 0.0,
-           pdl: bool = False, qd: int = 0, xf: bool = False) -> str:
+           pdl: bool = False, qd: int = 0) -> str:
     """The kernel's CUDA C for one configuration (compile-time constants substituted). pro: RMSNorm prologue
-    (epsilon eps) of one token; res: add a residual to the output; xf (with qd): x read once the compensation
-    kernel sets the flag (early launch)."""
+    (epsilon eps) of one token; res: add a residual to the output."""
     magic, one, ht, et = ("0x64006400", "0x3C003C00", "f16x2", "f16") if fp16 else \
         ("0x43004300", "0x3F803F80", "bf16x2", "bf16")
     head = (f"#define NT {NT}\n#define KBW {KBW}\n#define P {P}\n#define WARPS {WARPS}\n#define MINB {minb}\n"
-            f"#define PDL {int(pdl)}\n#define QD {int(qd)}\n#define XF {(XF_MODE if xf else 0)}\n#define SPIN_MAX {SPIN_MAX}u\n#define QB {QB}\n#define PRO {int(pro)}\n#define RES {int(res)}\n#define EPS {float(eps)!r}f\n#define ROLL {int(roll)}\n#define XR {XR}\n#define PRE {int(pre)}\n#define FP16 {int(fp16)}\n#define MAGIC_STR \"{magic}\"\n#define HTYPE \"{ht}\"\n"
+            f"#define PDL {int(pdl)}\n#define QD {int(qd)}\n#define QB {QB}\n#define PRO {int(pro)}\n#define RES {int(res)}\n#define EPS {float(eps)!r}f\n#define ROLL {int(roll)}\n#define XR {XR}\n#define PRE {int(pre)}\n#define FP16 {int(fp16)}\n#define MAGIC_STR \"{magic}\"\n#define HTYPE \"{ht}\"\n"
             f"#define ETYPE \"{et}\"\n#define LDHINT \"{'.L2::256B' if l2hint else ''}\"\n")
     return head + helpers(fp16) + _SMALL
 
@@ -580,32 +549,15 @@ def compiled(key, make_source, name: str, arch: str | None = None):
 
 
 def kernel(c: Cfg, KBW: int, fp16: bool, device: int = 0, pro: bool = False, res: bool = False, eps: float = 0.0,
-           pdl: bool = False, qd: int = 0, xf: bool = False):
+           pdl: bool = False, qd: int = 0):
     """The compiled kernel for one configuration, loaded into `device`'s context (call under that device)."""
-    return compiled(("w4mma", c, KBW, fp16, device, pro, res, eps, pdl, qd, xf and (XF_MODE, SPIN_MAX)),
+    return compiled(("w4mma", c, KBW, fp16, device, pro, res, eps, pdl, qd),
                     lambda: source(c.NT, KBW, c.P, c.WARPS, fp16, c.MINB, c.L2HINT, c.XR, c.PRE, c.ROLL, pro, res, eps,
-                                   pdl, qd, xf), "w4mma")
+                                   pdl, qd), "w4mma")
 
 
 QB = 64                # compensation, many-wave grids: row tiles per block finished by its last CTA
 _QCNT: dict = {}
-
-
-_XFLAG: dict = {}
-SPIN_MAX = int(os.environ.get("SPECQ_SPIN_MAX", "2048"))   # experiment: longest sleep between polls, ns
-XF_MODE = int(os.environ.get("SPECQ_XF_MODE", "1"))   # experiment: 1 acquire + L2 x loads, 2 acquire + L1, 3 relaxed + L1
-
-
-def xflags(w: "MMAWeight", device) -> torch.Tensor:
-    """Per weight: int32 [2] zeros, [0] the early-launch flag of a compensated Linear (cleared by qdec1 before it
-    lets w4mma launch, set once x is ready). Allocated on the first (eager) call, before capture."""
-    key = (w.words.data_ptr(), str(device))
-    f = _XFLAG.get(key)
-    if f is None:
-        if torch.cuda.is_current_stream_capturing():
-            raise SpecqError("w4mma: run a compensated Linear once eagerly before capturing it")
-        f = _XFLAG[key] = torch.zeros(2, dtype=torch.int32, device=device)
-    return f
 
 
 def _counters(w: "MMAWeight", device) -> torch.Tensor:
@@ -653,8 +605,7 @@ def w4mma_linear(x: torch.Tensor, w: MMAWeight, cfg: Cfg | None = None, norm_w: 
     """x [M, K] (M <= MAX_M, 16-bit, CUDA) @ W^T -> [M, N]. Fused, in one kernel: norm_w [K] (M tokens fitting
     fusable()): x <- RMSNorm(x) (epsilon eps) first; res [M, N]: returns res + x @ W^T. Each step rounds to x's
     dtype as the separate torch ops do (bit-equal to them on the H100, bench/check_kernels.py). comp (one token):
-    (ws float32 [n, N], scale float32 [N], n[, xflag]) from specq.compensate.mma, launched just before on the same
-    stream (xflag, int32 [2] of xflags(): that kernel was launched for an early start and sets it once x is ready):
+    (ws float32 [n, N], scale float32 [N], n) from specq.compensate.mma, launched just before on the same stream:
     y = x @ W^T + scale * sum_c ws[c] before the rounding. Under PDL the epilogue waits for that kernel: every CTA
     when the grid is one wave; else only the last CTA of each block of QB row tiles, which finishes the block (the
     waiting CTAs would hold SMs that later waves need)."""
@@ -680,17 +631,13 @@ def w4mma_linear(x: torch.Tensor, w: MMAWeight, cfg: Cfg | None = None, norm_w: 
     with torch.cuda.device(x.device):            # module and stream of x's GPU, whatever the current device is
         pdl = PDL.enabled(x.device)
         qd = 0 if comp is None else 2 if w.N // 16 > c.MINB * _sms(x.device) else 1
-        xf = comp is not None and len(comp) > 3 and comp[3] is not None
-        if xf and c.XR == 0:
-            raise SpecqError("w4mma: the early-launch flag needs a config with x registers (XR > 0)")
-        k = kernel(c, KBW, w.fp16, x.device.index or 0, pro, res is not None, float(eps) if pro else 0.0, pdl, qd,
-                   xf)
+        k = kernel(c, KBW, w.fp16, x.device.index or 0, pro, res is not None, float(eps) if pro else 0.0, pdl, qd)
         args = [w.words, w.sz, x, y, M, K, x.stride(0), y.stride(0), norm_w if norm_w is not None else x,
                 res if res is not None else y, res.stride(0) if res is not None else 0,
                 comp[0] if comp is not None else y, comp[1] if comp is not None else y,
                 int(comp[2]) if comp is not None else 0,
                 torch.empty(w.N, dtype=torch.float32, device=x.device) if qd == 2 else y,
-                _counters(w, x.device) if qd == 2 else y, comp[3] if xf else y]
+                _counters(w, x.device) if qd == 2 else y]
         if pdl and torch.cuda.is_current_stream_capturing():
             PDL.launch(k, (w.N // 16, 1, 1), (c.WARPS * 32, 1, 1), args, shared_mem=shm)
         else:
