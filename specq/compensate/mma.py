@@ -193,28 +193,7 @@ def partials_ref(cl, x2: torch.Tensor) -> torch.Tensor:
     return torch.einsum("nk,nkc->nc", xs, q)
 
 
-QREGS = 40             # qdec1's registers per thread with one word per thread (wpt 1; ptxas: 32-40 for KC <= 32)
-REGCAP = -1            # experiment knob: -1 auto (qd_config), 0 never, > 0 this cap whenever one is needed
-
-
-def qd_config(N: int, K: int, n_q: int, sms: int):
-    """w4mma's config for a compensated one-token Linear, or None (its default): where the default grid is one wave
-    that fills every slot of the GPU only without the n_q qdec1 CTAs running beside it (an SM holding a qdec1 CTA has
-    no registers left for its last w4mma CTA, which then waits ~8 us for a second wave: Llama-3-8B down_proj), cap
-    w4mma's registers so that MINB of its CTAs and one qdec1 CTA fit on an SM."""
-    c = w4mma.default_config(1, N, K, sms)
-    ctas, slots = N // 16, c.MINB * sms
-    if REGCAP == 0 or ctas > slots or ctas <= slots - n_q:
-        return None
-    cap = REGCAP if REGCAP > 0 else (65536 - QREGS * THREADS) // (c.MINB * c.WARPS * 32) // 8 * 8
-    return c._replace(REGCAP=cap)
-
-
 def linear(cl, x2: torch.Tensor, w) -> torch.Tensor:
     """x2 [1, K] -> base(x2) + compensation [1, N] (usable() said so)."""
     ws = partials(cl, x2, w.fp16)
-    W = cl.residual.N // 8
-    n_q = cl.n_chunks * -(-W // (THREADS * (WPT_WIDE if W >= WIDE_W else 1)))
-    cfg = qd_config(w.N, w.K, n_q, w4mma._sms(x2.device))
-    return w4mma.w4mma_linear(x2.contiguous(), w, cfg=cfg,
-                              comp=(ws, cl.residual.scales_on(x2.device).float(), cl.n_chunks))
+    return w4mma.w4mma_linear(x2.contiguous(), w, comp=(ws, cl.residual.scales_on(x2.device).float(), cl.n_chunks))

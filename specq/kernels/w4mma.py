@@ -122,7 +122,7 @@ _SMALL = r"""
 // (xs [K/8] uint4, dynamic). RES: y <- res + y (res [M, N], row stride srm), rounded as torch rounds y, then
 // the sum. (A SiLU-and-multiply prologue for down_proj was tried and dropped: every CTA recomputes the whole K of
 // SiLU, which cost 8.4 us per layer more than a separate kernel, bench/results/h100/kernels_w4a16_dev.txt.)
-extern "C" __global__ void KBOUNDS
+extern "C" __global__ void __launch_bounds__(WARPS * 32, MINB)
 w4mma(const uint4* __restrict__ qw, const u32* __restrict__ sz, const u16* __restrict__ x, u16* __restrict__ y,
       int M, int K, int sxm, int sym, const u16* __restrict__ nw, const u16* __restrict__ res, int srm,
       const float* __restrict__ qws, const float* __restrict__ qsc, int qnc, float* qg, int* qcnt)
@@ -397,17 +397,15 @@ def helpers(fp16: bool) -> str:
 
 def source(NT: int, KBW: int, P: int, WARPS: int, fp16: bool, minb: int = 1, l2hint: bool = False, XR: int = 2,
            pre: bool = False, roll: bool = False, pro: bool = False, res: bool = False, eps: float = 0.0,
-           pdl: bool = False, qd: int = 0, regcap: int = 0) -> str:
+           pdl: bool = False, qd: int = 0) -> str:
     """The kernel's CUDA C for one configuration (compile-time constants substituted). pro: RMSNorm prologue
-    (epsilon eps) of one token; res: add a residual to the output; regcap > 0: registers per thread capped by
-    __maxnreg__ instead of __launch_bounds__(threads, minb)."""
+    (epsilon eps) of one token; res: add a residual to the output."""
     magic, one, ht, et = ("0x64006400", "0x3C003C00", "f16x2", "f16") if fp16 else \
         ("0x43004300", "0x3F803F80", "bf16x2", "bf16")
     head = (f"#define NT {NT}\n#define KBW {KBW}\n#define P {P}\n#define WARPS {WARPS}\n#define MINB {minb}\n"
             f"#define PDL {int(pdl)}\n#define QD {int(qd)}\n#define QB {QB}\n#define PRO {int(pro)}\n#define RES {int(res)}\n#define EPS {float(eps)!r}f\n#define ROLL {int(roll)}\n#define XR {XR}\n#define PRE {int(pre)}\n#define FP16 {int(fp16)}\n#define MAGIC_STR \"{magic}\"\n#define HTYPE \"{ht}\"\n"
             f"#define ETYPE \"{et}\"\n#define LDHINT \"{'.L2::256B' if l2hint else ''}\"\n")
-    bounds = f"__maxnreg__({regcap})" if regcap else "__launch_bounds__(WARPS * 32, MINB)"
-    return head + f"#define KBOUNDS {bounds}\n" + helpers(fp16) + _SMALL
+    return head + helpers(fp16) + _SMALL
 
 
 def repack_mma(qweight: torch.Tensor, natural_k: bool = False) -> torch.Tensor:
@@ -506,7 +504,6 @@ class Cfg(NamedTuple):
     MINB: int = 3           # __launch_bounds__ min blocks per SM (caps registers)
     L2HINT: bool = False    # .L2::256B on the weight loads
     ROLL: bool = False      # keep the loop over chunks of P blocks rolled (fewer registers at long K)
-    REGCAP: int = 0         # > 0: at most this many registers per thread (__maxnreg__) instead of MINB's bound
 
 
 def default_config(M: int, N: int, K: int, sms: int | None = None) -> Cfg:
@@ -556,7 +553,7 @@ def kernel(c: Cfg, KBW: int, fp16: bool, device: int = 0, pro: bool = False, res
     """The compiled kernel for one configuration, loaded into `device`'s context (call under that device)."""
     return compiled(("w4mma", c, KBW, fp16, device, pro, res, eps, pdl, qd),
                     lambda: source(c.NT, KBW, c.P, c.WARPS, fp16, c.MINB, c.L2HINT, c.XR, c.PRE, c.ROLL, pro, res, eps,
-                                   pdl, qd, c.REGCAP), "w4mma")
+                                   pdl, qd), "w4mma")
 
 
 QB = 64                # compensation, many-wave grids: row tiles per block finished by its last CTA
