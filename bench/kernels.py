@@ -72,7 +72,7 @@ def make_weights(shapes, dev):
         w8, sw = ref.random_w8a8(N, K, dev, g)
         d["w8a8"] = prepare_w8a8(w8, sw)
         q4, sw4, _ = ref.random_w4a8(N, K, False, dev, g)
-        d["w4a8-pc"] = prepare_w4a8(q4, sw4, None)
+        d["w4a8"] = prepare_w4a8(q4, sw4, None)
         gs = torch.randint(1, 17, (N, K // 128), device=dev, dtype=torch.int32)
         d["w4a8-g128"] = prepare_w4a8(q4, sw4, gs)
         try:
@@ -222,7 +222,7 @@ def main():
             sys.exit(1)
     models = a.models.split(",")
     rows = []
-    fmts = ["w4a16", "w8a8", "w4a8-pc", "w4a8-g128"]
+    fmts = ["w4a16", "w8a8", "w4a8", "w4a8-g128"]   # w4a8: per output channel (the format name)
     for model in models:
         ws = make_weights(MODELS[model], dev)
         if a.sweep and model == "llama3-8b":
@@ -255,13 +255,13 @@ def main():
 
 
 def table(rows):
-    lines = [f"{'model':11s} {'M':>4s} {'w4a16':>7s} {'w8a8':>7s} {'w4a8pc':>7s} {'w4a8g':>7s} {'t_int4':>7s} {'bf16':>7s}"]
+    lines = [f"{'model':11s} {'M':>4s} {'w4a16':>7s} {'w8a8':>7s} {'w4a8':>7s} {'w4a8g':>7s} {'t_int4':>7s} {'bf16':>7s}"]
     keys = sorted({(r["model"], r["M"]) for r in rows}, key=lambda k: (k[0], k[1]))
     for mdl, m in keys:
         rs = {r["format"]: r for r in rows if r["model"] == mdl and r["M"] == m}
         any_r = next(iter(rs.values()))
         ti = any_r["torch_int4_us"]
-        lines.append(f"{mdl:11s} {m:4d} " + " ".join(f"{rs[f]['specq_us']:7.1f}" for f in ["w4a16", "w8a8", "w4a8-pc", "w4a8-g128"])
+        lines.append(f"{mdl:11s} {m:4d} " + " ".join(f"{rs[f]['specq_us']:7.1f}" for f in ["w4a16", "w8a8", "w4a8", "w4a8-g128"])
                      + f" {ti if ti is not None else float('nan'):7.1f} {any_r['bf16_us']:7.1f}")
     return "\n".join(lines)
 
@@ -276,7 +276,7 @@ def plot(res, path):
     for ax, mdl in zip(axs[0], models):
         rs = [r for r in rows if r["model"] == mdl]
         ms = sorted({r["M"] for r in rs})
-        for fmt in ["w4a16", "w8a8", "w4a8-pc", "w4a8-g128"]:
+        for fmt in ["w4a16", "w8a8", "w4a8", "w4a8-g128"]:
             ax.plot(ms, [next(r["specq_us"] for r in rs if r["M"] == m and r["format"] == fmt) for m in ms], "o-", label=f"specq {fmt}")
         ti = [next(r["torch_int4_us"] for r in rs if r["M"] == m) for m in ms]
         if all(t is not None for t in ti):
