@@ -14,6 +14,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from specq.kernels import ref                                    # noqa: E402
 from specq.kernels.int8 import prepare_w4a8, prepare_w8a8, w4a8_linear, w8a8_linear  # noqa: E402
+from specq.kernels.w3a16 import pack3, prepare_w3a16, w3a16_linear        # noqa: E402
 from specq.kernels.w4a16 import prepare_w4a16, w4a16_linear        # noqa: E402
 
 MS = [1, 2, 4, 8, 16, 32, 64, 128]
@@ -87,6 +88,19 @@ def check(quick=False, ms=MS, models=None, out=print, w4a16_only=False):
                     y = w4a8_linear(x, w, asm=False)
                     report("w4a8-noasm" + ("-g128" if grouped else "-pc"), shape, max(ms), rel(y, r), y)
                 del q, sw, gs, w, r
+            for name, G, sym in (("w3a16-g128-asym", 128, False), ("w3a16-pc-sym", None, True)):
+                Gs = G or K
+                q3 = torch.randint(0, 8, (N, K), generator=g).to(dev, torch.uint8)
+                s3 = (torch.rand(N, K // Gs, generator=g) * 0.02 + 0.001).to(dev, torch.bfloat16)
+                z3 = (torch.full((N, K // Gs), 4.0) if sym else
+                      torch.randint(0, 8, (N, K // Gs), generator=g).float()).to(dev, torch.bfloat16)
+                W3 = ((q3.float() - z3.float().repeat_interleave(Gs, 1)) * s3.float().repeat_interleave(Gs, 1))
+                r = x.float() @ W3.to(torch.bfloat16).float().t()            # the reference: (q - z) * s, one rounding
+                w = prepare_w3a16(pack3(q3), s3, z3, G or -1, K)
+                for m in ms:
+                    y = w3a16_linear(x[:m], w)
+                    report(name, shape, m, rel(y, r[:m]), y)
+                del q3, s3, z3, W3, r, w
             torch.cuda.empty_cache()
     fails += check_fused(models, out, rows, g)
     out(f"check_kernels: {len(rows) - fails} passed, {fails} failed")

@@ -22,6 +22,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from bench.check_kernels import MODELS, check                     # noqa: E402
 from specq.kernels import ref                                     # noqa: E402
 from specq.kernels.int8 import _launch_i8, prepare_w4a8, prepare_w8a8, quantize_act, w4a8_linear, w8a8_linear  # noqa: E402
+from specq.kernels.w3a16 import pack3, prepare_w3a16, w3a16_linear  # noqa: E402
 from specq.kernels.w4a16 import prepare_w4a16, w4a16_linear  # noqa: E402
 
 MS = [1, 2, 4, 8, 16, 32, 64, 128]
@@ -75,6 +76,9 @@ def make_weights(shapes, dev):
         d["w4a8"] = prepare_w4a8(q4, sw4, None)
         gs = torch.randint(1, 17, (N, K // 128), device=dev, dtype=torch.int32)
         d["w4a8-g128"] = prepare_w4a8(q4, sw4, gs)
+        q3 = torch.randint(0, 8, (N, K), device=dev, dtype=torch.uint8)
+        s3 = (torch.rand(N, K // 128, device=dev) * 0.01 + 0.001).to(torch.bfloat16)
+        d["w3a16"] = prepare_w3a16(pack3(q3), s3, torch.full_like(s3, 4.0), 128, K)
         try:
             wu8 = torch.randint(0, 256, (N, K // 2), device=dev, dtype=torch.uint8)
             d["int4pack"] = torch.ops.aten._convert_weight_to_int4pack(wu8, 8)
@@ -100,6 +104,8 @@ def layer_fns(ws, fmt, x_by_k, cfg=None):
             fns.append(lambda x=x, w=d["w4a16"]: w4a16_linear(x, w, cfg=cfg))
         elif fmt == "w8a8":
             fns.append(lambda x=x, w=d["w8a8"]: w8a8_linear(x, w, cfg=cfg))
+        elif fmt == "w3a16":
+            fns.append(lambda x=x, w=d["w3a16"]: w3a16_linear(x, w))
         else:
             fns.append(lambda x=x, w=d[fmt]: w4a8_linear(x, w, cfg=cfg))
     return fns
@@ -222,7 +228,7 @@ def main():
             sys.exit(1)
     models = a.models.split(",")
     rows = []
-    fmts = ["w4a16", "w8a8", "w4a8", "w4a8-g128"]   # w4a8: per output channel (the format name)
+    fmts = ["w4a16", "w8a8", "w4a8", "w4a8-g128", "w3a16"]   # w4a8: per output channel (the format name)
     for model in models:
         ws = make_weights(MODELS[model], dev)
         if a.sweep and model == "llama3-8b":
@@ -238,7 +244,7 @@ def main():
                 t = graph_time(layer_fns(ws, fmt, x_by_k))
                 rows.append({"model": model, "M": m, "format": fmt, "specq_us": round(t, 2),
                              "torch_int4_us": None if ti is None else round(ti, 2), "bf16_us": round(bf, 2)})
-            log(f"{model} M={m:<3d} " + " ".join(f"{r['format']}={r['specq_us']:.1f}" for r in rows[-4:])
+            log(f"{model} M={m:<3d} " + " ".join(f"{r['format']}={r['specq_us']:.1f}" for r in rows[-len(fmts):])
                 + f" torch_int4={ti if ti is None else round(ti, 1)} bf16={bf:.1f}")
         del ws
         torch.cuda.empty_cache()
@@ -255,13 +261,14 @@ def main():
 
 
 def table(rows):
-    lines = [f"{'model':11s} {'M':>4s} {'w4a16':>7s} {'w8a8':>7s} {'w4a8':>7s} {'w4a8g':>7s} {'t_int4':>7s} {'bf16':>7s}"]
+    lines = [f"{'model':11s} {'M':>4s} {'w4a16':>7s} {'w8a8':>7s} {'w4a8':>7s} {'w4a8g':>7s} {'w3a16':>7s} {'t_int4':>7s} {'bf16':>7s}"]
     keys = sorted({(r["model"], r["M"]) for r in rows}, key=lambda k: (k[0], k[1]))
     for mdl, m in keys:
         rs = {r["format"]: r for r in rows if r["model"] == mdl and r["M"] == m}
         any_r = next(iter(rs.values()))
         ti = any_r["torch_int4_us"]
-        lines.append(f"{mdl:11s} {m:4d} " + " ".join(f"{rs[f]['specq_us']:7.1f}" for f in ["w4a16", "w8a8", "w4a8", "w4a8-g128"])
+        lines.append(f"{mdl:11s} {m:4d} " + " ".join(f"{rs[f]['specq_us']:7.1f}" for f in ["w4a16", "w8a8", "w4a8", "w4a8-g128", "w3a16"]
+                                                        if f in rs)
                      + f" {ti if ti is not None else float('nan'):7.1f} {any_r['bf16_us']:7.1f}")
     return "\n".join(lines)
 
@@ -276,7 +283,7 @@ def plot(res, path):
     for ax, mdl in zip(axs[0], models):
         rs = [r for r in rows if r["model"] == mdl]
         ms = sorted({r["M"] for r in rs})
-        for fmt in ["w4a16", "w8a8", "w4a8", "w4a8-g128"]:
+        for fmt in [f for f in ["w4a16", "w8a8", "w4a8", "w4a8-g128", "w3a16"] if any(r["format"] == f for r in rs)]:
             ax.plot(ms, [next(r["specq_us"] for r in rs if r["M"] == m and r["format"] == fmt) for m in ms], "o-", label=f"specq {fmt}")
         ti = [next(r["torch_int4_us"] for r in rs if r["M"] == m) for m in ms]
         if all(t is not None for t in ti):

@@ -287,7 +287,7 @@ def main():
                         cl.set_k(SEL.k_chunk_for(cl.in_features, kf), selector=sel)
                         cl.use_fused = fused
 
-            fusable = hasattr(one, "w4a16_for")
+            fusable = hasattr(one, "w4a16_for") and one.w4a16_for(torch.bfloat16) is not None   # 4-bit CUDA bases
             runs = [(kf, "approx", True) for kf in ks] + [(0.005, "exact", True)]
             runs += [(kf, "approx", False) for kf in ks] if fusable else []
             base_t, q_t = [], {r: [] for r in runs}

@@ -61,6 +61,15 @@ def _cached(module, name, key, make):
     return w
 
 
+def wq3_kernel(x2, module):
+    """WQLinear hook, 3 bits: x2 [M, K] (packed column order) -> x2 @ W^T [M, N] (specq.kernels.w3a16)."""
+    from .w3a16 import prepare_w3a16, w3a16_linear
+    w = _cached(module, "_w3a16", (version(module.qweight), module.qweight.data_ptr(), x2.dtype),
+                lambda: prepare_w3a16(module.qweight, module.scales, module.zeros, module.group_size,
+                                      module.in_features, x2.dtype))
+    return w3a16_linear(x2, w)
+
+
 def w8a8_kernel(x2, module):
     """W8A8Linear hook: x2 [M, K] -> [M, N] (int8 tensor cores; activations quantized per token)."""
     w = _cached(module, "_w8a8", (version(module.wq), module.wq.data_ptr()),
@@ -81,6 +90,7 @@ def _register():
     from ..quant.wq import register_kernel
     from ..quant import w8a8
     register_kernel(wq_kernel, bits=4)
+    register_kernel(wq3_kernel, bits=3)
     w8a8.register_kernel(w8a8_kernel, "W8A8Linear")
     w8a8.register_kernel(w4a8_kernel, "W4A8Linear")
 
