@@ -17,12 +17,14 @@ save. A fast 3-bit path would need the W4A16 kernels' per-lane fragment layouts.
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import NamedTuple
 
 import torch
 
 from ..errors import SpecqError
 from ..quant import pack as P
+from . import w4mma
 from .common import HAS_TRITON, INTERPRET, tl, triton, use_triton
 
 
@@ -110,26 +112,17 @@ if HAS_TRITON:
         tl.store(ws_ptr + pk * M * N + rm[:, None] * N + rn[None, :], acc, mask=mmask[:, None] & nmask[None, :])
 
 
-_SMS: dict = {}
-
-
 def _sms(device) -> int:
-    if device.type != "cuda":
-        return 8
-    i = device.index or 0
-    if i not in _SMS:
-        _SMS[i] = torch.cuda.get_device_properties(i).multi_processor_count
-    return _SMS[i]
+    return w4mma._sms(device) if device.type == "cuda" else 8     # 8: the interpreter's stand-in
 
 
 # defaults from bench/dev/w3_sweep.py (H100, Llama-3-8B layer; 16 configs): BN 128, BK 128, 4 warps, at most 4
 # programs per SM up to 16 tokens (158.6 / 165.9 us per layer at M = 1 / 16) and 2 beyond (205.5 at 64)
 BN, BK_MAX, WARPS = 128, 128, 4
-PER_SM = None
 
 
 def programs_per_sm(M: int) -> int:
-    return PER_SM or (4 if M <= 16 else 2)
+    return 4 if M <= 16 else 2
 
 
 def config(M: int, N: int, K: int, G: int, sms: int, bn: int | None = None, bk: int | None = None,
@@ -159,16 +152,8 @@ def w3a16_linear(x: torch.Tensor, w: W3A16Weight, cfg: tuple | None = None) -> t
     BM, BN, BK, split = config(M, w.N, K, w.G, _sms(x.device), bn, bk, per_sm)
     ws = torch.empty(split, M, w.N, dtype=torch.float32, device=x.device)
     grid = (triton.cdiv(w.N, BN), split, triton.cdiv(M, BM))
-    with torch.cuda.device(x.device) if x.is_cuda else _null():
+    with torch.cuda.device(x.device) if x.is_cuda else nullcontext():
         _w3a16_kernel[grid](x, w.lo, w.hi, w.s, w.z, ws, M, w.N, x.stride(0), K // split,
                             G=w.G, NG=max(BK // w.G, 1), BM=BM, BN=BN, BK=BK,
                             F32DOT=INTERPRET, num_warps=warps)
     return (ws.sum(0) if split > 1 else ws[0]).to(x.dtype)
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
