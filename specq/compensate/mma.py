@@ -51,24 +51,25 @@ __device__ __forceinline__ u32 ldh(const u32* p) {          // pinned host memor
 extern "C" __global__ void __launch_bounds__(THREADS)
 qdec1(const u16* __restrict__ x, const float* __restrict__ thr, const u32* codes, float* __restrict__ ws, int W)
 {
-#if PDL
-    asm volatile("griddepcontrol.wait;" ::: "memory");
-    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-#endif
     __shared__ float th[NB];
-    __shared__ int hist[NB + 2];
-    __shared__ int tot[2][THREADS / 32];
+    __shared__ int hist[64];
+    __shared__ int tot[THREADS / 32];
     __shared__ int sidx[KC];
     __shared__ float sxv[KC];
     __shared__ int bs[2];
     const int t = threadIdx.x, lane = t & 31, warp = t >> 5, c = blockIdx.x;
+    if (t < NB) th[t] = thr[c * NB + t];            // constants: read before the wait
+    if (t < 64) hist[t] = t == NB ? KC : 0;         // the bottom bucket is not counted (most channels fall there:
+                                                    // one shared address for ~C atomics); the rest always reaches KC
+#if PDL
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
     float xv[CPT];
     int bk[CPT];
 #pragma unroll
-    for (int j = 0; j < CPT; j++)                   // x first: its load overlaps the thresholds' and the barrier
+    for (int j = 0; j < CPT; j++)
         xv[j] = t * CPT + j < C ? f32(x[c * C + t * CPT + j]) : 0.f;
-    if (t < NB) th[t] = thr[c * NB + t];
-    if (t < NB + 2) hist[t] = 0;
     __syncthreads();
 #pragma unroll
     for (int j = 0; j < CPT; j++) {                 // thread t holds channels t*CPT .. t*CPT+CPT-1 of the chunk
@@ -76,11 +77,11 @@ qdec1(const u16* __restrict__ x, const float* __restrict__ thr, const u32* codes
         bk[j] = NB + 1;                             // past the chunk: never taken
         if (i < C) {
             const float a = fabsf(xv[j]);
-            int b = 0;
-#pragma unroll
-            for (int q = 0; q < NB; q++) b += a < th[q];
+            int b = 0;                              // thresholds above a (descending: a prefix), binary lift;
+#pragma unroll                                      // NaN: none above, the top bucket (as approx_topk)
+            for (int s = 32; s >= 1; s >>= 1) if (b + s <= NB && a < th[b + s - 1]) b += s;
             bk[j] = b;
-            atomicAdd(&hist[b], 1);
+            if (b < NB) atomicAdd(&hist[b], 1);
         }
     }
     __syncthreads();
@@ -102,23 +103,21 @@ qdec1(const u16* __restrict__ x, const float* __restrict__ thr, const u32* codes
     }
     __syncthreads();
     const int bstar = bs[0], need = bs[1];
-    int ni = 0;
+    int na = 0, ni = 0;                             // one scan of both counts: above the boundary | in it
 #pragma unroll
-    for (int j = 0; j < CPT; j++) ni += bk[j] == bstar;
-    int rank = block_excl_scan(ni, tot[0], lane, warp);
-    bool sel[CPT];
-    int ns = 0;
+    for (int j = 0; j < CPT; j++) { na += bk[j] < bstar; ni += bk[j] == bstar; }
+    const int pre = block_excl_scan(na << 16 | ni, tot, lane, warp);
+    int ar = pre >> 16, ir = pre & 0xFFFF;          // slot = taken before = above before + min(boundary before, need)
 #pragma unroll
     for (int j = 0; j < CPT; j++) {
-        const bool inb = bk[j] == bstar;
-        rank += inb;
-        sel[j] = bk[j] < bstar || (inb && rank <= need);
-        ns += sel[j];
+        if (bk[j] < bstar) {
+            const int slot = ar + min(ir, need);
+            sidx[slot] = c * C + t * CPT + j; sxv[slot] = xv[j]; ar++;
+        } else if (bk[j] == bstar) {
+            if (ir < need) { sidx[ar + ir] = c * C + t * CPT + j; sxv[ar + ir] = xv[j]; }
+            ir++;
+        }
     }
-    int slot = block_excl_scan(ns, tot[1], lane, warp);
-#pragma unroll
-    for (int j = 0; j < CPT; j++)
-        if (sel[j]) { sidx[slot] = c * C + t * CPT + j; sxv[slot] = xv[j]; slot++; }
     __syncthreads();
     u32 q[WPT][KC];                                 // WPT words (8 columns each) per thread, every load in flight
 #pragma unroll

@@ -44,6 +44,62 @@ def test_partials_ref_changes_with_the_selection():
     assert not torch.allclose(a, b)
 
 
+def _qdec1_select(xc: torch.Tensor, th: torch.Tensor, KC: int, threads: int = mma.THREADS) -> list[int]:
+    """qdec1's selection of one chunk, step by step as the kernel does it (thread t holds channels t*CPT ..): buckets,
+    a histogram without the bottom bucket (its count stands at KC), the boundary bucket, one exclusive scan of the
+    packed counts (above << 16 | in the boundary bucket), then each thread's slots. -> channel ids by slot."""
+    C, NB = xc.numel(), th.numel()
+    cpt = -(-C // threads)
+    bk = [NB + 1] * (cpt * threads)
+    hist = [0] * 64
+    hist[NB] = KC
+    for i in range(C):
+        a = abs(float(xc[i]))
+        bk[i] = sum(not (a >= float(q)) for q in th)                         # a < th[q], NaN-safe as in CUDA
+        if bk[i] < NB:
+            hist[bk[i]] += 1
+    cum, bstar = 0, 0
+    for b in range(NB + 1):
+        cum += hist[b]
+        if cum >= KC:
+            break
+        bstar, above = b + 1, cum
+    need = KC - (above if bstar else 0)
+    packed = [sum((bk[t * cpt + j] < bstar) << 16 | (bk[t * cpt + j] == bstar) for j in range(cpt))
+              for t in range(threads)]
+    slots = [None] * KC
+    pre = 0
+    for t in range(threads):
+        ar, ir = pre >> 16, pre & 0xFFFF
+        for j in range(cpt):
+            i = t * cpt + j
+            if bk[i] < bstar:
+                slots[ar + min(ir, need)] = i
+                ar += 1
+            elif bk[i] == bstar:
+                if ir < need:
+                    slots[ar + ir] = i
+                ir += 1
+        pre += packed[t]
+    return slots
+
+
+@pytest.mark.parametrize("C,KC,NB", [(1024, 5, 32), (1024, 20, 32), (576, 3, 32), (1024, 5, 8)])
+def test_qdec1_selection_steps_equal_approx_topk(C, KC, NB):
+    """The kernel's selection steps give approx_topk's set, in channel order: for typical tokens, for tokens far
+    below the calibration (boundary = bottom bucket), far above it (boundary = top bucket) and with ties."""
+    g = torch.Generator().manual_seed(C + KC + NB)
+    scale = torch.exp(torch.randn(C, generator=g))
+    stats = SEL.calib_stats(torch.randn(64, C, generator=g) * scale)
+    th = SEL.thresholds(stats, KC, NB)[0]
+    cases = [torch.randn(C, generator=g) * scale for _ in range(4)]
+    cases += [torch.randn(C, generator=g) * scale * 1e-3, torch.randn(C, generator=g) * scale * 1e3,
+              torch.randint(0, 3, (C,), generator=g).float() * float(th[NB // 2])]
+    for xc in cases:
+        ref = SEL.approx_topk(xc[None], th[None], KC)[0].tolist()
+        assert _qdec1_select(xc, th, KC) == ref
+
+
 def test_not_usable_off_cuda_or_for_exact_selection():
     cl, x, _ = _layer()
     assert not mma.usable(cl, x[:1], object())                              # CPU tensor
@@ -117,7 +173,8 @@ def _sass_ops(tmp_path, src: str) -> list[str]:
 @pytest.mark.skipif(shutil.which("nvcc") is None or _cuobjdump() is None, reason="nvcc / cuobjdump not installed")
 def test_sass_wait_positions(tmp_path):
     """In the machine code: plain PDL w4mma waits (ACQBULK) before its first global load; the QD variant waits only
-    after its MMAs (epilogue), and every load after that wait is a coherent one (not .CONSTANT); qdec1 waits first."""
+    after its MMAs (epilogue), and every load after that wait is a coherent one (not .CONSTANT); qdec1 reads only its
+    thresholds (constants) before its wait, x after it."""
     ops = _sass_ops(tmp_path, w4mma.source(1, 8, 4, 8, False, 3, False, 2, False, False, False, True, 0.0, True, 0))
     assert ops.index("ACQBULK") < min(i for i, o in enumerate(ops) if o.startswith("LDG"))
     ops = _sass_ops(tmp_path, w4mma.source(1, 8, 4, 8, False, 3, False, 2, False, False, False, False, 0.0, True, 1))
@@ -125,7 +182,9 @@ def test_sass_wait_positions(tmp_path):
     assert max(i for i, o in enumerate(ops) if o.startswith("HMMA")) < wait
     assert any(o == "LDG.E" for o in ops[wait:])                              # the partials, coherent
     ops = _sass_ops(tmp_path, mma.source(1024, 5, 32, False, True, 2))
-    assert ops.index("ACQBULK") < min(i for i, o in enumerate(ops) if o.startswith("LDG"))
+    wait = ops.index("ACQBULK")
+    assert [o for o in ops[:wait] if o.startswith("LDG")] == ["LDG.E.CONSTANT"]          # the thresholds
+    assert wait < min(i for i, o in enumerate(ops) if o.startswith("LDG.E.U16"))          # x
 
 
 def test_w4mma_rejects_bad_compensation_before_launching():

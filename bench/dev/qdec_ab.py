@@ -1,0 +1,73 @@
+"""A/B of qdec1 sources in one call: the w4mma + qdec1 layer (4 Linears, CUDA graphs over 4 Llama-3-8B layers, fresh
+activations per replay, interleaved rounds, median per layer), timed like bench/qdec_overhead.py against the
+uncompensated w4mma base of the same call.  PYTHONPATH=$PWD VARIANTS=old,new python bench/dev/qdec_ab.py
+A variant is a module in specq.compensate named _mma_<variant> (e.g. an uncommitted copy of the previous mma.py)
+or "new" (specq.compensate.mma as it is). Checks each variant first (qdec_overhead.check_mma)."""
+import importlib
+import os
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from bench.qdec_overhead import SHAPES, SpecqW4, check_mma, graph_time, layer_inputs, rand_residual  # noqa: E402
+from specq.compensate import CompensatedLinear, mma  # noqa: E402
+from specq.compensate import select as SEL  # noqa: E402
+from specq.kernels import prepare_w4a16, w4a16_linear, w4mma  # noqa: E402
+
+NEW_SRC = mma._SRC
+
+
+def use(variant):
+    mma._SRC = NEW_SRC if variant == "new" else importlib.import_module(f"specq.compensate._mma_{variant}")._SRC
+    for k in [k for k in w4mma._KERNELS if k[0] == "qdec1"]:
+        del w4mma._KERNELS[k]
+
+
+@torch.inference_mode()
+def main():
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    variants = os.environ.get("VARIANTS", "old,new").split(",")
+    ks = [float(k) for k in os.environ.get("KS", "0.005,0.01").split(",")]
+    print(torch.cuda.get_device_name(), torch.__version__)
+    for v in variants:
+        use(v)
+        r = check_mma(dev, lambda s: None)
+        bad = {k: c for k, c in r.items() if c == "not usable" or c["partials_rel_err"] != 0.0
+               or c["graph_equal_eager"] != "10/10" or c["max_rel_err"] > 1e-2}
+        print(f"check {v}: {len(r) - len(bad)}/{len(r)} exact partials, graph == eager" + (f"; BAD {bad}" if bad else ""))
+    stats, xs_flat, xs, pool = layer_inputs(dev)
+    layers = [{p: CompensatedLinear(SpecqW4(K, N, dev, prepare_w4a16, w4a16_linear), rand_residual(K, N), k_chunk=0,
+                                    selector="approx", stats=stats[p]) for p, (K, N) in SHAPES.items()} for _ in range(4)]
+
+    def step():
+        for mods in layers:
+            for p, cl in mods.items():
+                cl(xs[p])
+
+    def set_k(kf):
+        for mods in layers:
+            for cl in mods.values():
+                cl.set_k(SEL.k_chunk_for(cl.in_features, kf))
+
+    base, q = [], {(v, k): [] for v in variants for k in ks}
+    for _ in range(3):
+        set_k(0)
+        base.append(graph_time(step, xs_flat, pool, 100) / 4)
+        for v in variants:
+            use(v)
+            for k in ks:
+                set_k(k)
+                q[(v, k)].append(graph_time(step, xs_flat, pool, 100) / 4)
+    b = statistics.median(base)
+    print(f"w4mma base {b:.1f} us per layer (rounds {', '.join(f'{t:.1f}' for t in base)})")
+    for (v, k), ts in q.items():
+        t = statistics.median(ts)
+        print(f"{v:8s} k={k}: {t:.1f} us per layer, +{100 * (t / b - 1):.1f}%  (rounds {', '.join(f'{x:.1f}' for x in ts)})")
+
+
+if __name__ == "__main__":
+    main()
