@@ -77,9 +77,9 @@ extern "C" __global__ void fetch(const int* idx, const u32* codes, float* ws, in
 def stamped_qdec1(C, KC, NB, wpt):
     """qdec1's source with stamps: st[cta] = (start, rows chosen, partial written) in globaltimer ns, and clock64."""
     src = GT + mma.source(C, KC, NB, False, False, wpt)
-    src = src.replace("float* __restrict__ ws, int W)", "float* __restrict__ ws, int W, long long* st)")
-    src = src.replace("    __shared__ float th[NB];", "    const long long T0 = gt(), C0 = clock64();\n    __shared__ float th[NB];", 1)
-    src = src.replace("    u32 q[WPT][KC];", "    const long long T1 = gt(), C1 = clock64();\n    u32 q[WPT][KC];", 1)
+    src = src.replace("      int nch)", "      int nch, long long* st)")
+    src = src.replace("    __shared__ float thc[CH][NB];", "    const long long T0 = gt(), C0 = clock64();\n    long long T1, C1, S1, S2, S3;\n    __shared__ float thc[CH][NB];", 1)
+    src = src.replace("    u32 q[WPT][KC];", "    T1 = gt(); C1 = clock64();\n    u32 q[WPT][KC];", 1)
     tail = ("    __syncthreads();\n    if (threadIdx.x == 0) { const int b = blockIdx.y * gridDim.x + blockIdx.x;\n"
             "        st[6*b] = T0; st[6*b+1] = T1; st[6*b+2] = gt(); st[6*b+3] = C0; st[6*b+4] = C1; st[6*b+5] = clock64(); }\n}\n")
     i = src.rstrip().rfind("}")
@@ -88,7 +88,7 @@ def stamped_qdec1(C, KC, NB, wpt):
                  ("atomicAdd(&hist[b], 1);\n        }\n    }\n    __syncthreads();\n", "S2"),
                  ("    __syncthreads();\n    const int bstar = bs[0], need = bs[1];\n", "S3")):
         assert src.count(a) == 1, b
-        src = src.replace(a, a + f"    const long long {b} = clock64();\n")
+        src = src.replace(a, a + f"    {b} = clock64();\n")
     return src.replace("st[6*b+5] = clock64(); }", "st[6*b+5] = clock64(); st[6*b+6] = S1; st[6*b+7] = S2; "
                        "st[6*b+8] = S3; }").replace("6*b", "9*b")
 
@@ -158,7 +158,7 @@ def main():
         for r in range(30):
             x = acts(1, K, chs, dev)
             torch.cuda.synchronize()
-            go(k1, grid, (256, 1, 1), [x, cl.thr, mapped(res.codes), ws, W, st])
+            go(k1, grid, (256, 1, 1), [x, cl.thr, mapped(res.codes), ws, W, n, st])
             torch.cuda.synchronize()
             if r < 5:
                 continue

@@ -46,25 +46,12 @@ __device__ __forceinline__ u32 ldh(const u32* p) {          // pinned host memor
     asm volatile("ld.global.nc.u32 %0, [%1];" : "=r"(v) : "l"(p));
     return v;
 }
-// x [K] (one token, 16-bit); thr [n, NB] float32, descending per chunk; codes [K, W] int32 (host, mapped: 8 columns
-// per word, nibble e = column 8w + e, code q - 8); ws [n, 8W] float32
-extern "C" __global__ void __launch_bounds__(THREADS)
-qdec1(const u16* __restrict__ x, const float* __restrict__ thr, const u32* codes, float* __restrict__ ws, int W)
-{
-    __shared__ float th[NB];
-    __shared__ int hist[64];
-    __shared__ int tot[THREADS / 32];
-    __shared__ int sidx[KC];
-    __shared__ float sxv[KC];
-    __shared__ int bs[2];
-    const int t = threadIdx.x, lane = t & 31, warp = t >> 5, c = blockIdx.x;
-    if (t < NB) th[t] = thr[c * NB + t];            // constants: read before the wait
+// Bucket top-KC of chunk c (thresholds th [NB], descending) of one token x -> sidx[KC] channel ids in channel order,
+// sxv[KC] their x. Every thread of the CTA calls it; it ends with a barrier.
+__device__ __forceinline__ void select_chunk(const u16* __restrict__ x, const float* th, int c, int* hist, int* tot,
+                                             int* bs, int* sidx, float* sxv, int t, int lane, int warp) {
     if (t < 64) hist[t] = t == NB ? KC : 0;         // the bottom bucket is not counted (most channels fall there:
                                                     // one shared address for ~C atomics); the rest always reaches KC
-#if PDL
-    asm volatile("griddepcontrol.wait;" ::: "memory");
-    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-#endif
     float xv[CPT];
     int bk[CPT];
 #pragma unroll
@@ -119,36 +106,66 @@ qdec1(const u16* __restrict__ x, const float* __restrict__ thr, const u32* codes
         }
     }
     __syncthreads();
-    u32 q[WPT][KC];                                 // WPT words (8 columns each) per thread, every load in flight
+}
+// x [K] (one token, 16-bit); thr [n, NB] float32, descending per chunk; codes [K, W] int32 (host, mapped: 8 columns
+// per word, nibble e = column 8w + e, code q - 8); ws [n, 8W] float32. CTA (b, y): chunks CH b .. CH b + CH - 1 (of
+// nch), words (y WPT + v) THREADS + t: selection of each chunk in turn, then every row's loads in flight at once.
+extern "C" __global__ void __launch_bounds__(THREADS)
+qdec1(const u16* __restrict__ x, const float* __restrict__ thr, const u32* codes, float* __restrict__ ws, int W,
+      int nch)
+{
+    __shared__ float th[CH][NB];
+    __shared__ int hist[64];
+    __shared__ int tot[THREADS / 32];
+    __shared__ int sidx[CH][KC];
+    __shared__ float sxv[CH][KC];
+    __shared__ int bs[2];
+    const int t = threadIdx.x, lane = t & 31, warp = t >> 5, c0 = blockIdx.x * CH;
+    const int nc = min(CH, nch - c0);
+    for (int i = t; i < nc * NB; i += THREADS)      // constants: read before the wait
+        th[i / NB][i % NB] = thr[c0 * NB + i];
+#if PDL
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+    for (int cc = 0; cc < nc; cc++)
+        select_chunk(x, th[cc], c0 + cc, hist, tot, bs, sidx[cc], sxv[cc], t, lane, warp);
+    u32 q[WPT][CH][KC];                             // WPT words (8 columns each) per thread and row, all in flight
 #pragma unroll
     for (int v = 0; v < WPT; v++) {
         const int w = (blockIdx.y * WPT + v) * THREADS + t;
 #pragma unroll
-        for (int s = 0; s < KC; s++) q[v][s] = w < W ? ldh(codes + (size_t)sidx[s] * W + w) : 0u;
+        for (int cc = 0; cc < CH; cc++)
+#pragma unroll
+            for (int s = 0; s < KC; s++) q[v][cc][s] = w < W && cc < nc ? ldh(codes + (size_t)sidx[cc][s] * W + w) : 0u;
     }
 #pragma unroll
     for (int v = 0; v < WPT; v++) {
         const int w = (blockIdx.y * WPT + v) * THREADS + t;
-        float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
 #pragma unroll
-        for (int s = 0; s < KC; s++) {
-            const float xs = sxv[s];
+        for (int cc = 0; cc < CH; cc++) {
+            float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
 #pragma unroll
-            for (int e = 0; e < 8; e++) acc[e] += xs * (float)((int)((q[v][s] >> (4 * e)) & 15u) - 8);
-        }
-        if (w < W) {
-            float4* o = (float4*)(ws + (size_t)c * W * 8 + (size_t)w * 8);
-            o[0] = make_float4(acc[0], acc[1], acc[2], acc[3]);
-            o[1] = make_float4(acc[4], acc[5], acc[6], acc[7]);
+            for (int s = 0; s < KC; s++) {
+                const float xs = sxv[cc][s];
+#pragma unroll
+                for (int e = 0; e < 8; e++) acc[e] += xs * (float)((int)((q[v][cc][s] >> (4 * e)) & 15u) - 8);
+            }
+            if (w < W && cc < nc) {
+                float4* o = (float4*)(ws + (size_t)(c0 + cc) * W * 8 + (size_t)w * 8);
+                o[0] = make_float4(acc[0], acc[1], acc[2], acc[3]);
+                o[1] = make_float4(acc[4], acc[5], acc[6], acc[7]);
+            }
         }
     }
 }
 """
 
 
-def source(C: int, KC: int, NB: int, fp16: bool, pdl: bool, wpt: int = 1) -> str:
+def source(C: int, KC: int, NB: int, fp16: bool, pdl: bool, wpt: int = 1, threads: int = THREADS, ch: int = 1) -> str:
     magic, ht, et = ("0x64006400", "f16x2", "f16") if fp16 else ("0x43004300", "bf16x2", "bf16")
-    head = (f"#define C {C}\n#define KC {KC}\n#define NB {NB}\n#define CPT {-(-C // THREADS)}\n#define THREADS {THREADS}\n#define WPT {wpt}\n"
+    head = (f"#define C {C}\n#define KC {KC}\n#define NB {NB}\n#define CPT {-(-C // threads)}\n#define THREADS {threads}\n"
+            f"#define WPT {wpt}\n#define CH {ch}\n"
             f"#define PDL {int(pdl)}\n#define FP16 {int(fp16)}\n#define MAGIC_STR \"{magic}\"\n#define HTYPE \"{ht}\"\n"
             f"#define ETYPE \"{et}\"\n#define LDHINT \"\"\n")
     return head + helpers(fp16) + _SRC
@@ -160,6 +177,30 @@ def usable(cl, x2: torch.Tensor, w) -> bool:
     return (x2.is_cuda and x2.shape[0] == 1 and w is not None and cl.selector == "approx" and R.dense is None
             and 0 < cl.k_chunk <= min(MAX_KC, cl.chunk) and R.N % 8 == 0 and cl.thr is not None
             and w4mma.available() and x2.dtype in (torch.float16, torch.bfloat16) and (x2.dtype == torch.float16) == w.fp16)
+
+
+def launch_shape(N: int, K: int, n: int, W: int, sms: int) -> tuple[int, int, int]:
+    """qdec1's (threads, words per thread, chunks per CTA) beside w4mma's one-token grid for an N x K weight (n chunks,
+    W words per residual row). Default: 256 threads, one chunk per CTA, 2 words per thread on wide rows. Beside a
+    one-wave w4mma grid, qdec1 must fit in the CTA slots that grid leaves free (a qdec1 CTA, no larger than a w4mma
+    CTA, takes the place of at most one), else w4mma CTAs wait for a second wave (Llama-3-8B down_proj: 28 qdec1
+    CTAs pushed 20 of 256 out, bench/results/h100/qdec_fused_dev.txt, session 13): then the fewest chunks per CTA
+    that fit, with as many threads as a w4mma CTA has."""
+    shape = (THREADS, WPT_WIDE if W >= WIDE_W else 1, 1)
+    c = w4mma.default_config(1, N, K, sms)
+    spare = c.MINB * sms - N // 16
+
+    def ctas(th, wp, ch):
+        return -(-n // ch) * -(-W // (th * wp))
+
+    if spare < 0 or ctas(*shape) <= spare:          # many waves, or it fits as it is
+        return shape
+    for ch in range(1, n + 1):
+        for th in (512, 256):
+            for wp in (1, 2):
+                if th <= c.WARPS * 32 and ctas(th, wp, ch) <= spare:
+                    return th, wp, ch
+    return shape
 
 
 def partials(cl, x2: torch.Tensor, fp16: bool) -> torch.Tensor:
@@ -174,10 +215,10 @@ def partials(cl, x2: torch.Tensor, fp16: bool) -> torch.Tensor:
     ws = torch.empty(n, R.N, dtype=torch.float32, device=x2.device)
     with torch.cuda.device(x2.device):
         on = PDL.enabled(x2.device)
-        wpt = WPT_WIDE if W >= WIDE_W else 1
-        k = w4mma.compiled(("qdec1", C, KC, NB, fp16, x2.device.index or 0, on, wpt),
-                           lambda: source(C, KC, NB, fp16, on, wpt), "qdec1")
-        PDL.launch(k, (n, -(-W // (THREADS * wpt)), 1), (THREADS, 1, 1), [x2, cl.thr, mapped(R.codes), ws, W],
+        th, wpt, ch = launch_shape(R.N, cl.in_features, n, W, w4mma._sms(x2.device))
+        k = w4mma.compiled(("qdec1", C, KC, NB, fp16, x2.device.index or 0, on, wpt, th, ch),
+                           lambda: source(C, KC, NB, fp16, on, wpt, th, ch), "qdec1")
+        PDL.launch(k, (-(-n // ch), -(-W // (th * wpt)), 1), (th, 1, 1), [x2, cl.thr, mapped(R.codes), ws, W, n],
                    pdl=on and torch.cuda.is_current_stream_capturing())
     return ws
 

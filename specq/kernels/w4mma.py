@@ -125,7 +125,7 @@ _SMALL = r"""
 extern "C" __global__ void __launch_bounds__(WARPS * 32, MINB)
 w4mma(const uint4* __restrict__ qw, const u32* __restrict__ sz, const u16* __restrict__ x, u16* __restrict__ y,
       int M, int K, int sxm, int sym, const u16* __restrict__ nw, const u16* __restrict__ res, int srm,
-      const float* __restrict__ qws, const float* __restrict__ qsc, int qnc, float* qg, int* qcnt)
+      const float* __restrict__ qws, const float* __restrict__ qsc, int qnc, float* qg)
 {
     __shared__ float4 red[WARPS][NT][32];
 #if PRO
@@ -310,7 +310,14 @@ EPILOGUE
 """
 
 
-_EPILOGUE = r"""#if PDL && QD == 1   // the compensation kernel (specq.compensate.mma) launched just before: its partials are ready
+_EPILOGUE = r"""#if QD == 2  // many waves (M = 1): the first qE row tiles never wait; each of the last ceil(T / (QR + 1)) tiles waits,
+            // finishes itself and QR early tiles (stored in qg as fp32 sums, see below)
+    const int qE = gridDim.x - (gridDim.x + QR) / (QR + 1), qe = (tile - qE) * QR;   // qe: its first early tile
+    const bool qearly = tile < qE;
+#if PDL
+    if (!qearly) asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+#elif PDL && QD == 1   // the compensation kernel (specq.compensate.mma) launched just before: its partials are ready
     asm volatile("griddepcontrol.wait;" ::: "memory");
 #endif
     for (int i = threadIdx.x; i < NT * 128; i += WARPS * 32) {
@@ -320,11 +327,13 @@ _EPILOGUE = r"""#if PDL && QD == 1   // the compensation kernel (specq.compensat
         for (int v = 0; v < WARPS; v++) s += ((const float*)&red[v][n][l])[r];
         const int row = tile * 16 + (l >> 2) + 8 * (r >> 1);
         const int tok = 8 * n + 2 * (l & 3) + (r & 1);
-#if QD == 2 // many waves: no CTA waits for the compensation; the sum goes to qg, the block's last CTA finishes below
-        if (tok == 0) qg[row] = s;
-        continue;
+#if QD == 2
+        if (qearly) {                                   // a plain store: the value itself is the signal (qg holds
+            if (tok == 0) qg[row] = s;                  // QG_EMPTY between launches), no fence, no counter
+            continue;
+        }
 #endif
-#if QD == 1 // one token: + scale[row] * sum over chunks of x[S] (q - 8) (the chunk partials, in chunk order)
+#if QD >= 1 // one token: + scale[row] * sum over chunks of x[S] (q - 8) (the chunk partials, in chunk order)
         if (tok == 0) {
             float cs = 0.f;
             for (int ci = 0; ci < qnc; ci++) {           // coherent loads: written by the kernel waited for
@@ -341,39 +350,30 @@ _EPILOGUE = r"""#if PDL && QD == 1   // the compensation kernel (specq.compensat
         if (tok < M) y[(size_t)tok * sym + row] = to16(s);
 #endif
     }
-#if QD == 2 // the last CTA of each block of QB row tiles (atomic count) waits for the compensation kernel, then adds
-            // it to the block's QB * 16 sums and writes y; the early waves exit without waiting (M = 1)
-    {
-        __shared__ int qlast;
-        const int blk = tile / QB, nb = min(QB, (int)gridDim.x - blk * QB);
-        __syncthreads();                            // the CTA's qg stores, then one fence (cumulative) and the count
-        if (threadIdx.x == 0) {
-            __threadfence();
-            qlast = atomicAdd(qcnt + blk, 1) == nb - 1;
-            if (qlast) qcnt[blk] = 0;               // every CTA of the block has counted: ready for the next launch
-        }
-        __syncthreads();
-        if (qlast) {
-#if PDL
-            asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
-            __threadfence();
-            const int N = gridDim.x * 16;
-            for (int row = blk * QB * 16 + threadIdx.x; row < (blk * QB + nb) * 16; row += WARPS * 32) {
-                float s, cs = 0.f;
-                asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(s) : "l"(qg + row));
-                for (int ci = 0; ci < qnc; ci++) {
-                    float v;
-                    asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(v) : "l"(qws + (size_t)ci * N + row));
-                    cs += v;
-                }
-                s += cs * qsc[row];
-#if RES
-                y[row] = to16(f32(to16(s)) + f32(res[row]));
-#else
-                y[row] = to16(s);
-#endif
+#if QD == 2 // the rows of early tiles qe .. qe + QR - 1, from the CTA's last threads down (beside the own rows above):
+            // their sums from qg (polled: the early CTAs have lower indices, so they were dispatched first, and they
+            // wait for nothing), + compensation; qg reset for the next launch. The spin is bounded so that a broken
+            // assumption cannot hang the GPU.
+    for (int j = WARPS * 32 - 1 - threadIdx.x; !qearly && j < 16 * QR; j += WARPS * 32) {
+        if (qe + (j >> 4) < qE) {
+            const int row = (qe + (j >> 4)) * 16 + (j & 15);
+            float cs = 0.f, s;
+            for (int ci = 0; ci < qnc; ci++) {           // issued before the poll: one round trip for both
+                float v;
+                asm volatile("ld.global.f32 %0, [%1];" : "=f"(v) : "l"(qws + (size_t)ci * gridDim.x * 16 + row));
+                cs += v;
             }
+            int spin = 0;
+            do {
+                asm volatile("ld.relaxed.gpu.global.f32 %0, [%1];" : "=f"(s) : "l"(qg + row) : "memory");
+            } while (__float_as_uint(s) == QG_EMPTY && ++spin < (1 << 20));
+            s += cs * qsc[row];
+            qg[row] = __uint_as_float(QG_EMPTY);
+#if RES
+            y[row] = to16(f32(to16(s)) + f32(res[row]));
+#else
+            y[row] = to16(s);
+#endif
         }
     }
 #endif
@@ -397,13 +397,14 @@ def helpers(fp16: bool) -> str:
 
 def source(NT: int, KBW: int, P: int, WARPS: int, fp16: bool, minb: int = 1, l2hint: bool = False, XR: int = 2,
            pre: bool = False, roll: bool = False, pro: bool = False, res: bool = False, eps: float = 0.0,
-           pdl: bool = False, qd: int = 0) -> str:
+           pdl: bool = False, qd: int = 0, qr: int = 1) -> str:
     """The kernel's CUDA C for one configuration (compile-time constants substituted). pro: RMSNorm prologue
-    (epsilon eps) of one token; res: add a residual to the output."""
+    (epsilon eps) of one token; res: add a residual to the output; qd: compensation epilogue (1 one wave, 2 many
+    waves with qr early tiles per waiting one)."""
     magic, one, ht, et = ("0x64006400", "0x3C003C00", "f16x2", "f16") if fp16 else \
         ("0x43004300", "0x3F803F80", "bf16x2", "bf16")
     head = (f"#define NT {NT}\n#define KBW {KBW}\n#define P {P}\n#define WARPS {WARPS}\n#define MINB {minb}\n"
-            f"#define PDL {int(pdl)}\n#define QD {int(qd)}\n#define QB {QB}\n#define PRO {int(pro)}\n#define RES {int(res)}\n#define EPS {float(eps)!r}f\n#define ROLL {int(roll)}\n#define XR {XR}\n#define PRE {int(pre)}\n#define FP16 {int(fp16)}\n#define MAGIC_STR \"{magic}\"\n#define HTYPE \"{ht}\"\n"
+            f"#define PDL {int(pdl)}\n#define QD {int(qd)}\n#define QG_EMPTY {QG_EMPTY:#x}u\n#define QR {int(qr)}\n#define PRO {int(pro)}\n#define RES {int(res)}\n#define EPS {float(eps)!r}f\n#define ROLL {int(roll)}\n#define XR {XR}\n#define PRE {int(pre)}\n#define FP16 {int(fp16)}\n#define MAGIC_STR \"{magic}\"\n#define HTYPE \"{ht}\"\n"
             f"#define ETYPE \"{et}\"\n#define LDHINT \"{'.L2::256B' if l2hint else ''}\"\n")
     return head + helpers(fp16) + _SMALL
 
@@ -549,27 +550,27 @@ def compiled(key, make_source, name: str, arch: str | None = None):
 
 
 def kernel(c: Cfg, KBW: int, fp16: bool, device: int = 0, pro: bool = False, res: bool = False, eps: float = 0.0,
-           pdl: bool = False, qd: int = 0):
+           pdl: bool = False, qd: int = 0, qr: int = 1):
     """The compiled kernel for one configuration, loaded into `device`'s context (call under that device)."""
-    return compiled(("w4mma", c, KBW, fp16, device, pro, res, eps, pdl, qd),
+    return compiled(("w4mma", c, KBW, fp16, device, pro, res, eps, pdl, qd, qr),
                     lambda: source(c.NT, KBW, c.P, c.WARPS, fp16, c.MINB, c.L2HINT, c.XR, c.PRE, c.ROLL, pro, res, eps,
-                                   pdl, qd), "w4mma")
+                                   pdl, qd, qr), "w4mma")
 
 
-QB = 64                # compensation, many-wave grids: row tiles per block finished by its last CTA
-_QCNT: dict = {}
+QG_EMPTY = 0xFFFFFFFF   # compensation, many-wave grids: a NaN no float sum produces, "no sum yet" in qg
+_QG: dict = {}
 
 
-def _counters(w: "MMAWeight", device) -> torch.Tensor:
-    """Per weight: int32 block counters of the many-wave compensation epilogue, zero between launches (the last CTA
-    of a block resets its counter). Allocated on the first (eager) call, before any graph capture."""
+def _qg(w: "MMAWeight", device) -> torch.Tensor:
+    """Per weight: float32 [N] holding QG_EMPTY between launches (the early tiles' sums pass through it within a
+    launch; the tile that reads a sum resets it). Allocated on the first (eager) call, before any graph capture."""
     key = (w.words.data_ptr(), str(device))
-    c = _QCNT.get(key)
-    if c is None:
+    q = _QG.get(key)
+    if q is None:
         if torch.cuda.is_current_stream_capturing():
             raise SpecqError("w4mma: run a compensated Linear once eagerly before capturing it")
-        c = _QCNT[key] = torch.zeros(-(-(w.N // 16) // QB), dtype=torch.int32, device=device)
-    return c
+        q = _QG[key] = torch.full((w.N,), -1, dtype=torch.int32, device=device).view(torch.float32)
+    return q
 
 
 FUSE_SMEM = 32 * 1024  # fused norm: the normalized x in shared memory, K * 2 bytes at most (no opt-in beyond 48 KB)
@@ -607,8 +608,10 @@ def w4mma_linear(x: torch.Tensor, w: MMAWeight, cfg: Cfg | None = None, norm_w: 
     dtype as the separate torch ops do (bit-equal to them on the H100, bench/check_kernels.py). comp (one token):
     (ws float32 [n, N], scale float32 [N], n) from specq.compensate.mma, launched just before on the same stream:
     y = x @ W^T + scale * sum_c ws[c] before the rounding. Under PDL the epilogue waits for that kernel: every CTA
-    when the grid is one wave; else only the last CTA of each block of QB row tiles, which finishes the block (the
-    waiting CTAs would hold SMs that later waves need)."""
+    when the grid is one wave; else only the last ~1 / (QR + 1) of the row tiles (about the last, partial wave),
+    each finishing itself and QR early tiles, whose CTAs store fp32 sums and exit without waiting (they would hold
+    SMs that later waves need; session 11's per-block counters with a fence in every CTA cost +3.6 us on
+    gate_up_proj, bench/results/h100/qdec_fused_dev.txt session 14)."""
     M, K = x.shape
     pro = norm_w is not None
     if K != w.K or M > MAX_M or M < 1:
@@ -630,14 +633,16 @@ def w4mma_linear(x: torch.Tensor, w: MMAWeight, cfg: Cfg | None = None, norm_w: 
     shm = K * 2 if pro else 0
     with torch.cuda.device(x.device):            # module and stream of x's GPU, whatever the current device is
         pdl = PDL.enabled(x.device)
-        qd = 0 if comp is None else 2 if w.N // 16 > c.MINB * _sms(x.device) else 1
-        k = kernel(c, KBW, w.fp16, x.device.index or 0, pro, res is not None, float(eps) if pro else 0.0, pdl, qd)
+        slots = c.MINB * _sms(x.device)
+        qd = 0 if comp is None else 2 if w.N // 16 > slots else 1
+        qr = max(1, (w.N // 16 - 1) // slots)           # QD 2: the waiting tiles ~ the last, partial wave
+        k = kernel(c, KBW, w.fp16, x.device.index or 0, pro, res is not None, float(eps) if pro else 0.0, pdl, qd,
+                   qr if qd == 2 else 1)
         args = [w.words, w.sz, x, y, M, K, x.stride(0), y.stride(0), norm_w if norm_w is not None else x,
                 res if res is not None else y, res.stride(0) if res is not None else 0,
                 comp[0] if comp is not None else y, comp[1] if comp is not None else y,
                 int(comp[2]) if comp is not None else 0,
-                torch.empty(w.N, dtype=torch.float32, device=x.device) if qd == 2 else y,
-                _counters(w, x.device) if qd == 2 else y]
+                _qg(w, x.device) if qd == 2 else y]
         if pdl and torch.cuda.is_current_stream_capturing():
             PDL.launch(k, (w.N // 16, 1, 1), (c.WARPS * 32, 1, 1), args, shared_mem=shm)
         else:

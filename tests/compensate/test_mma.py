@@ -108,25 +108,66 @@ def test_not_usable_off_cuda_or_for_exact_selection():
 
 
 def test_w4mma_qd_epilogues_wait_where_they_should():
-    """QD 1: no wait before the loads, one in the epilogue before the partials are read; QD 2: only the block's last
-    CTA waits; QD 0 keeps the wait first (programmatic dependent launch)."""
+    """QD 1: no wait before the loads, one in the epilogue before the partials are read; QD 2: only the second half of
+    the tiles waits, the first half stores fp32 sums first; QD 0 keeps the wait first (programmatic dependent launch)."""
     for qd in (1, 2):
         src = w4mma.source(1, 8, 8, 16, False, 2, pdl=True, qd=qd)
         body = src[src.index("w4mma(const uint4*"):]
         assert "#define QD %d" % qd in src
         first_wait = body.index('asm volatile("griddepcontrol.wait;"')
         assert body.index("#if PDL && !QD") < first_wait                      # the start-of-kernel wait is off
-        assert body.index("#if QD == 2") < body.index("qg[row] = s")
+        if qd == 2:
+            assert body.index("if (qearly)") < body.index("qg[row] = s") < body.index("continue;")
+            epi = body.index("#if QD == 2  // many waves")
+            assert epi < body.index("if (!qearly) asm volatile(\"griddepcontrol.wait;\"") < body.index("qg[row] = s")
     src0 = w4mma.source(1, 8, 8, 16, False, 2, pdl=True)
     assert "#define QD 0" in src0
 
 
+def test_qd2_every_early_tile_is_finished_once_by_a_later_tile():
+    """QD 2 (many-wave grids), as the epilogue indexes: tiles [0, E) only store sums, E = T - ceil(T / (QR + 1)); tile
+    E + i finishes itself and early tiles QR i .. QR i + QR - 1. Every tile is finished exactly once, by itself or by
+    a tile of a higher index (dispatched later, so an early one never waits on it)."""
+    for T in (1, 2, 7, 1792, 1793, 3584):
+        for QR in (1, 2, 4, 9):
+            E = T - (T + QR) // (QR + 1)
+            done = {}
+            for tile in range(E, T):
+                done.setdefault(tile, []).append(tile)
+                for j in range(16 * QR):                                     # the epilogue's row loop
+                    e = (tile - E) * QR + (j >> 4)
+                    if e < E and j & 15 == 0:
+                        done.setdefault(e, []).append(tile)
+            assert sorted(done) == list(range(T)), (T, QR)
+            assert all(len(v) == 1 and v[0] >= k for k, v in done.items())
+    src = w4mma.source(1, 8, 4, 8, False, 3, pdl=True, qd=2, qr=4)
+    assert "#define QR 4" in src and "gridDim.x - (gridDim.x + QR) / (QR + 1)" in src
+
+
+@pytest.mark.parametrize("sms", [132, 114])
+def test_qdec1_launch_shape_fits_beside_one_wave_grids(sms):
+    """Beside a one-wave w4mma grid qdec1 takes no more CTAs than the slots that grid leaves (Llama-3-8B shapes);
+    down_proj (14 chunks) needs chunks shared by CTAs; many-wave gate_up keeps the default shape."""
+    for K, N in ((4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096)):
+        n, W = -(-K // 1024), N // 8
+        th, wpt, ch = mma.launch_shape(N, K, n, W, sms)
+        c = w4mma.default_config(1, N, K, sms)
+        spare = c.MINB * sms - N // 16
+        ctas = -(-n // ch) * -(-W // (th * wpt))
+        assert th <= c.WARPS * 32 and th * wpt * -(-W // (th * wpt)) >= W
+        if 0 <= spare and (N, K) != (28672, 4096):
+            assert ctas <= spare or (th, wpt, ch) == (mma.THREADS, 1, 1)
+        else:
+            assert (th, wpt, ch) == (mma.THREADS, mma.WPT_WIDE if W >= mma.WIDE_W else 1, 1)
+    assert mma.launch_shape(4096, 14336, 14, 512, 132) == (512, 1, 2)
+
+
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
-@pytest.mark.parametrize("C,KC,fp16,pdl,wpt", [(1024, 5, False, True, 2), (576, 20, True, False, 1),
-                                               (1024, 32, False, True, 1)])
-def test_qdec1_compiles_for_sm90(tmp_path, C, KC, fp16, pdl, wpt):
+@pytest.mark.parametrize("C,KC,fp16,pdl,wpt,th,ch", [(1024, 5, False, True, 2, 256, 1), (576, 20, True, False, 1, 256, 1),
+                                                     (1024, 32, False, True, 1, 256, 1), (1024, 5, False, True, 1, 512, 2)])
+def test_qdec1_compiles_for_sm90(tmp_path, C, KC, fp16, pdl, wpt, th, ch):
     f = tmp_path / "qdec1.cu"
-    f.write_text(mma.source(C, KC, 32, fp16, pdl, wpt))
+    f.write_text(mma.source(C, KC, 32, fp16, pdl, wpt, th, ch))
     r = subprocess.run(["nvcc", "-cubin", "-arch=sm_90", "-o", str(f.with_suffix(".cubin")), str(f)],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -183,7 +224,7 @@ def test_sass_wait_positions(tmp_path):
     assert any(o == "LDG.E" for o in ops[wait:])                              # the partials, coherent
     ops = _sass_ops(tmp_path, mma.source(1024, 5, 32, False, True, 2))
     wait = ops.index("ACQBULK")
-    assert [o for o in ops[:wait] if o.startswith("LDG")] == ["LDG.E.CONSTANT"]          # the thresholds
+    assert {o for o in ops[:wait] if o.startswith("LDG")} == {"LDG.E.CONSTANT"}          # the thresholds
     assert wait < min(i for i, o in enumerate(ops) if o.startswith("LDG.E.U16"))          # x
 
 
