@@ -1,8 +1,9 @@
 """A/B of qdec1 sources in one call: the w4mma + qdec1 layer (4 Linears, CUDA graphs over 4 Llama-3-8B layers, fresh
 activations per replay, interleaved rounds, median per layer), timed like bench/qdec_overhead.py against the
 uncompensated w4mma base of the same call.  PYTHONPATH=$PWD VARIANTS=old,new python bench/dev/qdec_ab.py
-A variant is a module in specq.compensate named _mma_<variant> (e.g. an uncommitted copy of the previous mma.py)
-or "new" (specq.compensate.mma as it is). Checks each variant first (qdec_overhead.check_mma)."""
+A variant "v" takes the CUDA sources of qdec1 and w4mma from specq.compensate._mma_v and specq.kernels._w4mma_v
+(e.g. uncommitted copies of the previous files; their Python is not used) or, for "new", the modules as they are.
+Checks each variant first (qdec_overhead.check_mma)."""
 import importlib
 import os
 import statistics
@@ -17,13 +18,18 @@ from specq.compensate import CompensatedLinear, mma  # noqa: E402
 from specq.compensate import select as SEL  # noqa: E402
 from specq.kernels import prepare_w4a16, w4a16_linear, w4mma  # noqa: E402
 
-NEW_SRC = mma._SRC
+NEW = (mma._SRC, w4mma._SMALL, w4mma._HELPERS)
 
 
 def use(variant):
-    mma._SRC = NEW_SRC if variant == "new" else importlib.import_module(f"specq.compensate._mma_{variant}")._SRC
-    for k in [k for k in w4mma._KERNELS if k[0] == "qdec1"]:
-        del w4mma._KERNELS[k]
+    if variant == "new":
+        mma._SRC, w4mma._SMALL, w4mma._HELPERS = NEW
+    else:
+        m = importlib.import_module(f"specq.compensate._mma_{variant}")
+        k = importlib.import_module(f"specq.kernels._w4mma_{variant}")
+        mma._SRC, w4mma._SMALL, w4mma._HELPERS = m._SRC, k._SMALL, k._HELPERS
+    for key in [key for key in w4mma._KERNELS if key[0] in ("qdec1", "w4mma")]:
+        del w4mma._KERNELS[key]
 
 
 @torch.inference_mode()

@@ -75,22 +75,24 @@ extern "C" __global__ void fetch(const int* idx, const u32* codes, float* ws, in
 
 
 def stamped_qdec1(C, KC, NB, wpt):
-    """qdec1's source with stamps: st[cta] = (start, rows chosen, partial written) in globaltimer ns, and clock64."""
-    src = GT + mma.source(C, KC, NB, False, False, wpt)
+    """qdec1's source (one chunk per CTA) with stamps: st[cta] = (start, rows chosen, partial written) in globaltimer
+    ns, their clock64, and clock64 after x is loaded, after the buckets, after the boundary bucket (select_chunk)."""
+    src = mma.source(C, KC, NB, False, False, wpt)
+    src = src.replace("#define FULL", GT + "__shared__ long long STM[3];\n#define FULL", 1)
     src = src.replace("      int nch)", "      int nch, long long* st)")
-    src = src.replace("    __shared__ float thc[CH][NB];", "    const long long T0 = gt(), C0 = clock64();\n    long long T1, C1, S1, S2, S3;\n    __shared__ float thc[CH][NB];", 1)
-    src = src.replace("    u32 q[WPT][KC];", "    T1 = gt(); C1 = clock64();\n    u32 q[WPT][KC];", 1)
+    src = src.replace("    __shared__ float th[CH][NB];", "    const long long T0 = gt(), C0 = clock64();\n    __shared__ float th[CH][NB];", 1)
+    src = src.replace("    u32 q[WPT][CH][KC];", "    const long long T1 = gt(), C1 = clock64();\n    u32 q[WPT][CH][KC];", 1)
     tail = ("    __syncthreads();\n    if (threadIdx.x == 0) { const int b = blockIdx.y * gridDim.x + blockIdx.x;\n"
-            "        st[6*b] = T0; st[6*b+1] = T1; st[6*b+2] = gt(); st[6*b+3] = C0; st[6*b+4] = C1; st[6*b+5] = clock64(); }\n}\n")
+            "        st[9*b] = T0; st[9*b+1] = T1; st[9*b+2] = gt(); st[9*b+3] = C0; st[9*b+4] = C1; st[9*b+5] = clock64();\n"
+            "        st[9*b+6] = STM[0]; st[9*b+7] = STM[1]; st[9*b+8] = STM[2]; }\n}\n")
     i = src.rstrip().rfind("}")
     src = src[:i] + tail
-    for a, b in (("f32(x[c * C + t * CPT + j]) : 0.f;\n    __syncthreads();\n", "S1"),
-                 ("atomicAdd(&hist[b], 1);\n        }\n    }\n    __syncthreads();\n", "S2"),
-                 ("    __syncthreads();\n    const int bstar = bs[0], need = bs[1];\n", "S3")):
-        assert src.count(a) == 1, b
-        src = src.replace(a, a + f"    {b} = clock64();\n")
-    return src.replace("st[6*b+5] = clock64(); }", "st[6*b+5] = clock64(); st[6*b+6] = S1; st[6*b+7] = S2; "
-                       "st[6*b+8] = S3; }").replace("6*b", "9*b")
+    for a, k in (("f32(x[c * C + t * CPT + j]) : 0.f;\n    __syncthreads();\n", 0),
+                 ("atomicAdd(&hist[bk[j]], 1);\n    __syncthreads();\n", 1),
+                 ("    __syncthreads();\n    const int bstar = bs[0], need = bs[1];\n", 2)):
+        assert src.count(a) == 1, k
+        src = src.replace(a, a + f"    if (t == 0) STM[{k}] = clock64();\n")
+    return src
 
 
 def graph_us(fn, n=20, reps=50):

@@ -37,8 +37,9 @@ __device__ __forceinline__ int block_excl_scan(int v, int* tot, int lane, int wa
     for (int o = 1; o < 32; o <<= 1) { const int n = __shfl_up_sync(FULL, inc, o); if (lane >= o) inc += n; }
     if (lane == 31) tot[warp] = inc;
     __syncthreads();
-    int off = 0;
-    for (int w = 0; w < warp; w++) off += tot[w];
+    int off = 0;                                    // the warps before: independent loads, no loop-carried chain
+#pragma unroll
+    for (int w = 0; w < THREADS / 32; w++) off += w < warp ? tot[w] : 0;
     return off + inc - v;
 }
 __device__ __forceinline__ u32 ldh(const u32* p) {          // pinned host memory through its mapped pointer
@@ -60,17 +61,15 @@ __device__ __forceinline__ void select_chunk(const u16* __restrict__ x, const fl
     __syncthreads();
 #pragma unroll
     for (int j = 0; j < CPT; j++) {                 // thread t holds channels t*CPT .. t*CPT+CPT-1 of the chunk
-        const int i = t * CPT + j;
-        bk[j] = NB + 1;                             // past the chunk: never taken
-        if (i < C) {
-            const float a = fabsf(xv[j]);
-            int b = 0;                              // thresholds above a (descending: a prefix), binary lift;
+        const float a = fabsf(xv[j]);               // no branch: the CPT lifts interleave
+        int b = 0;                                  // thresholds above a (descending: a prefix), binary lift;
 #pragma unroll                                      // NaN: none above, the top bucket (as approx_topk)
-            for (int s = 32; s >= 1; s >>= 1) if (b + s <= NB && a < th[b + s - 1]) b += s;
-            bk[j] = b;
-            if (b < NB) atomicAdd(&hist[b], 1);
-        }
+        for (int s = 32; s >= 1; s >>= 1) if (b + s <= NB && a < th[b + s - 1]) b += s;
+        bk[j] = t * CPT + j < C ? b : NB + 1;       // past the chunk: never taken
     }
+#pragma unroll
+    for (int j = 0; j < CPT; j++)                   // after all the lifts: they interleave, no atomic between them
+        if (bk[j] < NB) atomicAdd(&hist[bk[j]], 1);
     __syncthreads();
     if (warp == 0) {                                // boundary bucket: the first whose running count reaches KC
         int cum = 0;                                // lanes hold buckets lane and 32 + lane (NB = 32: bucket 32)

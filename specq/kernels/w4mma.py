@@ -95,6 +95,20 @@ __device__ __forceinline__ float f32(u16 h) {
     return __uint_as_float((u32)h << 16);
 #endif
 }
+__device__ __forceinline__ float qsum(const float* ws, int n, int N, int row) {   // sum_c ws[c, row], chunk order
+    float cs = 0.f;                                 // coherent loads (written by another kernel), 8 in flight at once
+    for (int c0 = 0; c0 < n; c0 += 8) {
+        float v[8];
+#pragma unroll
+        for (int u = 0; u < 8; u++) {
+            v[u] = 0.f;
+            if (c0 + u < n) asm volatile("ld.global.f32 %0, [%1];" : "=f"(v[u]) : "l"(ws + (size_t)(c0 + u) * N + row));
+        }
+#pragma unroll
+        for (int u = 0; u < 8; u++) cs += v[u];
+    }
+    return cs;
+}
 __device__ __forceinline__ u16 to16(float f);
 __device__ __forceinline__ u32 norm2(u32 v, u32 w, float r) {   // RMSNorm of a 16-bit pair: w * (x * r), as torch
     const u16 a = to16(f32((u16)(v & 0xFFFF)) * r), b = to16(f32((u16)(v >> 16)) * r);
@@ -334,15 +348,7 @@ _EPILOGUE = r"""#if QD == 2  // many waves (M = 1): the first qE row tiles never
         }
 #endif
 #if QD >= 1 // one token: + scale[row] * sum over chunks of x[S] (q - 8) (the chunk partials, in chunk order)
-        if (tok == 0) {
-            float cs = 0.f;
-            for (int ci = 0; ci < qnc; ci++) {           // coherent loads: written by the kernel waited for
-                float v;
-                asm volatile("ld.global.f32 %0, [%1];" : "=f"(v) : "l"(qws + (size_t)ci * gridDim.x * 16 + row));
-                cs += v;
-            }
-            s += cs * qsc[row];
-        }
+        if (tok == 0) s += qsum(qws, qnc, gridDim.x * 16, row) * qsc[row];
 #endif
 #if RES
         if (tok < M) y[(size_t)tok * sym + row] = to16(f32(to16(s)) + f32(res[(size_t)tok * srm + row]));
@@ -357,12 +363,8 @@ _EPILOGUE = r"""#if QD == 2  // many waves (M = 1): the first qE row tiles never
     for (int j = WARPS * 32 - 1 - threadIdx.x; !qearly && j < 16 * QR; j += WARPS * 32) {
         if (qe + (j >> 4) < qE) {
             const int row = (qe + (j >> 4)) * 16 + (j & 15);
-            float cs = 0.f, s;
-            for (int ci = 0; ci < qnc; ci++) {           // issued before the poll: one round trip for both
-                float v;
-                asm volatile("ld.global.f32 %0, [%1];" : "=f"(v) : "l"(qws + (size_t)ci * gridDim.x * 16 + row));
-                cs += v;
-            }
+            const float cs = qsum(qws, qnc, gridDim.x * 16, row);   // issued before the poll
+            float s;
             int spin = 0;
             do {
                 asm volatile("ld.relaxed.gpu.global.f32 %0, [%1];" : "=f"(s) : "l"(qg + row) : "memory");
