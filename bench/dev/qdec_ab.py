@@ -21,12 +21,8 @@ from specq.kernels import prepare_w4a16, w4a16_linear, w4mma  # noqa: E402
 NEW = (mma._SRC, w4mma._SMALL, w4mma._HELPERS)
 
 
-def use(variant, layers=()):
-    for mods in layers:                             # partial buffers polled by w4mma: reallocated (sentinel) per variant
-        for cl in mods.values():
-            cl.__dict__.pop("_qdec_ws", None)
-    mma.AFTER = variant == "new"                    # "noafter" (and old sources): qdec1 always launched first
-    if variant in ("new", "noafter"):
+def use(variant):
+    if variant == "new":
         mma._SRC, w4mma._SMALL, w4mma._HELPERS = NEW
     else:
         m = importlib.import_module(f"specq.compensate._mma_{variant}")
@@ -68,7 +64,7 @@ def main():
         set_k(0)
         base.append(graph_time(step, xs_flat, pool, 100) / 4)
         for v in variants:
-            use(v, layers)
+            use(v)
             for k in ks:
                 set_k(k)
                 q[(v, k)].append(graph_time(step, xs_flat, pool, 100) / 4)

@@ -1,21 +1,19 @@
 """One-token compensation on specq's decode kernel (w4mma), CUDA: no side stream, no add kernel.
 
-    qdec1  ->  w4mma (PDL launch: starts while qdec1 runs; its epilogue polls qdec1's partials)
+    qdec1 (C CTAs)  ->  w4mma (PDL launch: starts while qdec1 runs; its epilogue waits for qdec1's partials)
     y = x @ Q(W)^T + scale * sum_c x[S_c] (q(R[S_c]) - 8)         S_c: the bucket top-KC of chunk c of x
 
-qdec1 has one CTA per (CH chunks, block of columns) (launch_shape: CH = 1 unless the CTAs must fit beside a one-wave
-w4mma grid); each CTA
-  1. reads its chunks' thresholds, waits for the previous kernel (griddepcontrol.wait) and lets w4mma launch;
-  2. selects each chunk's KC channels from x exactly as specq.compensate.select.approx_topk does (bucket = number
+qdec1 has one CTA per (chunk c, block of 2048 output columns); each CTA
+  1. waits for the previous kernel (griddepcontrol.wait) and lets w4mma launch (launch_dependents);
+  2. selects its chunk's KC channels from x exactly as specq.compensate.select.approx_topk does (bucket = number
      of thresholds above |x|; every channel of the buckets above the boundary bucket, then the boundary bucket's
-     first channels in channel order) with a shared-memory histogram and one block scan;
-  3. reads those rows of the 4-bit residual codes for its columns straight from pinned host memory (the mapped
-     pointer: zero-copy over PCIe, one 4-byte word of 8 columns per thread and row, all loads in flight at once);
+     first channels in channel order) with a shared-memory histogram and two block scans;
+  3. reads those KC rows of the 4-bit residual codes for its columns straight from pinned host memory (the mapped
+     pointer: zero-copy over PCIe, one 4-byte word of 8 columns per thread and row, all KC loads in flight);
   4. writes the fp32 partial ws[c, columns] = sum_s x[s] (q - 8) (unscaled).
-w4mma's QD variant adds scale[row] * sum_c ws[c, row] to its fp32 sum before rounding. It polls each partial (ws
-holds a sentinel between launches, w4mma resets what it reads) instead of waiting for qdec1's grid to complete.
-Under programmatic dependent launch (CUDA-graph capture on sm_90+) w4mma's CTAs stream the weights while qdec1
-selects and fetches; elsewhere the two run one after the other on the stream (same result).
+w4mma's QD variant adds scale[row] * sum_c ws[c, row] to its fp32 sum before rounding. Under programmatic dependent
+launch (CUDA-graph capture on sm_90+) w4mma's CTAs stream the weights while qdec1 selects and fetches; elsewhere the
+two run one after the other on the stream (same result).
 Why not the side stream (specq.compensate.kernel): w4mma's CTAs take every register of an SM, so side-stream kernels
 waited for SMs (+105% at k = 0.5% against +91% for the Triton fused path, bench/results/h100/qdec_overhead.json).
 """
@@ -23,7 +21,6 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import SpecqError
 from ..kernels import pdl as PDL
 from ..kernels import w4mma
 from ..kernels.w4mma import helpers
@@ -45,11 +42,6 @@ __device__ __forceinline__ int block_excl_scan(int v, int* tot, int lane, int wa
     for (int w = 0; w < THREADS / 32; w++) off += w < warp ? tot[w] : 0;
     return off + inc - v;
 }
-__device__ __forceinline__ u16 ldcg16(const u16* p) {
-    u16 v;
-    asm volatile("ld.global.cg.u16 %0, [%1];" : "=h"(v) : "l"(p));
-    return v;
-}
 __device__ __forceinline__ u32 ldh(const u32* p) {          // pinned host memory through its mapped pointer
     u32 v;
     asm volatile("ld.global.nc.u32 %0, [%1];" : "=r"(v) : "l"(p));
@@ -64,8 +56,8 @@ __device__ __forceinline__ void select_chunk(const u16* __restrict__ x, const fl
     float xv[CPT];
     int bk[CPT];
 #pragma unroll
-    for (int j = 0; j < CPT; j++)                   // through L2 (AFTER: launched while the GEMV runs, no wait)
-        xv[j] = t * CPT + j < C ? f32(ldcg16(x + c * C + t * CPT + j)) : 0.f;
+    for (int j = 0; j < CPT; j++)
+        xv[j] = t * CPT + j < C ? f32(x[c * C + t * CPT + j]) : 0.f;
     __syncthreads();
 #pragma unroll
     for (int j = 0; j < CPT; j++) {                 // thread t holds channels t*CPT .. t*CPT+CPT-1 of the chunk
@@ -131,10 +123,8 @@ qdec1(const u16* __restrict__ x, const float* __restrict__ thr, const u32* codes
     const int nc = min(CH, nch - c0);
     for (int i = t; i < nc * NB; i += THREADS)      // constants: read before the wait
         th[i / NB][i % NB] = thr[c0 * NB + i];
-#if PDL && !AFTER       // launched after the previous kernel (x's producer): wait for it
-    asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
 #if PDL
+    asm volatile("griddepcontrol.wait;" ::: "memory");
     asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 #endif
     for (int cc = 0; cc < nc; cc++)
@@ -167,18 +157,14 @@ qdec1(const u16* __restrict__ x, const float* __restrict__ thr, const u32* codes
             }
         }
     }
-#if PDL && AFTER        // launched after its GEMV (which waited for x's producer): complete only after the GEMV, so
-    asm volatile("griddepcontrol.wait;" ::: "memory");      // the next kernel's wait on this one covers the GEMV too
-#endif
 }
 """
 
 
-def source(C: int, KC: int, NB: int, fp16: bool, pdl: bool, wpt: int = 1, threads: int = THREADS, ch: int = 1,
-           after: bool = False) -> str:
+def source(C: int, KC: int, NB: int, fp16: bool, pdl: bool, wpt: int = 1, threads: int = THREADS, ch: int = 1) -> str:
     magic, ht, et = ("0x64006400", "f16x2", "f16") if fp16 else ("0x43004300", "bf16x2", "bf16")
     head = (f"#define C {C}\n#define KC {KC}\n#define NB {NB}\n#define CPT {-(-C // threads)}\n#define THREADS {threads}\n"
-            f"#define WPT {wpt}\n#define CH {ch}\n#define AFTER {int(after)}\n"
+            f"#define WPT {wpt}\n#define CH {ch}\n"
             f"#define PDL {int(pdl)}\n#define FP16 {int(fp16)}\n#define MAGIC_STR \"{magic}\"\n#define HTYPE \"{ht}\"\n"
             f"#define ETYPE \"{et}\"\n#define LDHINT \"\"\n")
     return head + helpers(fp16) + _SRC
@@ -216,10 +202,8 @@ def launch_shape(N: int, K: int, n: int, W: int, sms: int) -> tuple[int, int, in
     return shape
 
 
-def partials(cl, x2: torch.Tensor, fp16: bool, ws: torch.Tensor | None = None, after: bool = False) -> torch.Tensor:
-    """Launch qdec1: x2 [1, K] -> ws float32 [n, N] (PDL launch inside CUDA-graph capture on sm_90+). ws: where to
-    write (default a new tensor); linear() passes the Linear's polled buffer (_polled). after: launched right after
-    its GEMV (linear(), one-wave grids under PDL capture)."""
+def partials(cl, x2: torch.Tensor, fp16: bool) -> torch.Tensor:
+    """Launch qdec1 alone: x2 [1, K] -> ws float32 [n, N] (PDL launch inside CUDA-graph capture on sm_90+)."""
     from .kernel import mapped
     R = cl.residual
     n, C, KC = cl.n_chunks, cl.chunk, cl.k_chunk
@@ -227,13 +211,12 @@ def partials(cl, x2: torch.Tensor, fp16: bool, ws: torch.Tensor | None = None, a
         cl.thr = cl.thr.to(x2.device, torch.float32).contiguous()
     NB, W = cl.thr.shape[1], R.N // 8
     x2 = x2.contiguous()
-    if ws is None:
-        ws = torch.empty(n, R.N, dtype=torch.float32, device=x2.device)
+    ws = torch.empty(n, R.N, dtype=torch.float32, device=x2.device)
     with torch.cuda.device(x2.device):
         on = PDL.enabled(x2.device)
         th, wpt, ch = launch_shape(R.N, cl.in_features, n, W, w4mma._sms(x2.device))
-        k = w4mma.compiled(("qdec1", C, KC, NB, fp16, x2.device.index or 0, on, wpt, th, ch, after),
-                           lambda: source(C, KC, NB, fp16, on, wpt, th, ch, after), "qdec1")
+        k = w4mma.compiled(("qdec1", C, KC, NB, fp16, x2.device.index or 0, on, wpt, th, ch),
+                           lambda: source(C, KC, NB, fp16, on, wpt, th, ch), "qdec1")
         PDL.launch(k, (-(-n // ch), -(-W // (th * wpt)), 1), (th, 1, 1), [x2, cl.thr, mapped(R.codes), ws, W, n],
                    pdl=on and torch.cuda.is_current_stream_capturing())
     return ws
@@ -249,33 +232,7 @@ def partials_ref(cl, x2: torch.Tensor) -> torch.Tensor:
     return torch.einsum("nk,nkc->nc", xs, q)
 
 
-def _polled(cl, device) -> torch.Tensor:
-    """The Linear's partials buffer float32 [n, N] that w4mma polls: it holds w4mma.QG_EMPTY between launches (w4mma
-    resets every value it reads). Allocated on the first (eager) call, before any graph capture."""
-    ws = getattr(cl, "_qdec_ws", None)
-    if ws is None or ws.device != device or ws.shape != (cl.n_chunks, cl.residual.N):
-        if torch.cuda.is_current_stream_capturing():
-            raise SpecqError("compensation: run a compensated Linear once eagerly before capturing it")
-        ws = torch.full((cl.n_chunks, cl.residual.N), -1, dtype=torch.int32, device=device).view(torch.float32)
-        cl._qdec_ws = ws
-    return ws
-
-
-AFTER = True           # one-wave grids under PDL capture: the GEMV first (resident early, as without compensation)
-
-
 def linear(cl, x2: torch.Tensor, w) -> torch.Tensor:
-    """x2 [1, K] -> base(x2) + compensation [1, N] (usable() said so). Launch order: qdec1 then w4mma, whose
-    epilogue polls the partials; or, for a one-wave w4mma grid inside a PDL capture (both kernels then run side by
-    side for sure), w4mma first and qdec1 as its programmatic dependent: w4mma's CTAs then take their SMs during the
-    previous kernel's tail as without compensation, instead of launching when qdec1 lets them."""
-    ws = _polled(cl, x2.device)
-    comp = (ws, cl.residual.scales_on(x2.device).float(), cl.n_chunks)
-    after = (AFTER and PDL.enabled(x2.device) and torch.cuda.is_current_stream_capturing()
-             and w4mma.one_wave(w, x2.device))
-    if after:
-        y = w4mma.w4mma_linear(x2.contiguous(), w, comp=comp, comp_after=True)
-        partials(cl, x2, w.fp16, ws, after=True)
-        return y
-    partials(cl, x2, w.fp16, ws)
-    return w4mma.w4mma_linear(x2.contiguous(), w, comp=comp)
+    """x2 [1, K] -> base(x2) + compensation [1, N] (usable() said so)."""
+    ws = partials(cl, x2, w.fp16)
+    return w4mma.w4mma_linear(x2.contiguous(), w, comp=(ws, cl.residual.scales_on(x2.device).float(), cl.n_chunks))

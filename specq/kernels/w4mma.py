@@ -95,6 +95,20 @@ __device__ __forceinline__ float f32(u16 h) {
     return __uint_as_float((u32)h << 16);
 #endif
 }
+__device__ __forceinline__ float qsum(const float* ws, int n, int N, int row) {   // sum_c ws[c, row], chunk order
+    float cs = 0.f;                                 // coherent loads (written by another kernel), 8 in flight at once
+    for (int c0 = 0; c0 < n; c0 += 8) {
+        float v[8];
+#pragma unroll
+        for (int u = 0; u < 8; u++) {
+            v[u] = 0.f;
+            if (c0 + u < n) asm volatile("ld.global.f32 %0, [%1];" : "=f"(v[u]) : "l"(ws + (size_t)(c0 + u) * N + row));
+        }
+#pragma unroll
+        for (int u = 0; u < 8; u++) cs += v[u];
+    }
+    return cs;
+}
 __device__ __forceinline__ u16 to16(float f);
 __device__ __forceinline__ u32 norm2(u32 v, u32 w, float r) {   // RMSNorm of a 16-bit pair: w * (x * r), as torch
     const u16 a = to16(f32((u16)(v & 0xFFFF)) * r), b = to16(f32((u16)(v >> 16)) * r);
@@ -117,31 +131,6 @@ __device__ __forceinline__ void mma(float* c, u32 a0, u32 a1, u32 a2, u32 a3, u3
 
 """
 _SMALL = r"""
-#if QD
-// sum_c ws[c, row] in chunk order. The compensation kernel's partials are polled, not waited for: ws holds QG_EMPTY
-// between launches, so each value is its own signal (relaxed loads at gpu scope, 8 in flight at once; the spin is
-// bounded so that a broken assumption cannot hang the GPU); each value read is reset for the next launch.
-__device__ __forceinline__ float qsum(float* ws, int n, int N, int row) {
-    float cs = 0.f;
-    for (int c0 = 0; c0 < n; c0 += 8) {
-        float v[8];
-#pragma unroll
-        for (int u = 0; u < 8; u++) {
-            v[u] = 0.f;
-            if (c0 + u < n)
-                asm volatile("ld.relaxed.gpu.global.f32 %0, [%1];" : "=f"(v[u]) : "l"(ws + (size_t)(c0 + u) * N + row) : "memory");
-        }
-#pragma unroll
-        for (int u = 0; u < 8; u++) {
-            for (int spin = 0; c0 + u < n && __float_as_uint(v[u]) == QG_EMPTY && spin < (1 << 20); spin++)
-                asm volatile("ld.relaxed.gpu.global.f32 %0, [%1];" : "=f"(v[u]) : "l"(ws + (size_t)(c0 + u) * N + row) : "memory");
-            cs += v[u];
-            if (c0 + u < n) ws[(size_t)(c0 + u) * N + row] = __uint_as_float(QG_EMPTY);
-        }
-    }
-    return cs;
-}
-#endif
 // qw: [N/16, K/64, 32, 4] words; sz: [N/16, K/128, 16]; x: [M, K] (row stride sxm); y: [M, N] (row stride sym)
 // PRO (M = 1): x <- RMSNorm(x) with weight nw [K], each warp writing its K slice to shared memory first
 // (xs [K/8] uint4, dynamic). RES: y <- res + y (res [M, N], row stride srm), rounded as torch rounds y, then
@@ -150,14 +139,14 @@ __device__ __forceinline__ float qsum(float* ws, int n, int N, int row) {
 extern "C" __global__ void __launch_bounds__(WARPS * 32, MINB)
 w4mma(const uint4* __restrict__ qw, const u32* __restrict__ sz, const u16* __restrict__ x, u16* __restrict__ y,
       int M, int K, int sxm, int sym, const u16* __restrict__ nw, const u16* __restrict__ res, int srm,
-      float* qws, const float* __restrict__ qsc, int qnc, float* qg)
+      const float* __restrict__ qws, const float* __restrict__ qsc, int qnc, float* qg)
 {
     __shared__ float4 red[WARPS][NT][32];
 #if PRO
     extern __shared__ uint4 xs[];
 #endif
-#if PDL && (!QD || QD == 3)  // programmatic dependent launch: the previous kernel done and flushed before any read
-    asm volatile("griddepcontrol.wait;" ::: "memory");     // (QD 1, 2: the compensation kernel before it waited)
+#if PDL && !QD  // launched with programmatic dependent launch: the previous kernel done and flushed before any read
+    asm volatile("griddepcontrol.wait;" ::: "memory");
 #endif
 #if PDL
     asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
@@ -339,7 +328,12 @@ _EPILOGUE = r"""#if QD == 2  // many waves (M = 1): the first qE row tiles never
             // finishes itself and QR early tiles (stored in qg as fp32 sums, see below)
     const int qE = gridDim.x - (gridDim.x + QR) / (QR + 1), qe = (tile - qE) * QR;   // qe: its first early tile
     const bool qearly = tile < qE;
-#endif      // QD 1, 2, 3: no grid wait for the compensation kernel; qsum polls its partials
+#if PDL
+    if (!qearly) asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+#elif PDL && QD == 1   // the compensation kernel (specq.compensate.mma) launched just before: its partials are ready
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
     for (int i = threadIdx.x; i < NT * 128; i += WARPS * 32) {
         const int n = i >> 7, l = (i >> 2) & 31, r = i & 3;
         float s = 0.f;
@@ -354,7 +348,7 @@ _EPILOGUE = r"""#if QD == 2  // many waves (M = 1): the first qE row tiles never
         }
 #endif
 #if QD >= 1 // one token: + scale[row] * sum over chunks of x[S] (q - 8) (the chunk partials, in chunk order)
-        if (tok == 0) { const float sc = qsc[row]; s += qsum(qws, qnc, gridDim.x * 16, row) * sc; }
+        if (tok == 0) s += qsum(qws, qnc, gridDim.x * 16, row) * qsc[row];
 #endif
 #if RES
         if (tok < M) y[(size_t)tok * sym + row] = to16(f32(to16(s)) + f32(res[(size_t)tok * srm + row]));
@@ -369,7 +363,7 @@ _EPILOGUE = r"""#if QD == 2  // many waves (M = 1): the first qE row tiles never
     for (int j = WARPS * 32 - 1 - threadIdx.x; !qearly && j < 16 * QR; j += WARPS * 32) {
         if (qe + (j >> 4) < qE) {
             const int row = (qe + (j >> 4)) * 16 + (j & 15);
-            const float cs = qsum(qws, qnc, gridDim.x * 16, row);   // before the poll of qg
+            const float cs = qsum(qws, qnc, gridDim.x * 16, row);   // issued before the poll
             float s;
             int spin = 0;
             do {
@@ -408,8 +402,7 @@ def source(NT: int, KBW: int, P: int, WARPS: int, fp16: bool, minb: int = 1, l2h
            pdl: bool = False, qd: int = 0, qr: int = 1) -> str:
     """The kernel's CUDA C for one configuration (compile-time constants substituted). pro: RMSNorm prologue
     (epsilon eps) of one token; res: add a residual to the output; qd: compensation epilogue (1 one wave, 2 many
-    waves with qr early tiles per waiting one: launched after the compensation kernel; 3 one wave, launched before
-    it, so it waits for the previous kernel first as without compensation)."""
+    waves with qr early tiles per waiting one)."""
     magic, one, ht, et = ("0x64006400", "0x3C003C00", "f16x2", "f16") if fp16 else \
         ("0x43004300", "0x3F803F80", "bf16x2", "bf16")
     head = (f"#define NT {NT}\n#define KBW {KBW}\n#define P {P}\n#define WARPS {WARPS}\n#define MINB {minb}\n"
@@ -610,26 +603,17 @@ def _aligned(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def one_wave(w: MMAWeight, device, M: int = 1) -> bool:
-    """The kernel's grid for M tokens fits in one wave of CTAs on the device (default configuration)."""
-    c = default_config(M, w.N, w.K, _sms(device))
-    return w.N // 16 <= c.MINB * _sms(device)
-
-
 def w4mma_linear(x: torch.Tensor, w: MMAWeight, cfg: Cfg | None = None, norm_w: torch.Tensor | None = None,
-                 eps: float = 0.0, res: torch.Tensor | None = None, comp: tuple | None = None,
-                 comp_after: bool = False) -> torch.Tensor:
+                 eps: float = 0.0, res: torch.Tensor | None = None, comp: tuple | None = None) -> torch.Tensor:
     """x [M, K] (M <= MAX_M, 16-bit, CUDA) @ W^T -> [M, N]. Fused, in one kernel: norm_w [K] (M tokens fitting
     fusable()): x <- RMSNorm(x) (epsilon eps) first; res [M, N]: returns res + x @ W^T. Each step rounds to x's
     dtype as the separate torch ops do (bit-equal to them on the H100, bench/check_kernels.py). comp (one token):
     (ws float32 [n, N], scale float32 [N], n) from specq.compensate.mma, launched just before on the same stream:
-    y = x @ W^T + scale * sum_c ws[c] before the rounding. The kernel polls each ws value until it is not QG_EMPTY
-    and sets it back to QG_EMPTY (ws: the Linear's buffer that held QG_EMPTY before the producer wrote it). Every CTA
-    of a one-wave grid polls; in a many-wave grid only the last ~1 / (QR + 1) of the row tiles (~ the last wave),
+    y = x @ W^T + scale * sum_c ws[c] before the rounding. Under PDL the epilogue waits for that kernel: every CTA
+    when the grid is one wave; else only the last ~1 / (QR + 1) of the row tiles (about the last, partial wave),
     each finishing itself and QR early tiles, whose CTAs store fp32 sums and exit without waiting (they would hold
     SMs that later waves need; session 11's per-block counters with a fence in every CTA cost +3.6 us on
-    gate_up_proj, bench/results/h100/qdec_fused_dev.txt session 14). comp_after (one-wave grids, PDL capture): the
-    compensation kernel is launched after this one, as its programmatic dependent (specq.compensate.mma)."""
+    gate_up_proj, bench/results/h100/qdec_fused_dev.txt session 14)."""
     M, K = x.shape
     pro = norm_w is not None
     if K != w.K or M > MAX_M or M < 1:
@@ -652,9 +636,7 @@ def w4mma_linear(x: torch.Tensor, w: MMAWeight, cfg: Cfg | None = None, norm_w: 
     with torch.cuda.device(x.device):            # module and stream of x's GPU, whatever the current device is
         pdl = PDL.enabled(x.device)
         slots = c.MINB * _sms(x.device)
-        qd = 0 if comp is None else 2 if w.N // 16 > slots else 3 if comp_after else 1
-        if comp_after and qd != 3:
-            raise SpecqError("w4mma: compensation launched after the GEMV needs a one-wave grid")
+        qd = 0 if comp is None else 2 if w.N // 16 > slots else 1
         qr = max(1, (w.N // 16 - 1) // slots)           # QD 2: the waiting tiles ~ the last, partial wave
         k = kernel(c, KBW, w.fp16, x.device.index or 0, pro, res is not None, float(eps) if pro else 0.0, pdl, qd,
                    qr if qd == 2 else 1)

@@ -107,20 +107,19 @@ def test_not_usable_off_cuda_or_for_exact_selection():
     assert not mma.usable(cl, x[:1], object())
 
 
-def test_w4mma_qd_epilogues_poll_instead_of_waiting():
-    """QD 1 and 2 never wait for the compensation grid (no griddepcontrol.wait in the kernel): the partials are polled
-    (qsum: sentinel, bounded spin, reset after reading); QD 2's early tiles store fp32 sums and skip the rest; QD 0
-    keeps the wait first (programmatic dependent launch)."""
+def test_w4mma_qd_epilogues_wait_where_they_should():
+    """QD 1: no wait before the loads, one in the epilogue before the partials are read; QD 2: only the second half of
+    the tiles waits, the first half stores fp32 sums first; QD 0 keeps the wait first (programmatic dependent launch)."""
     for qd in (1, 2):
         src = w4mma.source(1, 8, 8, 16, False, 2, pdl=True, qd=qd)
         body = src[src.index("w4mma(const uint4*"):]
         assert "#define QD %d" % qd in src
-        assert body.count("griddepcontrol.wait") == 1                         # the start-of-kernel one, off for QD
-        assert 0 < body.index("griddepcontrol.wait") - body.index("#if PDL && (!QD || QD == 3)") < 200
-        qsum = src[src.index("float qsum("):src.index("w4mma(const uint4*")]
-        assert "== QG_EMPTY" in qsum and "spin < (1 << 20)" in qsum and "= __uint_as_float(QG_EMPTY)" in qsum
+        first_wait = body.index('asm volatile("griddepcontrol.wait;"')
+        assert body.index("#if PDL && !QD") < first_wait                      # the start-of-kernel wait is off
         if qd == 2:
             assert body.index("if (qearly)") < body.index("qg[row] = s") < body.index("continue;")
+            epi = body.index("#if QD == 2  // many waves")
+            assert epi < body.index("if (!qearly) asm volatile(\"griddepcontrol.wait;\"") < body.index("qg[row] = s")
     src0 = w4mma.source(1, 8, 8, 16, False, 2, pdl=True)
     assert "#define QD 0" in src0
 
@@ -214,29 +213,19 @@ def _sass_ops(tmp_path, src: str) -> list[str]:
 
 @pytest.mark.skipif(shutil.which("nvcc") is None or _cuobjdump() is None, reason="nvcc / cuobjdump not installed")
 def test_sass_wait_positions(tmp_path):
-    """In the machine code: plain PDL w4mma waits (ACQBULK) before its first global load; the QD variants never wait
-    and poll the partials with gpu-scope loads after their MMAs; qdec1 reads only its thresholds (constants) before
-    its wait, x after it."""
+    """In the machine code: plain PDL w4mma waits (ACQBULK) before its first global load; the QD variant waits only
+    after its MMAs (epilogue), and every load after that wait is a coherent one (not .CONSTANT); qdec1 reads only its
+    thresholds (constants) before its wait, x after it."""
     ops = _sass_ops(tmp_path, w4mma.source(1, 8, 4, 8, False, 3, False, 2, False, False, False, True, 0.0, True, 0))
     assert ops.index("ACQBULK") < min(i for i, o in enumerate(ops) if o.startswith("LDG"))
-    for qd in (1, 2):                    # no wait at all; after the MMAs, the partials' loads at gpu scope
-        ops = _sass_ops(tmp_path, w4mma.source(1, 8, 4, 8, False, 3, False, 2, False, False, False, False, 0.0, True,
-                                               qd, 4))
-        assert "ACQBULK" not in ops
-        last_mma = max(i for i, o in enumerate(ops) if o.startswith("HMMA"))
-        assert any(o == "LDG.E.STRONG.GPU" for o in ops[last_mma:])
-    ops = _sass_ops(tmp_path, w4mma.source(1, 8, 4, 8, False, 3, False, 2, False, False, False, False, 0.0, True, 3))
-    assert ops.count("ACQBULK") == 1                   # QD 3 (qdec1 launched after it): the start wait, then polls
-    assert ops.index("ACQBULK") < min(i for i, o in enumerate(ops) if o.startswith("LDG"))
-    last_mma = max(i for i, o in enumerate(ops) if o.startswith("HMMA"))
-    assert any(o == "LDG.E.STRONG.GPU" for o in ops[last_mma:])
-    ops = _sass_ops(tmp_path, mma.source(1024, 5, 32, False, True, 2, after=True))
-    assert ops.count("ACQBULK") == 1                   # qdec1 after its GEMV: no wait before x, one at the very end
-    assert ops.index("ACQBULK") > max(i for i, o in enumerate(ops) if o.startswith("LDG") or o.startswith("STG"))
+    ops = _sass_ops(tmp_path, w4mma.source(1, 8, 4, 8, False, 3, False, 2, False, False, False, False, 0.0, True, 1))
+    wait = ops.index("ACQBULK")
+    assert max(i for i, o in enumerate(ops) if o.startswith("HMMA")) < wait
+    assert any(o == "LDG.E" for o in ops[wait:])                              # the partials, coherent
     ops = _sass_ops(tmp_path, mma.source(1024, 5, 32, False, True, 2))
     wait = ops.index("ACQBULK")
     assert {o for o in ops[:wait] if o.startswith("LDG")} == {"LDG.E.CONSTANT"}          # the thresholds
-    assert wait < min(i for i, o in enumerate(ops) if o.startswith("LDG.E.U16"))          # x (through L2)
+    assert wait < min(i for i, o in enumerate(ops) if o.startswith("LDG.E.U16"))          # x
 
 
 def test_w4mma_rejects_bad_compensation_before_launching():
