@@ -1,16 +1,18 @@
 """One-token compensation on specq's decode kernel (w4mma), CUDA: no side stream, no add kernel.
 
-    qdec1 (C CTAs)  ->  w4mma (PDL launch: starts while qdec1 runs; its epilogue waits for qdec1's partials)
+    qdec1  ->  w4mma (PDL launch: starts while qdec1 runs; its epilogue waits for qdec1's partials)
     y = x @ Q(W)^T + scale * sum_c x[S_c] (q(R[S_c]) - 8)         S_c: the bucket top-KC of chunk c of x
 
-qdec1 has one CTA per (chunk c, block of 2048 output columns); each CTA
-  1. waits for the previous kernel (griddepcontrol.wait) and lets w4mma launch (launch_dependents);
-  2. selects its chunk's KC channels from x exactly as specq.compensate.select.approx_topk does (bucket = number
+qdec1 has one CTA per (CH chunks, block of columns) (launch_shape: CH = 1 unless its CTAs must fit beside a one-wave
+w4mma grid); each CTA
+  1. reads its chunks' thresholds, waits for the previous kernel (griddepcontrol.wait) and lets w4mma launch
+     (launch_dependents);
+  2. selects each chunk's KC channels from x exactly as specq.compensate.select.approx_topk does (bucket = number
      of thresholds above |x|; every channel of the buckets above the boundary bucket, then the boundary bucket's
-     first channels in channel order) with a shared-memory histogram and two block scans;
-  3. reads those KC rows of the 4-bit residual codes for its columns straight from pinned host memory (the mapped
-     pointer: zero-copy over PCIe, one 4-byte word of 8 columns per thread and row, all KC loads in flight);
-  4. writes the fp32 partial ws[c, columns] = sum_s x[s] (q - 8) (unscaled).
+     first channels in channel order) with a shared-memory histogram and one block scan;
+  3. reads those rows of the 4-bit residual codes for its columns straight from pinned host memory (the mapped
+     pointer: zero-copy over PCIe, one 4-byte word of 8 columns per thread and row, all loads in flight at once);
+  4. writes the fp32 partials ws[c, columns] = sum_s x[s] (q - 8) (unscaled).
 w4mma's QD variant adds scale[row] * sum_c ws[c, row] to its fp32 sum before rounding. Under programmatic dependent
 launch (CUDA-graph capture on sm_90+) w4mma's CTAs stream the weights while qdec1 selects and fetches; elsewhere the
 two run one after the other on the stream (same result).
