@@ -199,6 +199,27 @@ def layer_inputs(dev):
     return stats, xs_flat, xs, pool
 
 
+def w4_chain(dev, n_layers):
+    """n_layers distinct Llama-3-8B layers of compensated specq-W4A16 Linears (k = 0 to start) on shared inputs ->
+    (layers, step() running them all in order, set_k(k_fraction) for all, xs_flat, pool) for graph_time."""
+    from specq.kernels import prepare_w4a16, w4a16_linear
+    stats, xs_flat, xs, pool = layer_inputs(dev)
+    layers = [{p: CompensatedLinear(SpecqW4(K, N, dev, prepare_w4a16, w4a16_linear), rand_residual(K, N), k_chunk=0,
+                                    selector="approx", stats=stats[p]) for p, (K, N) in SHAPES.items()}
+              for _ in range(n_layers)]
+
+    def step():
+        for mods in layers:
+            for p, cl in mods.items():
+                cl(xs[p])
+
+    def set_k(kf):
+        for mods in layers:
+            for cl in mods.values():
+                cl.set_k(SEL.k_chunk_for(cl.in_features, kf))
+    return layers, step, set_k, xs_flat, pool
+
+
 def graph_time(fn, x, pool, reps):
     """Capture fn() into a CUDA graph; median seconds of a replay, x refilled from pool before each."""
     s = torch.cuda.Stream()

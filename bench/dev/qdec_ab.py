@@ -13,10 +13,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from bench.qdec_overhead import SHAPES, SpecqW4, check_mma, graph_time, layer_inputs, rand_residual  # noqa: E402
-from specq.compensate import CompensatedLinear, mma  # noqa: E402
-from specq.compensate import select as SEL  # noqa: E402
-from specq.kernels import prepare_w4a16, w4a16_linear, w4mma  # noqa: E402
+from bench.qdec_overhead import check_mma, graph_time, w4_chain  # noqa: E402
+from specq.compensate import mma  # noqa: E402
+from specq.kernels import w4mma  # noqa: E402
 
 NEW = (mma._SRC, w4mma._SMALL, w4mma._HELPERS)
 
@@ -45,20 +44,7 @@ def main():
         bad = {k: c for k, c in r.items() if c == "not usable" or c["partials_rel_err"] != 0.0
                or c["graph_equal_eager"] != "10/10" or c["max_rel_err"] > 1e-2}
         print(f"check {v}: {len(r) - len(bad)}/{len(r)} exact partials, graph == eager" + (f"; BAD {bad}" if bad else ""))
-    stats, xs_flat, xs, pool = layer_inputs(dev)
-    layers = [{p: CompensatedLinear(SpecqW4(K, N, dev, prepare_w4a16, w4a16_linear), rand_residual(K, N), k_chunk=0,
-                                    selector="approx", stats=stats[p]) for p, (K, N) in SHAPES.items()} for _ in range(4)]
-
-    def step():
-        for mods in layers:
-            for p, cl in mods.items():
-                cl(xs[p])
-
-    def set_k(kf):
-        for mods in layers:
-            for cl in mods.values():
-                cl.set_k(SEL.k_chunk_for(cl.in_features, kf))
-
+    layers, step, set_k, xs_flat, pool = w4_chain(dev, 4)
     base, q = [], {(v, k): [] for v in variants for k in ks}
     for _ in range(3):
         set_k(0)

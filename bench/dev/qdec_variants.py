@@ -8,11 +8,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from bench.qdec_overhead import SHAPES, SpecqW4, graph_time, layer_inputs, rand_residual  # noqa: E402
-from specq.compensate import CompensatedLinear  # noqa: E402
+from bench.qdec_overhead import graph_time, w4_chain  # noqa: E402
 from specq.compensate import kernel as KK  # noqa: E402
-from specq.compensate import select as SEL  # noqa: E402
-from specq.kernels import prepare_w4a16, w4a16_linear  # noqa: E402
 
 
 @torch.inference_mode()
@@ -20,19 +17,7 @@ def main():
     dev = torch.device("cuda")
     torch.manual_seed(0)
     L = 4
-    stats, xs_flat, xs, pool = layer_inputs(dev)
-    layers = [{p: CompensatedLinear(SpecqW4(K, N, dev, prepare_w4a16, w4a16_linear), rand_residual(K, N), k_chunk=0,
-                                    selector="approx", stats=stats[p]) for p, (K, N) in SHAPES.items()} for _ in range(L)]
-
-    def step():
-        for mods in layers:
-            for p, cl in mods.items():
-                cl(xs[p])
-
-    def set_k(kf):
-        for mods in layers:
-            for cl in mods.values():
-                cl.set_k(SEL.k_chunk_for(cl.in_features, kf))
+    layers, step, set_k, xs_flat, pool = w4_chain(dev, L)
     variants = sys.argv[1:] or ["16", "32"]
     res = {}
     for _ in range(3):
