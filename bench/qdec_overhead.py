@@ -8,7 +8,8 @@ Triton GEMV (specq.kernels.w4a16_linear), torch's
 int4 tinygemm (aten._weight_int4pack_mm, g128), and bf16 cuBLAS for scale; 3 bit only when a 3-bit GPU
 kernel is registered with specq.quant.wq. Compensation: 4-bit residual rows read zero-copy from pinned host memory,
 selection + fetch on a side stream, joined with one add (on specq's W4A16 base: no add, the fetch writes one
-more split-K partial of the GEMV's launch). Both paths are CUDA graphs over --layers
+more split-K partial of the GEMV's launch; at one token on w4mma or the W3A16 kernel, the compensation kernel qdec1
+runs just before the GEMV on the same stream, specq.compensate.mma). Both paths are CUDA graphs over --layers
 distinct layers; x is refilled with fresh random activations before every replay (so the chosen rows
 change), each replay timed with CUDA events; median per layer. Also checks the kernel against the
 reference math before timing.
@@ -134,6 +135,9 @@ def check(dev, log):
         out[f"fused_vs_side_M{M}"] = dict(max_rel_err=err, locks_zero=int(cl.base.w.locks.abs().sum()) == 0)
         log(f"check fused (no add kernel) vs side path, M={M}: {out[f'fused_vs_side_M{M}']}")
     out.update(check_mma(dev, log))
+    from specq.quant.wq import _KERNELS
+    if (3, "rowpack") in _KERNELS:
+        out.update(check_mma(dev, log, bits=3))
     hp = KK.mapped(res.codes)
     out["residual_on_host_pinned"] = bool(res.codes.device.type == "cpu" and res.codes.is_pinned())
     out["mapped_ptr_equals_host_ptr"] = hp.data_ptr() == res.codes.data_ptr()
@@ -141,23 +145,26 @@ def check(dev, log):
 
 
 @torch.inference_mode()
-def check_mma(dev, log):
-    """One token on w4mma (specq.compensate.mma), every Llama-3-8B projection: qdec1's chunk partials against torch
-    (the selection must match approx_topk exactly: a wrong channel moves its chunk's partial by O(1)), the output
-    against base + reference correction, and a CUDA-graph replay (PDL launches on sm_90+) against eager."""
+def check_mma(dev, log, bits=4):
+    """One token on w4mma (bits 4) or the W3A16 kernel (bits 3) after qdec1 (specq.compensate.mma), every
+    Llama-3-8B projection: qdec1's chunk partials against torch (the selection must match approx_topk exactly: a
+    wrong channel moves its chunk's partial by O(1)), the output against base + reference correction, and a
+    CUDA-graph replay (PDL launches on sm_90+) against eager."""
     from specq.compensate import mma
     from specq.kernels import prepare_w4a16, w4a16_linear
-    out = {}
+    out, tag = {}, "mma" if bits == 4 else "w3"
     for p, (K, N) in SHAPES.items():
         res = rand_residual(K, N)
         ch = torch.exp(torch.randn(K, device=dev))
         stats = SEL.calib_stats(acts(256, K, ch, dev).float().cpu())
+        base = SpecqW4(K, N, dev, prepare_w4a16, w4a16_linear) if bits == 4 else wq_base(K, N, 3, dev)
         for kc in (3, 5, 20):
-            cl = CompensatedLinear(SpecqW4(K, N, dev, prepare_w4a16, w4a16_linear), res, k_chunk=kc,
-                                   selector="approx", stats=stats)
+            cl = CompensatedLinear(base, res, k_chunk=kc, selector="approx", stats=stats)
             x = acts(1, K, ch, dev)
-            if not mma.usable(cl, x, cl.base.w.mma):
-                out[f"mma_{p}_kc{kc}"] = "not usable"
+            ok = (mma.usable(cl, x, cl.base.w.mma) if bits == 4
+                  else mma.usable_qdec1(cl, x) and base.w3a16_for(x.dtype) is not None)
+            if not ok:
+                out[f"{tag}_{p}_kc{kc}"] = "not usable"
                 continue
             ws = mma.partials(cl, x, False).cpu()
             ref = mma.partials_ref(cl, x)
@@ -179,9 +186,9 @@ def check_mma(dev, log):
                 g.replay()
                 torch.cuda.synchronize()
                 same += bool(torch.equal(yg.float().cpu(), y))
-            out[f"mma_{p}_kc{kc}"] = dict(partials_rel_err=perr, max_rel_err=err, graph_equal_eager=f"{same}/10",
-                                          finite=bool(torch.isfinite(y).all()))
-            log(f"check w4mma + qdec1 {p} k_chunk={kc}: {out[f'mma_{p}_kc{kc}']}")
+            out[f"{tag}_{p}_kc{kc}"] = dict(partials_rel_err=perr, max_rel_err=err, graph_equal_eager=f"{same}/10",
+                                            finite=bool(torch.isfinite(y).all()))
+            log(f"check {'w4mma' if bits == 4 else 'W3A16'} + qdec1 {p} k_chunk={kc}: {out[f'{tag}_{p}_kc{kc}']}")
     return out
 
 
@@ -308,7 +315,8 @@ def main():
                         cl.set_k(SEL.k_chunk_for(cl.in_features, kf), selector=sel)
                         cl.use_fused = fused
 
-            fusable = hasattr(one, "w4a16_for") and one.w4a16_for(torch.bfloat16) is not None   # 4-bit CUDA bases
+            fusable = ((hasattr(one, "w4a16_for") and one.w4a16_for(torch.bfloat16) is not None)      # 4-bit CUDA bases
+                       or (hasattr(one, "w3a16_for") and one.w3a16_for(torch.bfloat16) is not None))  # the W3A16 kernel
             runs = [(kf, "approx", True) for kf in ks] + [(0.005, "exact", True)]
             runs += [(kf, "approx", False) for kf in ks] if fusable else []
             base_t, q_t = [], {r: [] for r in runs}
@@ -323,7 +331,9 @@ def main():
             for (kf, sel, fused), v in q_t.items():
                 q_us = statistics.median(v)
                 mm = fused and sel == "approx" and getattr(getattr(one, "w", None), "mma", None) is not None
-                path = ("w4mma+qdec1" if mm else "fused" if fused else "side+add") if fusable else "side+add"
+                w3 = fused and sel == "approx" and bits == 3
+                path = ("w4mma+qdec1" if mm else "w3a16+qdec1" if w3 else "fused" if fused and bits == 4
+                        else "side+add") if fusable else "side+add"
                 result["rows"].append(dict(bits=bits, k_fraction=kf, selector=sel, base_us=round(base_us, 2),
                                            qdec_us=round(q_us, 2), slowdown=round(q_us / base_us - 1, 4), base=base_name,
                                            path=path))

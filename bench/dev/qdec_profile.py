@@ -1,13 +1,15 @@
 """Timeline of one compensated Llama-3-8B layer (4 Linears, specq W4A16 base, approx selector) replayed from a
 CUDA graph: every kernel's start and end relative to the replay's first kernel (torch.profiler), to see which part
-of the side-stream compensation sits on the critical path.   PYTHONPATH=$PWD python bench/dev/qdec_profile.py [k] [prologue]"""
+of the side-stream compensation sits on the critical path.   PYTHONPATH=$PWD python bench/dev/qdec_profile.py [k] [prologue]
+BASE=w3: the 3-bit WQLinear on the W3A16 kernel instead."""
+import os
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from bench.qdec_overhead import SHAPES, SpecqW4, acts, rand_residual  # noqa: E402
+from bench.qdec_overhead import SHAPES, SpecqW4, acts, rand_residual, wq_base  # noqa: E402
 from specq.compensate import CompensatedLinear  # noqa: E402
 from specq.compensate import select as SEL  # noqa: E402
 from specq.kernels import prepare_w4a16, w4a16_linear  # noqa: E402
@@ -23,8 +25,9 @@ def main():
     for p, (K, N) in SHAPES.items():
         ch = torch.exp(torch.randn(K, device=dev))
         stats = SEL.calib_stats(acts(256, K, ch, dev).float().cpu())
-        mods[p] = CompensatedLinear(SpecqW4(K, N, dev, prepare_w4a16, w4a16_linear), rand_residual(K, N), k_chunk=0,
-                                    selector="approx", stats=stats)
+        base = (wq_base(K, N, 3, dev) if os.environ.get("BASE") == "w3"
+                else SpecqW4(K, N, dev, prepare_w4a16, w4a16_linear))
+        mods[p] = CompensatedLinear(base, rand_residual(K, N), k_chunk=0, selector="approx", stats=stats)
         xs[p] = acts(1, K, ch, dev)
     for k in (0.0, kf):
         for cl in mods.values():

@@ -6,8 +6,9 @@ Every row of a multi-token input (prefill, speculative verification) gets its ow
 verification forward equals the same tokens decoded one at a time.
 CPU / no kernel: reference math in torch (gather the selected rows; long inputs gather blocks of rows
 from the cached dequantized residual, or on a GPU multiply x with its unselected channels zeroed by it -
-the same sums). CUDA: specq.compensate.kernel (unless use_kernel is False); one token on specq's W4A16 weight with the w4mma layout:
-specq.compensate.mma (the compensation kernel before w4mma on the same stream, no add kernel).
+the same sums). CUDA: specq.compensate.kernel (unless use_kernel is False); one token on specq's W4A16 weight with the
+w4mma layout, or on the W3A16 kernel: specq.compensate.mma (the compensation kernel before the GEMV on the same
+stream, no add kernel).
 """
 from __future__ import annotations
 
@@ -104,18 +105,26 @@ class CompensatedLinear(nn.Module):
 
     def _fused(self, x2):
         """specq's W4A16 kernel as the base: GEMV and compensation as partials of one launch (kernel.fused),
-        or None (other bases, exact dense residuals, shapes the kernel does not take)."""
-        get = getattr(self.base, "w4a16_for", None)
-        w = get(x2.dtype) if (get is not None and self.use_fused and self.residual.dense is None) else None
-        if w is None:
+        or on w4mma / the W3A16 kernel after qdec1 at one token (specq.compensate.mma); None (other bases, exact
+        dense residuals, shapes the kernels do not take): the side-stream path."""
+        if not self.use_fused or self.residual.dense is not None:
             return None
         from . import kernel, mma
         perm = getattr(self.base, "perm", None)
+        bias = getattr(self.base, "bias", None)
+        get3 = getattr(self.base, "w3a16_for", None)
+        if perm is None and get3 is not None and self.use_mma and mma.usable_qdec1(self, x2):
+            w3 = get3(x2.dtype)
+            y = mma.linear_w3(self, x2, w3) if w3 is not None else None
+            return y + bias.to(y.dtype) if (y is not None and bias is not None) else y
+        get = getattr(self.base, "w4a16_for", None)
+        w = get(x2.dtype) if get is not None else None
+        if w is None:
+            return None
         if perm is None and self.use_mma and mma.usable(self, x2, getattr(w, "mma", None)):
             y = mma.linear(self, x2, w.mma)         # one token on w4mma, the decode kernel
         else:
             y = kernel.fused(self, x2, w, x2[:, perm] if perm is not None else x2)
-        bias = getattr(self.base, "bias", None)
         return y + bias.to(y.dtype) if (y is not None and bias is not None) else y
 
     def extra_repr(self):

@@ -1,6 +1,7 @@
 """One-token compensation on specq's decode kernel (w4mma), CUDA: no side stream, no add kernel.
 
     qdec1  ->  w4mma (PDL launch: starts while qdec1 runs; its epilogue waits for qdec1's partials)
+    W3A16 GEMV  ->  qdec1 (AFTER: PDL launch; waits for the GEMV at its end)  ->  the split-K reduction (adds them)
     y = x @ Q(W)^T + scale * sum_c x[S_c] (q(R[S_c]) - 8)         S_c: the bucket top-KC of chunk c of x
 
 qdec1 has one CTA per (CH chunks, block of columns) (launch_shape: CH = 1 unless its CTAs must fit beside a one-wave
@@ -44,6 +45,15 @@ __device__ __forceinline__ int block_excl_scan(int v, int* tot, int lane, int wa
     for (int w = 0; w < THREADS / 32; w++) off += w < warp ? tot[w] : 0;
     return off + inc - v;
 }
+__device__ __forceinline__ u16 ldx(const u16* p) {          // AFTER: through L2 (this CTA may start on an SM whose L1
+#if AFTER                                                   // saw the previous token's x: no wait orders it here)
+    u16 v;
+    asm volatile("ld.global.cg.u16 %0, [%1];" : "=h"(v) : "l"(p));
+    return v;
+#else
+    return *p;
+#endif
+}
 __device__ __forceinline__ u32 ldh(const u32* p) {          // pinned host memory through its mapped pointer
     u32 v;
     asm volatile("ld.global.nc.u32 %0, [%1];" : "=r"(v) : "l"(p));
@@ -59,7 +69,7 @@ __device__ __forceinline__ void select_chunk(const u16* __restrict__ x, const fl
     int bk[CPT];
 #pragma unroll
     for (int j = 0; j < CPT; j++)
-        xv[j] = t * CPT + j < C ? f32(x[c * C + t * CPT + j]) : 0.f;
+        xv[j] = t * CPT + j < C ? f32(ldx(x + c * C + t * CPT + j)) : 0.f;
     __syncthreads();
 #pragma unroll
     for (int j = 0; j < CPT; j++) {                 // thread t holds channels t*CPT .. t*CPT+CPT-1 of the chunk
@@ -125,8 +135,10 @@ qdec1(const u16* __restrict__ x, const float* __restrict__ thr, const u32* codes
     const int nc = min(CH, nch - c0);
     for (int i = t; i < nc * NB; i += THREADS)      // constants: read before the wait
         th[i / NB][i % NB] = thr[c0 * NB + i];
-#if PDL
+#if PDL && !AFTER      // launched after x's producer: wait for it
     asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+#if PDL
     asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 #endif
     for (int cc = 0; cc < nc; cc++)
@@ -159,14 +171,18 @@ qdec1(const u16* __restrict__ x, const float* __restrict__ thr, const u32* codes
             }
         }
     }
+#if PDL && AFTER       // launched after its GEMV, which waited for x's producer before letting this launch: x is ready;
+    asm volatile("griddepcontrol.wait;" ::: "memory");  // complete only after the GEMV, so the next kernel's wait
+#endif                                                  // on this one covers the GEMV's partials too
 }
 """
 
 
-def source(C: int, KC: int, NB: int, fp16: bool, pdl: bool, wpt: int = 1, threads: int = THREADS, ch: int = 1) -> str:
+def source(C: int, KC: int, NB: int, fp16: bool, pdl: bool, wpt: int = 1, threads: int = THREADS, ch: int = 1,
+           after: bool = False) -> str:
     magic, ht, et = ("0x64006400", "f16x2", "f16") if fp16 else ("0x43004300", "bf16x2", "bf16")
     head = (f"#define C {C}\n#define KC {KC}\n#define NB {NB}\n#define CPT {-(-C // threads)}\n#define THREADS {threads}\n"
-            f"#define WPT {wpt}\n#define CH {ch}\n"
+            f"#define WPT {wpt}\n#define CH {ch}\n#define AFTER {int(after)}\n"
             f"#define PDL {int(pdl)}\n#define FP16 {int(fp16)}\n#define MAGIC_STR \"{magic}\"\n#define HTYPE \"{ht}\"\n"
             f"#define ETYPE \"{et}\"\n#define LDHINT \"\"\n")
     return head + helpers(fp16) + _SRC
@@ -174,10 +190,15 @@ def source(C: int, KC: int, NB: int, fp16: bool, pdl: bool, wpt: int = 1, thread
 
 def usable(cl, x2: torch.Tensor, w) -> bool:
     """CompensatedLinear cl at one token on w4mma's weight w (MMAWeight): approx selector, 4-bit host codes."""
+    return w is not None and usable_qdec1(cl, x2) and (x2.dtype == torch.float16) == w.fp16
+
+
+def usable_qdec1(cl, x2: torch.Tensor) -> bool:
+    """qdec1 takes cl at this input: one CUDA token (16-bit), approx selector, 4-bit host codes, k_chunk <= MAX_KC."""
     R = cl.residual
-    return (x2.is_cuda and x2.shape[0] == 1 and w is not None and cl.selector == "approx" and R.dense is None
+    return (x2.is_cuda and x2.shape[0] == 1 and cl.selector == "approx" and R.dense is None
             and 0 < cl.k_chunk <= min(MAX_KC, cl.chunk) and R.N % 8 == 0 and cl.thr is not None
-            and w4mma.available() and x2.dtype in (torch.float16, torch.bfloat16) and (x2.dtype == torch.float16) == w.fp16)
+            and w4mma.available() and x2.dtype in (torch.float16, torch.bfloat16))
 
 
 def launch_shape(N: int, K: int, n: int, W: int, sms: int) -> tuple[int, int, int]:
@@ -204,8 +225,10 @@ def launch_shape(N: int, K: int, n: int, W: int, sms: int) -> tuple[int, int, in
     return shape
 
 
-def partials(cl, x2: torch.Tensor, fp16: bool) -> torch.Tensor:
-    """Launch qdec1 alone: x2 [1, K] -> ws float32 [n, N] (PDL launch inside CUDA-graph capture on sm_90+)."""
+def partials(cl, x2: torch.Tensor, fp16: bool, beside_w4mma: bool = True, after: bool = False) -> torch.Tensor:
+    """Launch qdec1 alone: x2 [1, K] -> ws float32 [n, N] (PDL launch inside CUDA-graph capture on sm_90+).
+    beside_w4mma: shape it to fit beside w4mma's one-token grid (launch_shape); else the default shape.
+    after: launched right after the GEMV (which waited for x's producer): no wait at the start, a wait at the end."""
     from .kernel import mapped
     R = cl.residual
     n, C, KC = cl.n_chunks, cl.chunk, cl.k_chunk
@@ -216,9 +239,10 @@ def partials(cl, x2: torch.Tensor, fp16: bool) -> torch.Tensor:
     ws = torch.empty(n, R.N, dtype=torch.float32, device=x2.device)
     with torch.cuda.device(x2.device):
         on = PDL.enabled(x2.device)
-        th, wpt, ch = launch_shape(R.N, cl.in_features, n, W, w4mma._sms(x2.device))
-        k = w4mma.compiled(("qdec1", C, KC, NB, fp16, x2.device.index or 0, on, wpt, th, ch),
-                           lambda: source(C, KC, NB, fp16, on, wpt, th, ch), "qdec1")
+        th, wpt, ch = (launch_shape(R.N, cl.in_features, n, W, w4mma._sms(x2.device)) if beside_w4mma
+                       else (THREADS, WPT_WIDE if W >= WIDE_W else 1, 1))
+        k = w4mma.compiled(("qdec1", C, KC, NB, fp16, x2.device.index or 0, on, wpt, th, ch, after),
+                           lambda: source(C, KC, NB, fp16, on, wpt, th, ch, after), "qdec1")
         PDL.launch(k, (-(-n // ch), -(-W // (th * wpt)), 1), (th, 1, 1), [x2, cl.thr, mapped(R.codes), ws, W, n],
                    pdl=on and torch.cuda.is_current_stream_capturing())
     return ws
@@ -238,3 +262,14 @@ def linear(cl, x2: torch.Tensor, w) -> torch.Tensor:
     """x2 [1, K] -> base(x2) + compensation [1, N] (usable() said so)."""
     ws = partials(cl, x2, w.fp16)
     return w4mma.w4mma_linear(x2.contiguous(), w, comp=(ws, cl.residual.scales_on(x2.device).float(), cl.n_chunks))
+
+
+def linear_w3(cl, x2: torch.Tensor, w) -> torch.Tensor:
+    """x2 [1, K] -> base(x2) + compensation [1, N] on the W3A16 kernel's weight w (usable_qdec1() said so): the 3-bit
+    GEMV, then qdec1 (AFTER: under PDL it launches when the GEMV's last programs are dispatched - the GEMV is
+    several waves and compute-bound, so qdec1 first had slowed it by taking SM slots - and it waits for the GEMV at
+    its end), then the split-K reduction, which adds scale * sum of the partials before the one rounding."""
+    from ..kernels.w3a16 import w3a16_linear
+    return w3a16_linear(x2.contiguous(), w, comp_fn=lambda: (
+        partials(cl, x2, x2.dtype == torch.float16, beside_w4mma=False, after=True),
+        cl.residual.scales_on(x2.device).float()))

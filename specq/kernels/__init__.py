@@ -61,13 +61,18 @@ def _cached(module, name, key, make):
     return w
 
 
+def wq_w3a16(module, dtype):
+    """A 3-bit WQLinear's weights in the W3A16 kernel layout, prepared once and kept on the module."""
+    from .w3a16 import prepare_w3a16
+    return _cached(module, "_w3a16", (version(module.qweight), module.qweight.data_ptr(), dtype),
+                   lambda: prepare_w3a16(module.qweight, module.scales, module.zeros, module.group_size,
+                                         module.in_features, dtype))
+
+
 def wq3_kernel(x2, module):
     """WQLinear hook, 3 bits: x2 [M, K] (packed column order) -> x2 @ W^T [M, N] (specq.kernels.w3a16)."""
-    from .w3a16 import prepare_w3a16, w3a16_linear
-    w = _cached(module, "_w3a16", (version(module.qweight), module.qweight.data_ptr(), x2.dtype),
-                lambda: prepare_w3a16(module.qweight, module.scales, module.zeros, module.group_size,
-                                      module.in_features, x2.dtype))
-    return w3a16_linear(x2, w)
+    from .w3a16 import w3a16_linear
+    return w3a16_linear(x2, wq_w3a16(module, x2.dtype))
 
 
 def w8a8_kernel(x2, module):

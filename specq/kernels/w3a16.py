@@ -25,7 +25,7 @@ import torch
 from ..errors import SpecqError
 from ..quant import pack as P
 from . import w4mma
-from .common import HAS_TRITON, INTERPRET, tl, triton, use_triton
+from .common import HAS_TRITON, INTERPRET, pdl_launch, tl, triton, use_triton
 
 
 ROWS = 2048           # rows per chunk of the one-time repack
@@ -76,10 +76,13 @@ def dequant_ref(w: W3A16Weight) -> torch.Tensor:
 
 
 if HAS_TRITON:
+    from .common import pdl_enter
+
     @triton.jit
     def _w3a16_kernel(x_ptr, lo_ptr, hi_ptr, s_ptr, z_ptr, ws_ptr, M, N, sxm, KPER, G: tl.constexpr,
                       NG: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                      F32DOT: tl.constexpr):
+                      F32DOT: tl.constexpr, PDL: tl.constexpr):
+        pdl_enter(PDL)
         pn, pk, pm = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         rn = pn * BN + tl.arange(0, BN)
         rm = pm * BM + tl.arange(0, BM)
@@ -111,6 +114,23 @@ if HAS_TRITON:
                 acc += tl.dot(xt, wt)
         tl.store(ws_ptr + pk * M * N + rm[:, None] * N + rn[None, :], acc, mask=mmask[:, None] & nmask[None, :])
 
+    @triton.jit
+    def _w3_reduce_kernel(ws_ptr, y_ptr, qws_ptr, qsc_ptr, MN, N, SPLIT: tl.constexpr, NC: tl.constexpr,
+                          COMP: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+        # y [M, N] = sum_s ws[s] (+ scale[n] * sum_c qws[c, n] for one token) in fp32, rounded once
+        pdl_enter(PDL)
+        r = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = r < MN
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for s in tl.static_range(SPLIT):
+            acc += tl.load(ws_ptr + s * MN + r, mask=mask, other=0.0)
+        if COMP:
+            c = tl.zeros([BLOCK], dtype=tl.float32)
+            for j in tl.static_range(NC):
+                c += tl.load(qws_ptr + j * N + r, mask=mask, other=0.0)
+            acc += tl.load(qsc_ptr + r, mask=mask, other=0.0) * c
+        tl.store(y_ptr + r, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
 
 def _sms(device) -> int:
     return w4mma._sms(device) if device.type == "cuda" else 8     # 8: the interpreter's stand-in
@@ -139,21 +159,73 @@ def config(M: int, N: int, K: int, G: int, sms: int, bn: int | None = None, bk: 
     return BM, bn, BK, split
 
 
-def w3a16_linear(x: torch.Tensor, w: W3A16Weight, cfg: tuple | None = None) -> torch.Tensor:
-    """x [M, K] (16-bit; CUDA, or any device under TRITON_INTERPRET=1) @ W^T -> [M, N]; elsewhere the reference.
-    cfg: (BN, BK, programs per SM, warps) for sweeps."""
+REDUCE_BLOCK = 1024
+
+
+def w3a16_gemv(x: torch.Tensor, w: W3A16Weight, cfg: tuple | None = None) -> torch.Tensor:
+    """The GEMV's launch alone (x [M, K] contiguous, 16-bit, Triton): -> fp32 split-K partials ws [split, M, N]."""
     M, K = x.shape
-    if K != w.K:
-        raise SpecqError(f"w3a16: x {tuple(x.shape)} against weight K={w.K}")
-    if not use_triton(x) or x.dtype not in (torch.bfloat16, torch.float16) or x.dtype != w.s.dtype:
-        return x @ dequant_ref(w).to(x.dtype).t()
-    x = x if x.stride(-1) == 1 else x.contiguous()
     bn, bk, per_sm, warps = cfg or (None, None, None, WARPS)
     BM, BN, BK, split = config(M, w.N, K, w.G, _sms(x.device), bn, bk, per_sm)
     ws = torch.empty(split, M, w.N, dtype=torch.float32, device=x.device)
     grid = (triton.cdiv(w.N, BN), split, triton.cdiv(M, BM))
     with torch.cuda.device(x.device) if x.is_cuda else nullcontext():
+        P, kw = pdl_launch(x.device)
         _w3a16_kernel[grid](x, w.lo, w.hi, w.s, w.z, ws, M, w.N, x.stride(0), K // split,
                             G=w.G, NG=max(BK // w.G, 1), BM=BM, BN=BN, BK=BK,
-                            F32DOT=INTERPRET, num_warps=warps)
-    return (ws.sum(0) if split > 1 else ws[0]).to(x.dtype)
+                            F32DOT=INTERPRET, PDL=P, num_warps=warps, **kw)
+    return ws
+
+
+def w3a16_reduce(ws: torch.Tensor, dtype, comp: tuple | None = None) -> torch.Tensor:
+    """ws [split, M, N] fp32 -> y [M, N] = sum of the splits (+ scale * sum_c qws[c] for comp = (qws [n, N] fp32,
+    scale [N] fp32), one token), rounded once to dtype."""
+    split, M, N = ws.shape
+    y = torch.empty(M, N, dtype=dtype, device=ws.device)
+    qws, qsc = comp if comp is not None else (ws, ws)
+    with torch.cuda.device(ws.device) if ws.is_cuda else nullcontext():
+        P, kw = pdl_launch(ws.device)
+        _w3_reduce_kernel[(triton.cdiv(M * N, REDUCE_BLOCK),)](
+            ws, y, qws, qsc, M * N, N, SPLIT=split, NC=qws.shape[0] if comp is not None else 0,
+            COMP=comp is not None, BLOCK=REDUCE_BLOCK, PDL=P, num_warps=4, **kw)
+    return y
+
+
+def w3a16_linear(x: torch.Tensor, w: W3A16Weight, cfg: tuple | None = None, comp: tuple | None = None,
+                 comp_fn=None) -> torch.Tensor:
+    """x [M, K] (16-bit; CUDA, or any device under TRITON_INTERPRET=1) @ W^T -> [M, N]; elsewhere the reference.
+    cfg: (BN, BK, programs per SM, warps) for sweeps.
+    One token with compensation partials: y = x @ W^T + scale * sum_c qws[c], in fp32 before the one rounding, for
+    comp = (qws [n, N] fp32, scale [N] fp32), or comp_fn() -> comp launched between the GEMV and its split-K
+    reduction (specq.compensate.mma.linear_w3: under programmatic dependent launch the compensation kernel then
+    starts when the GEMV's last programs have been dispatched, so it takes no SM slot a GEMV program waits for)."""
+    M, K = x.shape
+    if K != w.K:
+        raise SpecqError(f"w3a16: x {tuple(x.shape)} against weight K={w.K}")
+    if comp_fn is not None:
+        if comp is not None:
+            raise SpecqError("w3a16: comp and comp_fn together")
+    if comp is not None or comp_fn is not None:
+        if M != 1:
+            raise SpecqError(f"w3a16: compensation partials need one token, got {M}")
+    if not use_triton(x) or x.dtype not in (torch.bfloat16, torch.float16) or x.dtype != w.s.dtype:
+        y = x @ dequant_ref(w).to(x.dtype).t()
+        comp = comp_fn() if comp_fn is not None else comp
+        if comp is not None:
+            _check_comp(comp, w)
+            y = (y.float() + comp[1].to(y.device) * comp[0].to(y.device).sum(0)).to(x.dtype)
+        return y
+    if comp is not None:
+        _check_comp(comp, w)
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    ws = w3a16_gemv(x, w, cfg)
+    if comp_fn is not None:
+        comp = comp_fn()
+        _check_comp(comp, w)
+    return w3a16_reduce(ws, x.dtype, comp)
+
+
+def _check_comp(comp, w):
+    if comp[0].dim() != 2 or comp[0].shape[1] != w.N or comp[1].shape != (w.N,):
+        raise SpecqError(f"w3a16: compensation partials {tuple(comp[0].shape)} / scale {tuple(comp[1].shape)} "
+                         f"do not fit N={w.N}")

@@ -86,6 +86,14 @@ class WQLinear(nn.Module):
         from ..kernels import wq_w4a16
         return wq_w4a16(self, dtype)
 
+    def w3a16_for(self, dtype):
+        """The prepared W3A16 kernel weight (3 bits, CUDA) for callers that launch the kernel themselves
+        (one-token compensation), else None. Its input columns are in packed order (x[:, perm])."""
+        if self.bits != 3 or not self.qweight.is_cuda:
+            return None
+        from ..kernels import wq_w3a16
+        return wq_w3a16(self, dtype)
+
     def prepare_fuse(self) -> bool:
         """Decide (once; reads the zero points) whether the few-token CUDA kernel can take this Linear with a fused
         RMSNorm prologue and residual epilogue (specq.models.fused)."""

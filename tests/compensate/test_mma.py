@@ -107,6 +107,46 @@ def test_not_usable_off_cuda_or_for_exact_selection():
     assert not mma.usable(cl, x[:1], object())
 
 
+def test_three_bit_base_routes_one_token_through_qdec1_partials(monkeypatch):
+    """The routing of a 3-bit WQLinear base at one token (specq.compensate.mma.linear_w3), run on CPU with qdec1
+    replaced by its torch reference: the output equals base + reference correction (rounded once), several-token
+    inputs and the exact selector keep the reference path, and without the route the result is the same math."""
+    from specq.kernels import w3a16 as K3
+    from specq.quant.wq import WQLinear
+    K, N = 2048, 256
+    g = torch.Generator().manual_seed(3)
+    W = torch.randn(N, K, generator=g) * 0.05
+    base = WQLinear.from_linear(_lin(W), bits=3, group_size=128)
+    res = Residual.from_weights(W, base.dequantize().float())
+    x = torch.randn(64, K, generator=g) * torch.exp(torch.randn(K, generator=g))
+    cl = CompensatedLinear(base, res, k_chunk=5, selector="approx", stats=SEL.calib_stats(x))
+    w3 = K3.prepare_w3a16(base.qweight, base.scales, base.zeros, 128, K, torch.float32)
+    calls = []
+    monkeypatch.setattr(mma, "usable_qdec1", lambda c, x2: x2.shape[0] == 1 and c.selector == "approx")
+    monkeypatch.setattr(base, "w3a16_for", lambda dtype: w3, raising=False)
+
+    def fake_partials(c, x2, fp16, beside_w4mma=True, after=False):
+        calls.append((beside_w4mma, after))
+        return mma.partials_ref(c, x2)
+    monkeypatch.setattr(mma, "partials", fake_partials)
+    x1 = x[:1]
+    y = cl._fused(x1)                                        # what forward() calls first on CUDA
+    assert calls == [(False, True)]      # qdec1's default shape (no w4mma grid beside it), launched after the GEMV
+    ref = cl(x1)                                             # CPU forward: the reference math
+    assert torch.allclose(y, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+    assert not torch.allclose(y, base(x1), rtol=1e-3, atol=1e-3)     # the correction is there
+    assert cl._fused(x[:4]) is None                          # several tokens: the side path
+    cl.selector = "exact"
+    assert cl._fused(x1) is None
+    assert calls == [(False, True)]
+
+
+def _lin(W):
+    lin = torch.nn.Linear(W.shape[1], W.shape[0], bias=False)
+    lin.weight.data.copy_(W)
+    return lin
+
+
 def test_w4mma_qd_epilogues_wait_where_they_should():
     """QD 1: no wait before the loads, one in the epilogue before the partials are read; QD 2: only the second half of
     the tiles waits, the first half stores fp32 sums first; QD 0 keeps the wait first (programmatic dependent launch)."""
@@ -163,14 +203,23 @@ def test_qdec1_launch_shape_fits_beside_one_wave_grids(sms):
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
-@pytest.mark.parametrize("C,KC,fp16,pdl,wpt,th,ch", [(1024, 5, False, True, 2, 256, 1), (576, 20, True, False, 1, 256, 1),
-                                                     (1024, 32, False, True, 1, 256, 1), (1024, 5, False, True, 1, 512, 2)])
-def test_qdec1_compiles_for_sm90(tmp_path, C, KC, fp16, pdl, wpt, th, ch):
+@pytest.mark.parametrize("C,KC,fp16,pdl,wpt,th,ch,after", [
+    (1024, 5, False, True, 2, 256, 1, False), (576, 20, True, False, 1, 256, 1, False),
+    (1024, 32, False, True, 1, 256, 1, False), (1024, 5, False, True, 1, 512, 2, False),
+    (1024, 5, False, True, 2, 256, 1, True)])
+def test_qdec1_compiles_for_sm90(tmp_path, C, KC, fp16, pdl, wpt, th, ch, after):
     f = tmp_path / "qdec1.cu"
-    f.write_text(mma.source(C, KC, 32, fp16, pdl, wpt, th, ch))
+    src = mma.source(C, KC, 32, fp16, pdl, wpt, th, ch, after)
+    f.write_text(src)
     r = subprocess.run(["nvcc", "-cubin", "-arch=sm_90", "-o", str(f.with_suffix(".cubin")), str(f)],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
+    if pdl:                                                # preprocessed: where the kernel waits
+        pre = subprocess.run(["nvcc", "-E", "-x", "cu", str(f)], capture_output=True, text=True).stdout
+        body = pre[pre.index("qdec1(const u16*"):]
+        i_sel, i_wait = body.index("select_chunk("), body.index("griddepcontrol.wait")
+        assert body.count("griddepcontrol.wait") == 1
+        assert (i_wait > i_sel) == after                   # AFTER: at the end, past the selection and the fetch
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")

@@ -43,6 +43,13 @@ def test_reference_path_off_gpu_and_bad_inputs():
         K3.prepare_w3a16(m.qweight[:, :-1], m.scales, m.zeros, 128, 256)
     with pytest.raises(SpecqError):
         K3.prepare_w3a16(m.qweight, m.scales, m.zeros, 48, 256)   # 48 is not a multiple of 32
+    ws, sc = torch.randn(2, 64), torch.rand(64)
+    yc = K3.w3a16_linear(x[:1], w, comp=(ws, sc))                # compensation: added in fp32, one rounding
+    assert torch.equal(yc, ((x[:1] @ m.dequantize().t()).float() + sc * ws.sum(0)).to(x.dtype))
+    with pytest.raises(SpecqError):                              # partials are for one token
+        K3.w3a16_linear(x, w, comp=(ws, sc))
+    with pytest.raises(SpecqError):                              # ... and the weight's N
+        K3.w3a16_linear(x[:1], w, comp=(torch.randn(2, 32), sc))
 
 
 def test_config_rule():
@@ -82,6 +89,16 @@ for (M, N, K, G, sym, dt) in [(1, 96, 256, 128, True, torch.bfloat16), (3, 64, 2
     if not (err < 1e-2 and y.shape == (M, N) and torch.isfinite(y).all()):
         bad.append((M, N, K, G, err))
     print(M, N, K, G, "split", split, "err", err)
+    if M == 1:     # compensation partials added by the reduction, before the one rounding
+        ws = torch.randn(5, N)
+        sc = torch.rand(N) * r.abs().mean() / 2
+        yc = K3.w3a16_linear(x, w, comp=(ws, sc))
+        rc = r + sc * ws.sum(0)
+        errc = ((yc.float() - rc).norm() / rc.norm()).item()
+        moved = ((rc - r).norm() / r.norm()).item()
+        if not (errc < 1e-2 and moved > 0.1):
+            bad.append(("comp", M, N, K, G, errc, moved))
+        print("comp err", errc, "moved", moved)
 print("BAD", bad) if bad else print("ALLOK")
 '''
 
@@ -92,6 +109,7 @@ def test_w3a16_kernel_interpreted():
     a long K split over programs: relative error <= 1e-2 against x @ dequantize()^T in fp32."""
     out = run_interpreted(INTERP)
     assert "ALLOK" in out, out
+    assert out.count("comp err") == 2                                             # the one-token cases
     assert "split 1" in out and any(f"split {s}" in out for s in range(2, 64))   # both paths ran
 
 
