@@ -170,6 +170,13 @@ def check_mma(dev, log, bits=4):
             ref = mma.partials_ref(cl, x)
             perr = ((ws - ref).abs().max() / ref.abs().max().clamp(min=1e-30)).item()
             y = cl(x).float().cpu()
+            if bits == 4:                # in-grid compensation CTAs (the default where they fit) against qdec1 apart:
+                ingrid = mma.INGRID      # the same partials summed in the same order, so the same bits
+                mma.INGRID = False
+                y_sep = cl(x).float().cpu()
+                mma.INGRID = ingrid
+                used = mma.ingrid_shape(N, K, cl.n_chunks, N // 8, torch.cuda.get_device_properties(dev)
+                                        .multi_processor_count, kc) is not None
             xc = x.float().cpu()
             yref = cl.base(x).float().cpu() + cl.correction(xc, cl.select(xc))
             err = ((y - yref).abs().max() / yref.abs().max()).item()
@@ -188,6 +195,8 @@ def check_mma(dev, log, bits=4):
                 same += bool(torch.equal(yg.float().cpu(), y))
             out[f"{tag}_{p}_kc{kc}"] = dict(partials_rel_err=perr, max_rel_err=err, graph_equal_eager=f"{same}/10",
                                             finite=bool(torch.isfinite(y).all()))
+            if bits == 4:
+                out[f"{tag}_{p}_kc{kc}"].update(ingrid=used and mma.INGRID, equal_to_separate=bool(torch.equal(y, y_sep)))
             log(f"check {'w4mma' if bits == 4 else 'W3A16'} + qdec1 {p} k_chunk={kc}: {out[f'{tag}_{p}_kc{kc}']}")
     return out
 

@@ -2,7 +2,8 @@
 activations per replay, interleaved rounds, median per layer), timed like bench/qdec_overhead.py against the
 uncompensated w4mma base of the same call.  PYTHONPATH=$PWD VARIANTS=old,new python bench/dev/qdec_ab.py
 A variant "v" takes the CUDA sources of qdec1 and w4mma from specq.compensate._mma_v and specq.kernels._w4mma_v
-(e.g. uncommitted copies of the previous files; their Python is not used) or, for "new", the modules as they are.
+(e.g. uncommitted copies of the previous files; their Python is not used) or, for "new", the modules as they are
+("sep": the same with qdec1 as its own kernel, SPECQ_QDEC_INGRID=0).
 Checks each variant first (qdec_overhead.check_mma)."""
 import importlib
 import os
@@ -21,7 +22,9 @@ NEW = (mma._SRC, w4mma._SMALL, w4mma._HELPERS)
 
 
 def use(variant):
-    if variant == "new":
+    mma.INGRID = variant != "sep"          # "sep": the sources as they are, qdec1 as its own kernel before w4mma
+    mma.DIAG = {"nofetch": "#define QDIAG 1\n", "noqdec": "#define QDIAG 2\n", "noqi": "#define QDIAG 3\n"}.get(variant, "")
+    if variant in ("new", "sep", "nofetch", "noqdec", "noqi"):
         mma._SRC, w4mma._SMALL, w4mma._HELPERS = NEW
     else:
         m = importlib.import_module(f"specq.compensate._mma_{variant}")
@@ -40,10 +43,15 @@ def main():
     print(torch.cuda.get_device_name(), torch.__version__)
     for v in variants:
         use(v)
+        if v in ("nofetch", "noqdec"):     # diagnostics: wrong sums by design
+            continue
         r = check_mma(dev, lambda s: None)
         bad = {k: c for k, c in r.items() if c == "not usable" or c["partials_rel_err"] != 0.0
+               or not c.get("equal_to_separate", True)
                or c["graph_equal_eager"] != "10/10" or c["max_rel_err"] > 1e-2}
-        print(f"check {v}: {len(r) - len(bad)}/{len(r)} exact partials, graph == eager" + (f"; BAD {bad}" if bad else ""))
+        print(f"check {v}: {len(r) - len(bad)}/{len(r)} exact partials, graph == eager, in-grid == apart; in-grid "
+              f"used in {sum(bool(c.get('ingrid')) for c in r.values() if isinstance(c, dict))}"
+              + (f"; BAD {bad}" if bad else ""))
     layers, step, set_k, xs_flat, pool = w4_chain(dev, 4)
     base, q = [], {(v, k): [] for v in variants for k in ks}
     for _ in range(3):

@@ -1,7 +1,8 @@
 """Timeline of one compensated Llama-3-8B layer (4 Linears, specq W4A16 base, approx selector) replayed from a
 CUDA graph: every kernel's start and end relative to the replay's first kernel (torch.profiler), to see which part
 of the side-stream compensation sits on the critical path.   PYTHONPATH=$PWD python bench/dev/qdec_profile.py [k] [prologue]
-BASE=w3: the 3-bit WQLinear on the W3A16 kernel instead."""
+BASE=w3: the 3-bit WQLinear on the W3A16 kernel instead. QDIAG=1 / 2: in-grid compensation CTAs without the fetch /
+without selection and fetch (specq.compensate.mma.DIAG); INGRID=0: qdec1 as its own kernel."""
 import os
 import sys
 from pathlib import Path
@@ -19,6 +20,10 @@ from specq.kernels import prepare_w4a16, w4a16_linear  # noqa: E402
 def main():
     kf = float(sys.argv[1]) if len(sys.argv) > 1 and sys.argv[1] != "prologue" else 0.005
     prologue = "prologue" in sys.argv    # one elementwise kernel before the first Linear (as a norm would be)
+    from specq.compensate import mma
+    if os.environ.get("QDIAG"):
+        mma.DIAG = f"#define QDIAG {int(os.environ['QDIAG'])}\n"
+    mma.INGRID = os.environ.get("INGRID", "1") != "0"
     dev = torch.device("cuda")
     torch.manual_seed(0)
     mods, xs = {}, {}

@@ -22,8 +22,11 @@ waited for SMs (+105% at k = 0.5% against +91% for the Triton fused path, bench/
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
+from ..errors import SpecqError
 from ..kernels import pdl as PDL
 from ..kernels import w4mma
 from ..kernels.w4mma import helpers
@@ -119,11 +122,11 @@ __device__ __forceinline__ void select_chunk(const u16* __restrict__ x, const fl
     __syncthreads();
 }
 // x [K] (one token, 16-bit); thr [n, NB] float32, descending per chunk; codes [K, W] int32 (host, mapped: 8 columns
-// per word, nibble e = column 8w + e, code q - 8); ws [n, 8W] float32. CTA (b, y): chunks CH b .. CH b + CH - 1 (of
-// nch), words (y WPT + v) THREADS + t: selection of each chunk in turn, then every row's loads in flight at once.
-extern "C" __global__ void __launch_bounds__(THREADS)
-qdec1(const u16* __restrict__ x, const float* __restrict__ thr, const u32* codes, float* __restrict__ ws, int W,
-      int nch)
+// per word, nibble e = column 8w + e, code q - 8); ws [n, 8W] float32. CTA (bx, by): chunks CH bx .. CH bx + CH - 1
+// (of nch), words (by WPT + v) THREADS + t: selection of each chunk in turn, then every row's loads in flight at once.
+// The qdec1 kernel below, or (INGRID) the leading CTAs of w4mma's own grid (specq.kernels.w4mma, QI).
+__device__ __forceinline__ void qdec1_cta(const u16* __restrict__ x, const float* __restrict__ thr, const u32* codes,
+                                          float* ws, int W, int nch, int bx, int by)
 {
     __shared__ float th[CH][NB];
     __shared__ int hist[64];
@@ -131,7 +134,7 @@ qdec1(const u16* __restrict__ x, const float* __restrict__ thr, const u32* codes
     __shared__ int sidx[CH][KC];
     __shared__ float sxv[CH][KC];
     __shared__ int bs[2];
-    const int t = threadIdx.x, lane = t & 31, warp = t >> 5, c0 = blockIdx.x * CH;
+    const int t = threadIdx.x, lane = t & 31, warp = t >> 5, c0 = bx * CH;
     const int nc = min(CH, nch - c0);
     for (int i = t; i < nc * NB; i += THREADS)      // constants: read before the wait
         th[i / NB][i % NB] = thr[c0 * NB + i];
@@ -141,20 +144,28 @@ qdec1(const u16* __restrict__ x, const float* __restrict__ thr, const u32* codes
 #if PDL
     asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 #endif
+#ifndef QDIAG
+#define QDIAG 0
+#endif
+#if QDIAG < 2           // diagnostics (bench/dev only): 1 = no fetch, 2 = neither selection nor fetch
     for (int cc = 0; cc < nc; cc++)
         select_chunk(x, th[cc], c0 + cc, hist, tot, bs, sidx[cc], sxv[cc], t, lane, warp);
+#else
+    if (t < CH * KC) { sidx[t / KC][t % KC] = t; sxv[t / KC][t % KC] = 0.f; }
+    __syncthreads();
+#endif
     u32 q[WPT][CH][KC];                             // WPT words (8 columns each) per thread and row, all in flight
 #pragma unroll
     for (int v = 0; v < WPT; v++) {
-        const int w = (blockIdx.y * WPT + v) * THREADS + t;
+        const int w = (by * WPT + v) * THREADS + t;
 #pragma unroll
         for (int cc = 0; cc < CH; cc++)
 #pragma unroll
-            for (int s = 0; s < KC; s++) q[v][cc][s] = w < W && cc < nc ? ldh(codes + (size_t)sidx[cc][s] * W + w) : 0u;
+            for (int s = 0; s < KC; s++) q[v][cc][s] = w < W && cc < nc ? (QDIAG ? (u32)sidx[cc][s] : ldh(codes + (size_t)sidx[cc][s] * W + w)) : 0u;
     }
 #pragma unroll
     for (int v = 0; v < WPT; v++) {
-        const int w = (blockIdx.y * WPT + v) * THREADS + t;
+        const int w = (by * WPT + v) * THREADS + t;
 #pragma unroll
         for (int cc = 0; cc < CH; cc++) {
             float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
@@ -176,16 +187,30 @@ qdec1(const u16* __restrict__ x, const float* __restrict__ thr, const u32* codes
 #endif                                                  // on this one covers the GEMV's partials too
 }
 """
+_KERNEL = r"""
+extern "C" __global__ void __launch_bounds__(THREADS)
+qdec1(const u16* __restrict__ x, const float* __restrict__ thr, const u32* codes, float* __restrict__ ws, int W,
+      int nch)
+{
+    qdec1_cta(x, thr, codes, ws, W, nch, blockIdx.x, blockIdx.y);
+}
+"""
+
+
+def defines(C: int, KC: int, NB: int, pdl: bool | None, wpt: int, threads: int, ch: int, after: bool) -> str:
+    """qdec1's compile-time constants (pdl None: left to the including source, w4mma's)."""
+    return (f"#define C {C}\n#define KC {KC}\n#define NB {NB}\n#define CPT {-(-C // threads)}\n"
+            f"#define THREADS {threads}\n#define WPT {wpt}\n#define CH {ch}\n#define AFTER {int(after)}\n"
+            + (f"#define PDL {int(pdl)}\n" if pdl is not None else ""))
 
 
 def source(C: int, KC: int, NB: int, fp16: bool, pdl: bool, wpt: int = 1, threads: int = THREADS, ch: int = 1,
            after: bool = False) -> str:
     magic, ht, et = ("0x64006400", "f16x2", "f16") if fp16 else ("0x43004300", "bf16x2", "bf16")
-    head = (f"#define C {C}\n#define KC {KC}\n#define NB {NB}\n#define CPT {-(-C // threads)}\n#define THREADS {threads}\n"
-            f"#define WPT {wpt}\n#define CH {ch}\n#define AFTER {int(after)}\n"
-            f"#define PDL {int(pdl)}\n#define FP16 {int(fp16)}\n#define MAGIC_STR \"{magic}\"\n#define HTYPE \"{ht}\"\n"
+    head = (defines(C, KC, NB, pdl, wpt, threads, ch, after) +
+            f"#define FP16 {int(fp16)}\n#define MAGIC_STR \"{magic}\"\n#define HTYPE \"{ht}\"\n"
             f"#define ETYPE \"{et}\"\n#define LDHINT \"\"\n")
-    return head + helpers(fp16) + _SRC
+    return head + helpers(fp16) + _SRC + _KERNEL
 
 
 def usable(cl, x2: torch.Tensor, w) -> bool:
@@ -225,6 +250,12 @@ def launch_shape(N: int, K: int, n: int, W: int, sms: int) -> tuple[int, int, in
     return shape
 
 
+def _thr(cl, x2: torch.Tensor) -> torch.Tensor:
+    if cl.thr.dtype != torch.float32 or not cl.thr.is_contiguous() or cl.thr.device != x2.device:
+        cl.thr = cl.thr.to(x2.device, torch.float32).contiguous()
+    return cl.thr
+
+
 def partials(cl, x2: torch.Tensor, fp16: bool, beside_w4mma: bool = True, after: bool = False) -> torch.Tensor:
     """Launch qdec1 alone: x2 [1, K] -> ws float32 [n, N] (PDL launch inside CUDA-graph capture on sm_90+).
     beside_w4mma: shape it to fit beside w4mma's one-token grid (launch_shape); else the default shape.
@@ -232,9 +263,7 @@ def partials(cl, x2: torch.Tensor, fp16: bool, beside_w4mma: bool = True, after:
     from .kernel import mapped
     R = cl.residual
     n, C, KC = cl.n_chunks, cl.chunk, cl.k_chunk
-    if cl.thr.dtype != torch.float32 or not cl.thr.is_contiguous() or cl.thr.device != x2.device:
-        cl.thr = cl.thr.to(x2.device, torch.float32).contiguous()
-    NB, W = cl.thr.shape[1], R.N // 8
+    NB, W = _thr(cl, x2).shape[1], R.N // 8
     x2 = x2.contiguous()
     ws = torch.empty(n, R.N, dtype=torch.float32, device=x2.device)
     with torch.cuda.device(x2.device):
@@ -258,8 +287,69 @@ def partials_ref(cl, x2: torch.Tensor) -> torch.Tensor:
     return torch.einsum("nk,nkc->nc", xs, q)
 
 
+INGRID = os.environ.get("SPECQ_QDEC_INGRID", "1") != "0"   # A/B switch: 0 = qdec1 as its own kernel before w4mma
+DIAG = ""              # bench/dev: "#define QDIAG 1" (no fetch) or 2 (no selection either) in the in-grid CTAs
+MAX_QREGS = 24         # in-grid: qdec1's words in flight per thread (WPT * CH * KC) within w4mma's register budget
+_QP: dict = {}
+
+
+def ingrid_shape(N: int, K: int, n: int, W: int, sms: int, KC: int) -> tuple[int, int, int] | None:
+    """(threads, words per thread, chunks per CTA) of qdec1's CTAs inside w4mma's one-token grid for an N x K weight
+    (n chunks, W words per residual row, KC channels per chunk), or None where they do not fit: with as many threads
+    as a w4mma CTA; beside a one-wave grid no more CTAs than the slots it leaves (else w4mma CTAs wait for a second
+    wave); at most MAX_QREGS residual words in flight per thread (w4mma's register cap)."""
+    c = w4mma.default_config(1, N, K, sms)
+    th, slots, T = c.WARPS * 32, c.MINB * sms, N // 16
+
+    def ctas(wp, ch):
+        return -(-n // ch) * -(-W // (th * wp))
+    if T > slots:                                   # many waves: CTA slots free up as tiles finish
+        wp = 2 if W >= 4 * th else 1
+        return (th, wp, 1) if wp * KC <= MAX_QREGS else (th, 1, 1) if KC <= MAX_QREGS else None
+    for ch in range(1, n + 1):
+        for wp in (1, 2):
+            if ctas(wp, ch) <= slots - T and wp * ch * KC <= MAX_QREGS:
+                return th, wp, ch
+    return None
+
+
+def _qp(w, n: int, device) -> torch.Tensor:
+    """Per (weight, chunks): the in-grid partials float32 [n, N], QG_EMPTY between launches (each is reset by the
+    CTA that adds it). Allocated on the first (eager) call, before any graph capture."""
+    key = (w.words.data_ptr(), n, str(device))
+    q = _QP.get(key)
+    if q is None:
+        if torch.cuda.is_current_stream_capturing():
+            raise SpecqError("w4mma: run a compensated Linear once eagerly before capturing it")
+        q = _QP[key] = torch.full((n, w.N), -1, dtype=torch.int32, device=device).view(torch.float32)
+    return q
+
+
+def linear_ingrid(cl, x2: torch.Tensor, w) -> torch.Tensor | None:
+    """x2 [1, K] -> base(x2) + compensation [1, N] in one w4mma launch whose first CTAs are qdec1's (w4mma QI): the
+    GEMV's CTAs are the direct programmatic dependents of the previous kernel, as without compensation, and poll the
+    partials in their epilogue. None where ingrid_shape() says they do not fit."""
+    from .kernel import mapped
+    R = cl.residual
+    n, C, KC = cl.n_chunks, cl.chunk, cl.k_chunk
+    W = R.N // 8
+    shape = ingrid_shape(R.N, cl.in_features, n, W, w4mma._sms(x2.device), KC)
+    if shape is None:
+        return None
+    th, wpt, ch = shape
+    qny = -(-W // (th * wpt))
+    thr = _thr(cl, x2)
+    qi = (-(-n // ch) * qny, qny, n, defines(C, KC, thr.shape[1], None, wpt, th, ch, False) + DIAG, _SRC, thr,
+          mapped(R.codes))
+    return w4mma.w4mma_linear(x2.contiguous(), w, comp=(_qp(w, n, x2.device), R.scales_on(x2.device).float(), n, qi))
+
+
 def linear(cl, x2: torch.Tensor, w) -> torch.Tensor:
     """x2 [1, K] -> base(x2) + compensation [1, N] (usable() said so)."""
+    if INGRID:
+        y = linear_ingrid(cl, x2, w)
+        if y is not None:
+            return y
     ws = partials(cl, x2, w.fp16)
     return w4mma.w4mma_linear(x2.contiguous(), w, comp=(ws, cl.residual.scales_on(x2.device).float(), cl.n_chunks))
 

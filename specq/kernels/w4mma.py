@@ -109,6 +109,60 @@ __device__ __forceinline__ float qsum(const float* ws, int n, int N, int row) { 
     }
     return cs;
 }
+#if QI
+__device__ __forceinline__ void qload(float* v, const float* ws, int N, int row) {   // QN partials of a row, in flight
+#pragma unroll
+    for (int u = 0; u < QN; u++)
+        asm volatile("ld.relaxed.gpu.global.f32 %0, [%1];" : "=f"(v[u]) : "l"(ws + (size_t)u * N + row) : "memory");
+}
+__device__ __forceinline__ float qfinish(float* v, float* ws, int N, int row) {   // qload's values: the ones still
+    int spin = 0;                                   // QG_EMPTY (qdec1's CTAs not done then) polled again, all in flight;
+    bool ready;                                     // sum in chunk order, reset for the next launch
+    do {
+        ready = true;
+#pragma unroll
+        for (int u = 0; u < QN; u++) ready &= __float_as_uint(v[u]) != QG_EMPTY;
+        if (ready) break;
+#pragma unroll
+        for (int u = 0; u < QN; u++)
+            if (__float_as_uint(v[u]) == QG_EMPTY)
+                asm volatile("ld.relaxed.gpu.global.f32 %0, [%1];" : "=f"(v[u]) : "l"(ws + (size_t)u * N + row) : "memory");
+    } while (++spin < (1 << 20));
+    float cs = 0.f;
+#pragma unroll
+    for (int u = 0; u < QN; u++) {
+        cs += v[u];
+        ws[(size_t)u * N + row] = __uint_as_float(QG_EMPTY);
+    }
+    return cs;
+}
+__device__ __forceinline__ float qsum_poll(float* ws, int n, int N, int row) {   // QI: the same sum, each partial
+    float cs = 0.f;                                 // polled until stored by this grid's compensation CTAs (8 at a time)
+    for (int c0 = 0; c0 < n; c0 += 8) {             // and reset to QG_EMPTY for the next launch (one reader per row).
+        float v[8];                                 // The spin is bounded so that a broken assumption cannot hang the GPU.
+        bool ready;
+        int spin = 0;
+        do {
+            ready = true;
+#pragma unroll
+            for (int u = 0; u < 8; u++) {
+                v[u] = 0.f;
+                if (c0 + u < n) {
+                    asm volatile("ld.relaxed.gpu.global.f32 %0, [%1];" : "=f"(v[u]) : "l"(ws + (size_t)(c0 + u) * N + row)
+                                 : "memory");
+                    ready &= __float_as_uint(v[u]) != QG_EMPTY;
+                }
+            }
+        } while (!ready && ++spin < (1 << 20));
+#pragma unroll
+        for (int u = 0; u < 8; u++) {
+            cs += v[u];
+            if (c0 + u < n) ws[(size_t)(c0 + u) * N + row] = __uint_as_float(QG_EMPTY);
+        }
+    }
+    return cs;
+}
+#endif
 __device__ __forceinline__ u16 to16(float f);
 __device__ __forceinline__ u32 norm2(u32 v, u32 w, float r) {   // RMSNorm of a 16-bit pair: w * (x * r), as torch
     const u16 a = to16(f32((u16)(v & 0xFFFF)) * r), b = to16(f32((u16)(v >> 16)) * r);
@@ -139,13 +193,23 @@ _SMALL = r"""
 extern "C" __global__ void __launch_bounds__(WARPS * 32, MINB)
 w4mma(const uint4* __restrict__ qw, const u32* __restrict__ sz, const u16* __restrict__ x, u16* __restrict__ y,
       int M, int K, int sxm, int sym, const u16* __restrict__ nw, const u16* __restrict__ res, int srm,
-      const float* __restrict__ qws, const float* __restrict__ qsc, int qnc, float* qg)
+      float* qws, const float* __restrict__ qsc, int qnc, float* qg, const float* __restrict__ qthr,
+      const u32* qcodes)
 {
     __shared__ float4 red[WARPS][NT][32];
 #if PRO
     extern __shared__ uint4 xs[];
 #endif
-#if PDL && !QD  // launched with programmatic dependent launch: the previous kernel done and flushed before any read
+#if QI      // compensation inside this grid: its first QC CTAs are qdec1's (specq.compensate.mma: they wait for x's
+            // producer, select, fetch, and store the chunk partials into qws, which holds QG_EMPTY between launches)
+    if (blockIdx.x < QC) {
+#if QDIAG != 3          // bench/dev diagnostics: 3 = the compensation CTAs exit at once, the epilogue adds nothing
+        qdec1_cta(x, qthr, qcodes, qws, (int)(gridDim.x - QC) * 2, qnc, blockIdx.x / QNY, blockIdx.x % QNY);
+#endif
+        return;
+    }
+#endif
+#if PDL && (!QD || QI)  // launched with programmatic dependent launch: the previous kernel done and flushed before any read
     asm volatile("griddepcontrol.wait;" ::: "memory");
 #endif
 #if PDL
@@ -153,7 +217,7 @@ w4mma(const uint4* __restrict__ qw, const u32* __restrict__ sz, const u16* __res
 #endif
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, t = lane & 3;
-    const int tile = blockIdx.x;
+    const int tile = blockIdx.x - QC;                            // row tile (QC: compensation CTAs first)
     const int KB = K >> 6;
     const int kb0 = warp * KBW;                                   // first 64-k block of this warp
     const uint4* wp = qw + ((size_t)tile * KB + kb0) * 32 + lane;
@@ -170,6 +234,14 @@ w4mma(const uint4* __restrict__ qw, const u32* __restrict__ sz, const u16* __res
         xp[n] = (const uint4*)(x + (size_t)(xv[n] ? m : 0) * sxm + (size_t)kb0 * 64 + 16 * t);
 #endif
     }
+#if QI      // the epilogue's compensation rows (NT = 1: thread t < 128 owns row (t >> 4) + 8 ((t & 3) >> 1) of its tile when
+            // t & 13 == 0): their partials are loaded right after the main loop, in flight during the reduction across
+            // warps. (Loaded at the start of the last main-loop round instead, up to 4 chunks: slower, +15.7 against
+            // +10.7% at k = 0.005 in one process; registers spilled. bench/results/h100/qdec_fused_dev.txt, session 15)
+    const bool qown = threadIdx.x < 128 && (threadIdx.x & 13) == 0;
+    const int qrow = tile * 16 + (threadIdx.x >> 4) + 8 * ((threadIdx.x & 3) >> 1);
+    float qv[QN];
+#endif
     float acc[NT][4], tmp[NT][4];
 #pragma unroll
     for (int n = 0; n < NT; n++)
@@ -316,6 +388,9 @@ w4mma(const uint4* __restrict__ qw, const u32* __restrict__ sz, const u16* __res
         }
     }
     }
+#if QI
+    if (qown) qload(qv, qws, NTL * 16, qrow);
+#endif
 #pragma unroll
     for (int n = 0; n < NT; n++) red[warp][n][lane] = make_float4(acc[n][0], acc[n][1], acc[n][2], acc[n][3]);
     __syncthreads();
@@ -326,12 +401,12 @@ EPILOGUE
 
 _EPILOGUE = r"""#if QD == 2  // many waves (M = 1): the first qE row tiles never wait; each of the last ceil(T / (QR + 1)) tiles waits,
             // finishes itself and QR early tiles (stored in qg as fp32 sums, see below)
-    const int qE = gridDim.x - (gridDim.x + QR) / (QR + 1), qe = (tile - qE) * QR;   // qe: its first early tile
+    const int qE = NTL - (NTL + QR) / (QR + 1), qe = (tile - qE) * QR;   // qe: its first early tile
     const bool qearly = tile < qE;
-#if PDL
+#if PDL && !QI
     if (!qearly) asm volatile("griddepcontrol.wait;" ::: "memory");
 #endif
-#elif PDL && QD == 1   // the compensation kernel (specq.compensate.mma) launched just before: its partials are ready
+#elif PDL && QD == 1 && !QI   // the compensation kernel (specq.compensate.mma) launched just before: its partials are ready
     asm volatile("griddepcontrol.wait;" ::: "memory");
 #endif
     for (int i = threadIdx.x; i < NT * 128; i += WARPS * 32) {
@@ -348,7 +423,7 @@ _EPILOGUE = r"""#if QD == 2  // many waves (M = 1): the first qE row tiles never
         }
 #endif
 #if QD >= 1 // one token: + scale[row] * sum over chunks of x[S] (q - 8) (the chunk partials, in chunk order)
-        if (tok == 0) s += qsum(qws, qnc, gridDim.x * 16, row) * qsc[row];
+        if (tok == 0) s += QSUM(row) * qsc[row];
 #endif
 #if RES
         if (tok < M) y[(size_t)tok * sym + row] = to16(f32(to16(s)) + f32(res[(size_t)tok * srm + row]));
@@ -363,7 +438,7 @@ _EPILOGUE = r"""#if QD == 2  // many waves (M = 1): the first qE row tiles never
     for (int j = WARPS * 32 - 1 - threadIdx.x; !qearly && j < 16 * QR; j += WARPS * 32) {
         if (qe + (j >> 4) < qE) {
             const int row = (qe + (j >> 4)) * 16 + (j & 15);
-            const float cs = qsum(qws, qnc, gridDim.x * 16, row);   // issued before the poll
+            const float cs = QSUM2(row);                               // issued before the poll
             float s;
             int spin = 0;
             do {
@@ -399,16 +474,23 @@ def helpers(fp16: bool) -> str:
 
 def source(NT: int, KBW: int, P: int, WARPS: int, fp16: bool, minb: int = 1, l2hint: bool = False, XR: int = 2,
            pre: bool = False, roll: bool = False, pro: bool = False, res: bool = False, eps: float = 0.0,
-           pdl: bool = False, qd: int = 0, qr: int = 1) -> str:
+           pdl: bool = False, qd: int = 0, qr: int = 1, qi: tuple | None = None) -> str:
     """The kernel's CUDA C for one configuration (compile-time constants substituted). pro: RMSNorm prologue
     (epsilon eps) of one token; res: add a residual to the output; qd: compensation epilogue (1 one wave, 2 many
-    waves with qr early tiles per waiting one)."""
+    waves with qr early tiles per waiting one); qi: (qc, qny, defines, device source): the compensation's qc CTAs
+    first in this grid (qny column blocks per chunk group; specq.compensate.mma.ingrid)."""
     magic, one, ht, et = ("0x64006400", "0x3C003C00", "f16x2", "f16") if fp16 else \
         ("0x43004300", "0x3F803F80", "bf16x2", "bf16")
     head = (f"#define NT {NT}\n#define KBW {KBW}\n#define P {P}\n#define WARPS {WARPS}\n#define MINB {minb}\n"
             f"#define PDL {int(pdl)}\n#define QD {int(qd)}\n#define QG_EMPTY {QG_EMPTY:#x}u\n#define QR {int(qr)}\n#define PRO {int(pro)}\n#define RES {int(res)}\n#define EPS {float(eps)!r}f\n#define ROLL {int(roll)}\n#define XR {XR}\n#define PRE {int(pre)}\n#define FP16 {int(fp16)}\n#define MAGIC_STR \"{magic}\"\n#define HTYPE \"{ht}\"\n"
             f"#define ETYPE \"{et}\"\n#define LDHINT \"{'.L2::256B' if l2hint else ''}\"\n")
-    return head + helpers(fp16) + _SMALL
+    if qi is None:
+        return head + ("#define QI 0\n#define QC 0\n#define NTL gridDim.x\n#define QSUM(row) qsum(qws, qnc, NTL * 16, row)\n"
+                       "#define QSUM2 QSUM\n") + helpers(fp16) + _SMALL
+    qc, qny, qn, qdefs, qsrc = qi
+    return (head + f"#define QI 1\n#define QC {int(qc)}\n#define QNY {int(qny)}\n#define QN {int(qn)}\n"
+            "#define NTL (gridDim.x - QC)\n#define QSUM(row) (QDIAG == 3 ? 0.f : qfinish(qv, qws, NTL * 16, row))\n"
+            "#define QSUM2(row) qsum_poll(qws, qnc, NTL * 16, row)\n" + qdefs + helpers(fp16) + qsrc + _SMALL)
 
 
 def repack_mma(qweight: torch.Tensor, natural_k: bool = False) -> torch.Tensor:
@@ -552,11 +634,11 @@ def compiled(key, make_source, name: str, arch: str | None = None):
 
 
 def kernel(c: Cfg, KBW: int, fp16: bool, device: int = 0, pro: bool = False, res: bool = False, eps: float = 0.0,
-           pdl: bool = False, qd: int = 0, qr: int = 1):
+           pdl: bool = False, qd: int = 0, qr: int = 1, qi: tuple | None = None):
     """The compiled kernel for one configuration, loaded into `device`'s context (call under that device)."""
-    return compiled(("w4mma", c, KBW, fp16, device, pro, res, eps, pdl, qd, qr),
+    return compiled(("w4mma", c, KBW, fp16, device, pro, res, eps, pdl, qd, qr, qi[:4] if qi else None),
                     lambda: source(c.NT, KBW, c.P, c.WARPS, fp16, c.MINB, c.L2HINT, c.XR, c.PRE, c.ROLL, pro, res, eps,
-                                   pdl, qd, qr), "w4mma")
+                                   pdl, qd, qr, qi), "w4mma")
 
 
 QG_EMPTY = 0xFFFFFFFF   # compensation, many-wave grids: a NaN no float sum produces, "no sum yet" in qg
@@ -609,7 +691,9 @@ def w4mma_linear(x: torch.Tensor, w: MMAWeight, cfg: Cfg | None = None, norm_w: 
     fusable()): x <- RMSNorm(x) (epsilon eps) first; res [M, N]: returns res + x @ W^T. Each step rounds to x's
     dtype as the separate torch ops do (bit-equal to them on the H100, bench/check_kernels.py). comp (one token):
     (ws float32 [n, N], scale float32 [N], n) from specq.compensate.mma, launched just before on the same stream:
-    y = x @ W^T + scale * sum_c ws[c] before the rounding. Under PDL the epilogue waits for that kernel: every CTA
+    y = x @ W^T + scale * sum_c ws[c] before the rounding; or (ws, scale, n, (qc, qny, n, defines, source, thr, codes))
+    with the compensation's qc CTAs first in this grid (specq.compensate.mma.ingrid: ws holds QG_EMPTY between
+    launches, each partial polled by the CTA that adds it, which resets it). Under PDL the epilogue waits for that kernel: every CTA
     when the grid is one wave; else only the last ~1 / (QR + 1) of the row tiles (about the last, partial wave),
     each finishing itself and QR early tiles, whose CTAs store fp32 sums and exit without waiting (they would hold
     SMs that later waves need; session 11's per-block counters with a fence in every CTA cost +3.6 us on
@@ -638,15 +722,20 @@ def w4mma_linear(x: torch.Tensor, w: MMAWeight, cfg: Cfg | None = None, norm_w: 
         slots = c.MINB * _sms(x.device)
         qd = 0 if comp is None else 2 if w.N // 16 > slots else 1
         qr = max(1, (w.N // 16 - 1) // slots)           # QD 2: the waiting tiles ~ the last, partial wave
+        qi = comp[3] if comp is not None and len(comp) > 3 else None   # (qc, qny, qn, defines, source, thr, codes)
+        if qi is not None and (c.NT != 1 or qi[2] != comp[2]):
+            raise SpecqError(f"w4mma: in-grid compensation takes one token and {comp[2]} chunks")
         k = kernel(c, KBW, w.fp16, x.device.index or 0, pro, res is not None, float(eps) if pro else 0.0, pdl, qd,
-                   qr if qd == 2 else 1)
+                   qr if qd == 2 else 1, qi[:5] if qi else None)
         args = [w.words, w.sz, x, y, M, K, x.stride(0), y.stride(0), norm_w if norm_w is not None else x,
                 res if res is not None else y, res.stride(0) if res is not None else 0,
                 comp[0] if comp is not None else y, comp[1] if comp is not None else y,
                 int(comp[2]) if comp is not None else 0,
-                _qg(w, x.device) if qd == 2 else y]
-        if pdl and torch.cuda.is_current_stream_capturing():
-            PDL.launch(k, (w.N // 16, 1, 1), (c.WARPS * 32, 1, 1), args, shared_mem=shm)
+                _qg(w, x.device) if qd == 2 else y, qi[5] if qi else y, qi[6] if qi else y]
+        grid = (w.N // 16 + (qi[0] if qi else 0), 1, 1)
+        cap = pdl and torch.cuda.is_current_stream_capturing()
+        if cap or qi:                                   # qi: a mapped host pointer, which only PDL.launch passes
+            PDL.launch(k, grid, (c.WARPS * 32, 1, 1), args, shared_mem=shm, pdl=cap)
         else:
-            k(grid=(w.N // 16, 1, 1), block=(c.WARPS * 32, 1, 1), args=args, shared_mem=shm)
+            k(grid=grid, block=(c.WARPS * 32, 1, 1), args=args, shared_mem=shm)
     return y

@@ -155,7 +155,7 @@ def test_w4mma_qd_epilogues_wait_where_they_should():
         body = src[src.index("w4mma(const uint4*"):]
         assert "#define QD %d" % qd in src
         first_wait = body.index('asm volatile("griddepcontrol.wait;"')
-        assert body.index("#if PDL && !QD") < first_wait                      # the start-of-kernel wait is off
+        assert body.index("#if PDL && (!QD || QI)") < first_wait              # the start-of-kernel wait is off (QI 0)
         if qd == 2:
             assert body.index("if (qearly)") < body.index("qg[row] = s") < body.index("continue;")
             epi = body.index("#if QD == 2  // many waves")
@@ -181,7 +181,7 @@ def test_qd2_every_early_tile_is_finished_once_by_a_later_tile():
             assert sorted(done) == list(range(T)), (T, QR)
             assert all(len(v) == 1 and v[0] >= k for k, v in done.items())
     src = w4mma.source(1, 8, 4, 8, False, 3, pdl=True, qd=2, qr=4)
-    assert "#define QR 4" in src and "gridDim.x - (gridDim.x + QR) / (QR + 1)" in src
+    assert "#define QR 4" in src and "NTL - (NTL + QR) / (QR + 1)" in src and "#define NTL gridDim.x" in src
 
 
 @pytest.mark.parametrize("sms", [132, 114])
@@ -216,20 +216,55 @@ def test_qdec1_compiles_for_sm90(tmp_path, C, KC, fp16, pdl, wpt, th, ch, after)
     assert r.returncode == 0, r.stderr[-2000:]
     if pdl:                                                # preprocessed: where the kernel waits
         pre = subprocess.run(["nvcc", "-E", "-x", "cu", str(f)], capture_output=True, text=True).stdout
-        body = pre[pre.index("qdec1(const u16*"):]
+        body = pre[pre.index("qdec1_cta(const u16*"):]
         i_sel, i_wait = body.index("select_chunk("), body.index("griddepcontrol.wait")
         assert body.count("griddepcontrol.wait") == 1
         assert (i_wait > i_sel) == after                   # AFTER: at the end, past the selection and the fetch
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
-@pytest.mark.parametrize("qd,res", [(1, False), (2, True)])
-def test_w4mma_qd_compiles_for_sm90(tmp_path, qd, res):
+@pytest.mark.parametrize("qd,res,qn", [(1, False, 0), (2, True, 0), (1, False, 4), (1, False, 14), (2, False, 4)])
+def test_w4mma_qd_compiles_for_sm90(tmp_path, qd, res, qn):
+    """QD 1 / 2 epilogues, and with the compensation CTAs in the grid (QI: qn chunks): compiled for sm_90."""
+    qi = (12, 3, qn, mma.defines(1024, 5, 32, None, 1, 256, 1, False), mma._SRC) if qn else None
     f = tmp_path / "w4mma.cu"
-    f.write_text(w4mma.source(1, 8, 4, 8, False, 3, False, 2, False, False, False, res, 0.0, True, qd))
-    r = subprocess.run(["nvcc", "-cubin", "-arch=sm_90", "-o", str(f.with_suffix(".cubin")), str(f)],
-                       capture_output=True, text=True)
+    f.write_text(w4mma.source(1, 8, 4, 8, False, 3, False, 2, False, False, False, res, 0.0, True, qd, 4, qi))
+    r = subprocess.run(["nvcc", "-cubin", "-arch=sm_90", "--resource-usage", "-o", str(f.with_suffix(".cubin")),
+                        str(f)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_ingrid_epilogue_rows_are_the_prefetched_rows():
+    """QI prefetch: thread t owns (t & 13 == 0, t < 128) row (t >> 4) + 8 ((t & 3) >> 1) of its tile - exactly the
+    rows the epilogue loop gives token 0 (n = i >> 7, l = (i >> 2) & 31, r = i & 3), each once."""
+    own = {t: (t >> 4) + 8 * ((t & 3) >> 1) for t in range(512) if t < 128 and t & 13 == 0}
+    epi = {}
+    for i in range(128):                             # NT = 1: NT * 128 items, thread i takes item i
+        n, l, r = i >> 7, (i >> 2) & 31, i & 3
+        if 8 * n + 2 * (l & 3) + (r & 1) == 0:
+            epi[i] = (l >> 2) + 8 * (r >> 1)
+    assert own == epi and sorted(own.values()) == list(range(16))
+
+
+@pytest.mark.parametrize("sms", [132, 114])
+def test_ingrid_shape_fits_one_wave_grids(sms):
+    """In-grid compensation CTAs beside a one-wave w4mma grid use no more than its spare slots, cover every word and
+    chunk, and keep WPT * CH * KC within MAX_QREGS; they take as many threads as a w4mma CTA."""
+    for (K, N) in [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096)]:
+        n, W = K // 1024, N // 8
+        c = w4mma.default_config(1, N, K, sms)
+        for KC in (3, 5, 20, 32):
+            sh = mma.ingrid_shape(N, K, n, W, sms, KC)
+            T, slots = N // 16, c.MINB * sms
+            if sh is None:
+                assert KC > 5 or T <= slots                     # only large KC or a full one-wave grid go without
+                continue
+            th, wpt, ch = sh
+            qc = -(-n // ch) * -(-W // (th * wpt))
+            assert th == c.WARPS * 32 and th * wpt * -(-W // (th * wpt)) >= W and wpt * ch * KC <= mma.MAX_QREGS
+            if T <= slots:
+                assert qc <= slots - T
+    assert mma.ingrid_shape(4096, 14336, 14, 512, 132, 5) == (512, 1, 2)       # Llama-3-8B down_proj: 7 CTAs
 
 
 def _cuobjdump():
