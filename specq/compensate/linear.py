@@ -89,19 +89,21 @@ class CompensatedLinear(nn.Module):
         if self.k_chunk == 0:
             return self.base(x)
         shp = x.shape
-        x2 = x.reshape(-1, shp[-1])
-        if x.is_cuda and self.use_kernel:
+        from ..quant import opaque       # under torch.compile (CUDA): one opaque op that runs matmul2d eagerly
+        return opaque.matmul(self, x.reshape(-1, shp[-1])).reshape(*shp[:-1], self.out_features)
+
+    def matmul2d(self, x2):  # x2 [M, K] -> [M, N], bias included: the compensated Linear, eagerly
+        if x2.is_cuda and self.use_kernel:
             from . import kernel
             if kernel.available():
                 y = self._fused(x2)
                 if y is not None:
-                    return y.reshape(*shp[:-1], self.out_features)
+                    return y
                 h = kernel.launch(self, x2)            # side stream, overlaps the quantized GEMV
-                y = self.base(x)
-                return kernel.join(h, y.reshape(-1, self.out_features)).reshape(y.shape)
-        y = self.base(x)
+                return kernel.join(h, self.base(x2))
+        y = self.base(x2)
         r = self.correction(x2, self.select(x2))
-        return (y.reshape(-1, self.out_features).float() + r).to(y.dtype).reshape(y.shape)
+        return (y.float() + r).to(y.dtype)
 
     def _fused(self, x2):
         """specq's W4A16 kernel as the base: GEMV and compensation as partials of one launch (kernel.fused),
@@ -113,10 +115,10 @@ class CompensatedLinear(nn.Module):
         perm = getattr(self.base, "perm", None)
         bias = getattr(self.base, "bias", None)
         get3 = getattr(self.base, "w3a16_for", None)
-        if perm is None and get3 is not None and self.use_mma and mma.usable_qdec1(self, x2):
-            w3 = get3(x2.dtype)
-            y = mma.linear_w3(self, x2, w3) if w3 is not None else None
-            return y + bias.to(y.dtype) if (y is not None and bias is not None) else y
+        w3 = get3(x2.dtype) if (perm is None and get3 is not None and self.use_mma) else None   # None unless 3-bit
+        if w3 is not None and mma.usable_qdec1(self, x2):
+            y = mma.linear_w3(self, x2, w3)
+            return y + bias.to(y.dtype) if bias is not None else y
         get = getattr(self.base, "w4a16_for", None)
         w = get(x2.dtype) if get is not None else None
         if w is None:

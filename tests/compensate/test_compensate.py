@@ -355,3 +355,40 @@ def test_cuda_fused_path_perm_bias():
         ref = cl.base(x).float() + cl.correction(xc, cl.select(xc)).cuda()
         assert ((fused - ref).norm() / ref.norm()) < 1e-2, M
         assert ((fused - side).norm() / side.norm()) < 1e-2, M
+
+
+@torch.no_grad()
+def test_compiled_decoder_runs_compensated_linears_as_one_opaque_op(monkeypatch):
+    """Under torch.compile a CompensatedLinear is one opaque op (as the quantized Linears are: its CUDA paths launch
+    kernels through ctypes, which dynamo cannot trace) that runs its eager matmul2d; greedy tokens equal eager."""
+    import torch._dynamo
+    from specq.bench.randmodel import build_random, config
+    from specq.compensate.linear import CompensatedLinear, compensate_model
+    from specq.generate import Decoder
+    from specq.quant import opaque
+    from specq.quant.wq import WQLinear
+    monkeypatch.setattr(opaque, "FORCE", True)              # CPU tensors through the opaque op as on CUDA
+    torch.manual_seed(0)
+    model = build_random(config("tiny", num_layers=2), "w4a16", "cpu", torch.float32)
+    fp = {m: m.dequantize().float() + 0.05 * torch.randn(m.out_features, m.in_features)
+          for m in model.modules() if isinstance(m, WQLinear)}
+    compensate_model(model, fp, k_fraction=0.05, selector="exact")
+    calls = []
+    orig = CompensatedLinear.matmul2d
+    monkeypatch.setattr(CompensatedLinear, "matmul2d", lambda self, x2: calls.append(torch.compiler.is_compiling())
+                        or orig(self, x2))
+    ids = torch.tensor([5, 7, 11])
+    toks = {}
+    for comp in (False, True):
+        torch._dynamo.reset()
+        calls.clear()
+        dec = Decoder(model, 12, cuda_graph=False, compile=comp)
+        t = int(dec.prefill(ids).argmax())
+        out = [t]
+        for _ in range(4):
+            t = int(dec.step(t).argmax())
+            out.append(t)
+        toks[comp] = out
+        assert calls and not any(calls)                      # run eagerly, never traced into
+    torch._dynamo.reset()
+    assert toks[True] == toks[False]

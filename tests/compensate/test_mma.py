@@ -141,6 +141,24 @@ def test_three_bit_base_routes_one_token_through_qdec1_partials(monkeypatch):
     assert calls == [(False, True)]
 
 
+def test_four_bit_base_still_reaches_the_w4a16_route(monkeypatch):
+    """A 4-bit WQLinear also has w3a16_for (None there): the one-token route must go on to its W4A16 weight (the
+    session-15 bug: it returned at the 3-bit check, so decoding fell back to the side stream)."""
+    from specq.quant.wq import WQLinear
+    K, N = 2048, 256
+    g = torch.Generator().manual_seed(4)
+    W = torch.randn(N, K, generator=g) * 0.05
+    base = WQLinear.from_linear(_lin(W), bits=4, group_size=128)
+    res = Residual.from_weights(W, base.dequantize().float())
+    x = torch.randn(64, K, generator=g) * torch.exp(torch.randn(K, generator=g))
+    cl = CompensatedLinear(base, res, k_chunk=5, selector="approx", stats=SEL.calib_stats(x))
+    asked = []
+    monkeypatch.setattr(mma, "usable_qdec1", lambda c, x2: True)
+    monkeypatch.setattr(base, "w4a16_for", lambda dtype: asked.append(dtype), raising=False)
+    assert base.w3a16_for(torch.float32) is None
+    assert cl._fused(x[:1]) is None and asked == [torch.float32]
+
+
 def _lin(W):
     lin = torch.nn.Linear(W.shape[1], W.shape[0], bias=False)
     lin.weight.data.copy_(W)
