@@ -112,15 +112,8 @@ def test_three_bit_base_routes_one_token_through_qdec1_partials(monkeypatch):
     replaced by its torch reference: the output equals base + reference correction (rounded once), several-token
     inputs and the exact selector keep the reference path, and without the route the result is the same math."""
     from specq.kernels import w3a16 as K3
-    from specq.quant.wq import WQLinear
-    K, N = 2048, 256
-    g = torch.Generator().manual_seed(3)
-    W = torch.randn(N, K, generator=g) * 0.05
-    base = WQLinear.from_linear(_lin(W), bits=3, group_size=128)
-    res = Residual.from_weights(W, base.dequantize().float())
-    x = torch.randn(64, K, generator=g) * torch.exp(torch.randn(K, generator=g))
-    cl = CompensatedLinear(base, res, k_chunk=5, selector="approx", stats=SEL.calib_stats(x))
-    w3 = K3.prepare_w3a16(base.qweight, base.scales, base.zeros, 128, K, torch.float32)
+    cl, base, x = _wq_layer(3, seed=3)
+    w3 = K3.prepare_w3a16(base.qweight, base.scales, base.zeros, 128, base.in_features, torch.float32)
     calls = []
     monkeypatch.setattr(mma, "usable_qdec1", lambda c, x2: x2.shape[0] == 1 and c.selector == "approx")
     monkeypatch.setattr(base, "w3a16_for", lambda dtype: w3, raising=False)
@@ -144,14 +137,7 @@ def test_three_bit_base_routes_one_token_through_qdec1_partials(monkeypatch):
 def test_four_bit_base_still_reaches_the_w4a16_route(monkeypatch):
     """A 4-bit WQLinear also has w3a16_for (None there): the one-token route must go on to its W4A16 weight (the
     session-15 bug: it returned at the 3-bit check, so decoding fell back to the side stream)."""
-    from specq.quant.wq import WQLinear
-    K, N = 2048, 256
-    g = torch.Generator().manual_seed(4)
-    W = torch.randn(N, K, generator=g) * 0.05
-    base = WQLinear.from_linear(_lin(W), bits=4, group_size=128)
-    res = Residual.from_weights(W, base.dequantize().float())
-    x = torch.randn(64, K, generator=g) * torch.exp(torch.randn(K, generator=g))
-    cl = CompensatedLinear(base, res, k_chunk=5, selector="approx", stats=SEL.calib_stats(x))
+    cl, base, x = _wq_layer(4, seed=4)
     asked = []
     monkeypatch.setattr(mma, "usable_qdec1", lambda c, x2: True)
     monkeypatch.setattr(base, "w4a16_for", lambda dtype: asked.append(dtype), raising=False)
@@ -159,10 +145,19 @@ def test_four_bit_base_still_reaches_the_w4a16_route(monkeypatch):
     assert cl._fused(x[:1]) is None and asked == [torch.float32]
 
 
-def _lin(W):
-    lin = torch.nn.Linear(W.shape[1], W.shape[0], bias=False)
+def _wq_layer(bits, seed, K=2048, N=256):
+    """A CompensatedLinear (approx selector, k_chunk 5) on a `bits`-bit WQLinear (RTN, group 128) of a random weight
+    whose residual is exact up to its 4-bit quantization -> (layer, base, activations [64, K])."""
+    from specq.quant.wq import WQLinear
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(N, K, generator=g) * 0.05
+    lin = torch.nn.Linear(K, N, bias=False)
     lin.weight.data.copy_(W)
-    return lin
+    base = WQLinear.from_linear(lin, bits=bits, group_size=128)
+    x = torch.randn(64, K, generator=g) * torch.exp(torch.randn(K, generator=g))
+    cl = CompensatedLinear(base, Residual.from_weights(W, base.dequantize().float()), k_chunk=5, selector="approx",
+                           stats=SEL.calib_stats(x))
+    return cl, base, x
 
 
 def test_w4mma_qd_epilogues_wait_where_they_should():
