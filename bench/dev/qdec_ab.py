@@ -23,8 +23,9 @@ NEW = (mma._SRC, w4mma._SMALL, w4mma._HELPERS)
 
 def use(variant):
     mma.INGRID = variant != "sep"          # "sep": the sources as they are, qdec1 as its own kernel before w4mma
-    mma.DIAG = {"nofetch": "#define QDIAG 1\n", "noqdec": "#define QDIAG 2\n", "noqi": "#define QDIAG 3\n"}.get(variant, "")
-    if variant in ("new", "sep", "nofetch", "noqdec", "noqi"):
+    mma.DIAG = {"nofetch": "#define QDIAG 1\n", "noqdec": "#define QDIAG 2\n", "noqi": "#define QDIAG 3\n",
+                "noepi": "#define QDIAG 4\n"}.get(variant, "")
+    if variant in ("new", "sep", "nofetch", "noqdec", "noqi", "noepi"):
         mma._SRC, w4mma._SMALL, w4mma._HELPERS = NEW
     else:
         m = importlib.import_module(f"specq.compensate._mma_{variant}")
@@ -43,7 +44,7 @@ def main():
     print(torch.cuda.get_device_name(), torch.__version__)
     for v in variants:
         use(v)
-        if v in ("nofetch", "noqdec", "noqi"):     # diagnostics: wrong sums by design
+        if v in ("nofetch", "noqdec", "noqi", "noepi"):     # diagnostics: wrong sums by design
             continue
         r = check_mma(dev, lambda s: None)
         bad = {k: c for k, c in r.items() if c == "not usable" or c["partials_rel_err"] != 0.0

@@ -288,7 +288,8 @@ def partials_ref(cl, x2: torch.Tensor) -> torch.Tensor:
 
 
 INGRID = os.environ.get("SPECQ_QDEC_INGRID", "1") != "0"   # A/B switch: 0 = qdec1 as its own kernel before w4mma
-DIAG = ""              # bench/dev: "#define QDIAG 1" (no fetch) or 2 (no selection either) in the in-grid CTAs
+DIAG = ""              # bench/dev: "#define QDIAG n" in the in-grid CTAs: 1 no fetch, 2 no selection either, 3 they exit
+                       # at once and the epilogue adds nothing, 4 as 2 but the epilogue adds nothing (w4mma.py)
 MAX_QREGS = 24         # in-grid: qdec1's words in flight per thread (WPT * CH * KC) within w4mma's register budget
 _QP: dict = {}
 

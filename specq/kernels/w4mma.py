@@ -489,8 +489,8 @@ def source(NT: int, KBW: int, P: int, WARPS: int, fp16: bool, minb: int = 1, l2h
                        "#define QSUM2 QSUM\n") + helpers(fp16) + _SMALL
     qc, qny, qn, qdefs, qsrc = qi
     return (head + f"#define QI 1\n#define QC {int(qc)}\n#define QNY {int(qny)}\n#define QN {int(qn)}\n"
-            "#define NTL (gridDim.x - QC)\n#define QSUM(row) (QDIAG == 3 ? 0.f : qfinish(qv, qws, NTL * 16, row))\n"
-            "#define QSUM2(row) (QDIAG == 3 ? 0.f : qsum_poll(qws, qnc, NTL * 16, row))\n" + qdefs + helpers(fp16) + qsrc + _SMALL)
+            "#define NTL (gridDim.x - QC)\n#define QSUM(row) (QDIAG >= 3 ? 0.f : qfinish(qv, qws, NTL * 16, row))\n"
+            "#define QSUM2(row) (QDIAG >= 3 ? 0.f : qsum_poll(qws, qnc, NTL * 16, row))\n" + qdefs + helpers(fp16) + qsrc + _SMALL)
 
 
 def repack_mma(qweight: torch.Tensor, natural_k: bool = False) -> torch.Tensor:
