@@ -1,7 +1,11 @@
-"""One-token compensation on specq's decode kernel (w4mma), CUDA: no side stream, no add kernel.
+"""One-token compensation on specq's decode kernels (w4mma, W3A16), CUDA: no side stream, no add kernel.
 
-    qdec1  ->  w4mma (PDL launch: starts while qdec1 runs; its epilogue waits for qdec1's partials)
-    W3A16 GEMV  ->  qdec1 (AFTER: PDL launch; waits for the GEMV at its end)  ->  the split-K reduction (adds them)
+    w4mma [qdec1 CTAs | GEMV CTAs]   in-grid (linear_ingrid, the default where ingrid_shape fits): the first CTAs
+                                     of w4mma's grid run qdec1's code; the GEMV CTAs poll their rows' partials
+    qdec1  ->  w4mma                 apart (linear; SPECQ_QDEC_INGRID=0): PDL launch, w4mma starts while qdec1
+                                     runs; its epilogue waits for qdec1's grid
+    W3A16 GEMV  ->  qdec1  ->  reduction   (linear_w3; qdec1 AFTER: PDL launch in the GEMV's last wave, waits for the
+                                     GEMV at its end; the split-K reduction adds the partials)
     y = x @ Q(W)^T + scale * sum_c x[S_c] (q(R[S_c]) - 8)         S_c: the bucket top-KC of chunk c of x
 
 qdec1 has one CTA per (CH chunks, block of columns) (launch_shape: CH = 1 unless its CTAs must fit beside a one-wave
