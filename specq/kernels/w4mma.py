@@ -136,31 +136,10 @@ __device__ __forceinline__ float qfinish(float* v, float* ws, int N, int row) { 
     }
     return cs;
 }
-__device__ __forceinline__ float qsum_poll(float* ws, int n, int N, int row) {   // QI: the same sum, each partial
-    float cs = 0.f;                                 // polled until stored by this grid's compensation CTAs (8 at a time)
-    for (int c0 = 0; c0 < n; c0 += 8) {             // and reset to QG_EMPTY for the next launch (one reader per row).
-        float v[8];                                 // The spin is bounded so that a broken assumption cannot hang the GPU.
-        bool ready;
-        int spin = 0;
-        do {
-            ready = true;
-#pragma unroll
-            for (int u = 0; u < 8; u++) {
-                v[u] = 0.f;
-                if (c0 + u < n) {
-                    asm volatile("ld.relaxed.gpu.global.f32 %0, [%1];" : "=f"(v[u]) : "l"(ws + (size_t)(c0 + u) * N + row)
-                                 : "memory");
-                    ready &= __float_as_uint(v[u]) != QG_EMPTY;
-                }
-            }
-        } while (!ready && ++spin < (1 << 20));
-#pragma unroll
-        for (int u = 0; u < 8; u++) {
-            cs += v[u];
-            if (c0 + u < n) ws[(size_t)(c0 + u) * N + row] = __uint_as_float(QG_EMPTY);
-        }
-    }
-    return cs;
+__device__ __forceinline__ float qsum_now(float* ws, int N, int row) {   // QI, a row read only now: all its
+    float v[QN];                                                          // QN partials in flight, then qfinish
+    qload(v, ws, N, row);
+    return qfinish(v, ws, N, row);
 }
 #endif
 __device__ __forceinline__ u16 to16(float f);
@@ -490,7 +469,7 @@ def source(NT: int, KBW: int, P: int, WARPS: int, fp16: bool, minb: int = 1, l2h
     qc, qny, qn, qdefs, qsrc = qi
     return (head + f"#define QI 1\n#define QC {int(qc)}\n#define QNY {int(qny)}\n#define QN {int(qn)}\n"
             "#define NTL (gridDim.x - QC)\n#define QSUM(row) (QDIAG >= 3 ? 0.f : qfinish(qv, qws, NTL * 16, row))\n"
-            "#define QSUM2(row) (QDIAG >= 3 ? 0.f : qsum_poll(qws, qnc, NTL * 16, row))\n" + qdefs + helpers(fp16) + qsrc + _SMALL)
+            "#define QSUM2(row) (QDIAG >= 3 ? 0.f : qsum_now(qws, NTL * 16, row))\n" + qdefs + helpers(fp16) + qsrc + _SMALL)
 
 
 def repack_mma(qweight: torch.Tensor, natural_k: bool = False) -> torch.Tensor:
@@ -707,6 +686,9 @@ def w4mma_linear(x: torch.Tensor, w: MMAWeight, cfg: Cfg | None = None, norm_w: 
     if comp is not None and (M != 1 or comp[0].dtype != torch.float32 or comp[0].shape[-1] != w.N or pro):
         raise SpecqError(f"w4mma: compensation partials take one token and float32 [n, {w.N}], without a fused "
                          "norm (they were selected from x as given)")
+    if comp is not None and len(comp) > 3 and (len(comp[3]) != 7 or comp[3][2] != comp[2] or comp[0].shape[0] < comp[2]):
+        raise SpecqError(f"w4mma: in-grid compensation (qc, qny, n, defines, source, thr, codes) must be for the "
+                         f"partials' {comp[2]} chunks")
     if res is not None and (tuple(res.shape) != (M, w.N) or res.dtype != x.dtype or res.stride(-1) != 1):
         raise SpecqError(f"w4mma: residual {tuple(res.shape)} {res.dtype} does not match the output ({M}, {w.N})")
     c = cfg or default_config(M, w.N, K, _sms(x.device))
@@ -723,8 +705,6 @@ def w4mma_linear(x: torch.Tensor, w: MMAWeight, cfg: Cfg | None = None, norm_w: 
         qd = 0 if comp is None else 2 if w.N // 16 > slots else 1
         qr = max(1, (w.N // 16 - 1) // slots)           # QD 2: the waiting tiles ~ the last, partial wave
         qi = comp[3] if comp is not None and len(comp) > 3 else None   # (qc, qny, qn, defines, source, thr, codes)
-        if qi is not None and (c.NT != 1 or qi[2] != comp[2]):
-            raise SpecqError(f"w4mma: in-grid compensation takes one token and {comp[2]} chunks")
         k = kernel(c, KBW, w.fp16, x.device.index or 0, pro, res is not None, float(eps) if pro else 0.0, pdl, qd,
                    qr if qd == 2 else 1, qi[:5] if qi else None)
         args = [w.words, w.sz, x, y, M, K, x.stride(0), y.stride(0), norm_w if norm_w is not None else x,

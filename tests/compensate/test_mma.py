@@ -343,3 +343,8 @@ def test_w4mma_rejects_bad_compensation_before_launching():
         w4mma.w4mma_linear(x1, w, comp=(torch.zeros(2, N + 8), sc, 2))         # wrong width
     with pytest.raises(SpecqError, match="one token"):
         w4mma.w4mma_linear(x1, w, norm_w=torch.ones(K, dtype=torch.bfloat16), eps=1e-5, comp=(ws, sc, 2))
+    qi = (1, 1, 2, mma.defines(1024, 5, 32, None, 1, 256, 1, False), mma._SRC, sc, sc)
+    with pytest.raises(SpecqError, match="in-grid"):
+        w4mma.w4mma_linear(x1, w, comp=(ws, sc, 2, qi[:6]))                   # incomplete launch description
+    with pytest.raises(SpecqError, match="in-grid"):
+        w4mma.w4mma_linear(x1, w, comp=(ws, sc, 2, qi[:2] + (3,) + qi[3:]))   # for another number of chunks
