@@ -34,9 +34,9 @@ def greedy(model, ids, **kw):
 def logits_along(model, ids, toks, **kw):
     """Logits [N_NEW, V] of a Decoder fed the same tokens (teacher forcing: both runs stay on one trajectory)."""
     dec = Decoder(model, 64, **kw)
-    out = [dec.prefill(ids).float()]
-    for t in toks[:-1]:
-        out.append(dec.step(t).float())
+    out = [dec.prefill(ids).float().clone()]      # clone: a graph step returns its static output buffer, and
+    for t in toks[:-1]:                           # .float() of float32 logits is that same tensor
+        out.append(dec.step(t).float().clone())
     return torch.stack(out)
 
 
@@ -61,10 +61,14 @@ def main():
     print(torch.cuda.get_device_name(), torch.__version__)
     for fmt in os.environ.get("FMTS", "w4a16,w3a16").split(","):
         model = build_random(config("llama3.2-1b", num_layers=2, vocab_size=4096), "bf16", "cuda", torch.bfloat16)
-        with keep_fp_weights() as fp:
-            quantize_model(model, fmt, "rtn", progress=False)
         g = torch.Generator().manual_seed(1)
-        compensate_model(model, fp, k_fraction=float(os.environ.get("K", "0.005")), selector="approx", calib=torch.randint(0, 4096, (4, 64), generator=g))
+        if fmt != "bf16":                 # bf16: the unquantized model, no compensation (a peer for LOGITS)
+            with keep_fp_weights() as fp:
+                quantize_model(model, fmt, "rtn", progress=False)
+            compensate_model(model, fp, k_fraction=float(os.environ.get("K", "0.005")), selector="approx",
+                             calib=torch.randint(0, 4096, (4, 64), generator=g))
+        else:
+            torch.randint(0, 4096, (4, 64), generator=g)
         ids = torch.randint(0, 4096, (12,), generator=g).cuda()
         res = {}
         for name, kw in (("eager", dict(cuda_graph=False)), ("graph", dict(cuda_graph=True)),
@@ -79,8 +83,11 @@ def main():
             le = logits_along(model, ids, res["eager"], cuda_graph=False)
             torch._dynamo.reset()
             lc = logits_along(model, ids, res["eager"], cuda_graph=True, compile=True)
-            d = (lc - le).abs().amax(1)
-            print(f"{fmt} max |logit diff| compiled vs eager per step: {[round(float(v), 4) for v in d[:10]]}")
+            torch._dynamo.reset()
+            lg = logits_along(model, ids, res["eager"], cuda_graph=True)
+            d, dg = (lc - le).abs().amax(1), (lg - le).abs().amax(1)
+            print(f"{fmt} max |logit diff| compiled vs eager per step: {[round(float(v), 4) for v in d[:10]]}; "
+                  f"graph vs eager: {[round(float(v), 4) for v in dg[:10]]}; max |logit| {le.abs().max().item():.2f}")
         same_g = sum(a == b for a, b in zip(res["eager"], res["graph"]))
         same_c = sum(a == b for a, b in zip(res["eager"], res["compiled"]))
         print(f"{fmt} k={os.environ.get('K', '0.005')} PDL={os.environ.get('SPECQ_PDL', '1')}: graph == eager "

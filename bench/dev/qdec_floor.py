@@ -78,16 +78,16 @@ def stamped_qdec1(C, KC, NB, wpt):
     """qdec1's source (one chunk per CTA) with stamps: st[cta] = (start, rows chosen, partial written) in globaltimer
     ns, their clock64, and clock64 after x is loaded, after the buckets, after the boundary bucket (select_chunk)."""
     src = mma.source(C, KC, NB, False, False, wpt)
-    src = src.replace("#define FULL", GT + "__shared__ long long STM[3];\n#define FULL", 1)
+    src = src.replace("#define FULL", GT + "__shared__ long long STM[3], STT[4];\n#define FULL", 1)
     src = src.replace("      int nch)", "      int nch, long long* st)")
-    src = src.replace("    __shared__ float th[CH][NB];", "    const long long T0 = gt(), C0 = clock64();\n    __shared__ float th[CH][NB];", 1)
-    src = src.replace("    u32 q[WPT][CH][KC];", "    const long long T1 = gt(), C1 = clock64();\n    u32 q[WPT][CH][KC];", 1)
+    src = src.replace("    __shared__ float th[CH][NB];", "    if (threadIdx.x == 0) { STT[0] = gt(); STT[2] = clock64(); }\n    __shared__ float th[CH][NB];", 1)
+    src = src.replace("    u32 q[WPT][CH][KC];", "    if (threadIdx.x == 0) { STT[1] = gt(); STT[3] = clock64(); }\n    u32 q[WPT][CH][KC];", 1)
     tail = ("    __syncthreads();\n    if (threadIdx.x == 0) { const int b = blockIdx.y * gridDim.x + blockIdx.x;\n"
-            "        st[9*b] = T0; st[9*b+1] = T1; st[9*b+2] = gt(); st[9*b+3] = C0; st[9*b+4] = C1; st[9*b+5] = clock64();\n"
+            "        st[9*b] = STT[0]; st[9*b+1] = STT[1]; st[9*b+2] = gt(); st[9*b+3] = STT[2]; st[9*b+4] = STT[3]; st[9*b+5] = clock64();\n"
             "        st[9*b+6] = STM[0]; st[9*b+7] = STM[1]; st[9*b+8] = STM[2]; }\n}\n")
     i = src.rstrip().rfind("}")
     src = src[:i] + tail
-    for a, k in (("f32(x[c * C + t * CPT + j]) : 0.f;\n    __syncthreads();\n", 0),
+    for a, k in (("f32(ldx(x + c * C + t * CPT + j)) : 0.f;\n    __syncthreads();\n", 0),
                  ("atomicAdd(&hist[bk[j]], 1);\n    __syncthreads();\n", 1),
                  ("    __syncthreads();\n    const int bstar = bs[0], need = bs[1];\n", 2)):
         assert src.count(a) == 1, k
