@@ -12,7 +12,8 @@ more split-K partial of the GEMV's launch; at one token on w4mma or the W3A16 ke
 runs just before the GEMV on the same stream, specq.compensate.mma). Both paths are CUDA graphs over --layers
 distinct layers; x is refilled with fresh random activations before every replay (so the chosen rows
 change), each replay timed with CUDA events; median per layer. Also checks the kernel against the
-reference math before timing.
+reference math before timing. --budget (default 5%): for each base with a one-token path, specq's tuner
+(specq.compensate.tune) picks k per projection and the chain is timed with it ("tuned" in the JSON).
 """
 from __future__ import annotations
 
@@ -257,6 +258,36 @@ def graph_time(fn, x, pool, reps):
     return statistics.median(ts)
 
 
+def tuned(layers, step, xs_flat, pool, a, bits, base_name, log):
+    """specq.compensate.tune at --budget: k per projection from the tuner's own timing of the first layer's Linears
+    (specq.compensate.tune.measure_layer: a CUDA graph of back-to-back calls of one Linear), set on every layer; then
+    the layer chain timed as the rows are, against the base in interleaved rounds."""
+    from specq.compensate.tune import tune_module
+    for mods in layers:                             # the one-token paths the rows time as "w4mma+qdec1" / "w3a16+qdec1"
+        for cl in mods.values():
+            cl.set_k(0, selector="approx")
+            cl.use_fused = True
+    kcs = {p: tune_module(layers[0][p], a.budget) for p in SHAPES}
+    base_t, q_t = [], []
+    for _ in range(3):
+        for kc in (None, kcs):
+            for mods in layers:
+                for p, cl in mods.items():
+                    cl.set_k(0 if kc is None else kc[p], selector="approx")
+                    cl.use_fused = True
+            (base_t if kc is None else q_t).append(graph_time(step, xs_flat, pool, a.reps) / a.layers)
+    b, q = statistics.median(base_t), statistics.median(q_t)
+    n_in = {p: layers[0][p].in_features for p in SHAPES}
+    sel = sum(kcs[p] * layers[0][p].n_chunks for p in SHAPES)
+    row = dict(bits=bits, base=base_name, budget=a.budget, k_chunk=kcs,
+               k_fraction={p: round(kcs[p] * layers[0][p].n_chunks / n_in[p], 5) for p in SHAPES},
+               k_fraction_layer=round(sel / sum(n_in.values()), 5), base_us=round(b, 2), qdec_us=round(q, 2),
+               slowdown=round(q / b - 1, 4))
+    log(f"[{base_name}] tuned to {100 * a.budget:.0f}% per Linear: k per chunk {kcs}, {row['k_fraction_layer']} of the "
+        f"layer's input channels; {q:.1f} us per layer against {b:.1f}, slowdown {100 * (q / b - 1):.2f}%")
+    return row
+
+
 @torch.inference_mode()
 def main():
     ap = argparse.ArgumentParser()
@@ -264,6 +295,9 @@ def main():
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--reps", type=int, default=100)
     ap.add_argument("--k", default="0.0025,0.005,0.01,0.02")
+    ap.add_argument("--budget", type=float, default=0.05,
+                    help="also tune k per projection to this slowdown per Linear (specq.compensate.tune) and time "
+                         "the chain with it (0: skip)")
     a = ap.parse_args()
     dev = torch.device("cuda")
     torch.manual_seed(0)
@@ -348,6 +382,8 @@ def main():
                                            path=path))
                 log(f"[{base_name}] k={kf} {sel} {path}: {q_us:.1f} us per layer, slowdown "
                     f"{100 * (q_us / base_us - 1):.2f}%")
+            if fusable and a.budget > 0:
+                result.setdefault("tuned", []).append(tuned(layers, step, xs_flat, pool, a, bits, base_name, log))
             del layers
         except Exception as e:
             log(f"[{base_name}] failed: {type(e).__name__}: {e}")

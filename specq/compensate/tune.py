@@ -4,8 +4,10 @@
     --compensate k=0.01,selector=exact   exact top-k instead of the approximate bucket top-k
     --compensate budget=5%               per projection (qkv, o, gate_up, down) the largest k whose
                                          measured slowdown of that Linear stays within 5%
-Tuning times the first layer's Linears on the model's device (CUDA events on GPU, wall clock on CPU):
-base alone vs compensated at growing k per chunk, median of `reps` runs.
+Tuning times the first layer's Linears on the model's device, base alone vs compensated at growing k per chunk,
+median of `reps` runs. On a GPU each run replays a CUDA graph of GRAPH_CALLS back-to-back calls, as decoding runs a
+Linear (graph replay, programmatic dependent launch between the kernels); an eager call's time is mostly the host's
+launch gaps, beside which any kernel looks free. On the CPU: wall clock of one call.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from . import select as SEL
 
 PROJ = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 K_CHUNKS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+GRAPH_CALLS = 16
 
 
 def parse_spec(spec: str) -> dict:
@@ -81,18 +84,59 @@ def _time_fn(fn, device, reps: int) -> float:
     return statistics.median(ts)
 
 
+def _time_graph(fn, reps: int, calls: int = GRAPH_CALLS) -> float:
+    """Median seconds per call of fn() on the current CUDA device: a CUDA graph of `calls` back-to-back calls,
+    replayed reps times (after eager warm-up calls: compilation, buffers that must exist before a capture)."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(calls):
+            fn()
+    ts = []
+    for i in range(reps + 2):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record(); g.replay(); b.record(); b.synchronize()
+        if i >= 2:
+            ts.append(a.elapsed_time(b) / 1e3 / calls)
+    return statistics.median(ts)
+
+
 @torch.inference_mode()
 def measure_layer(cl, k_chunk: int, reps: int = 20) -> float:
-    """Seconds of one decode-step (1 token) call of CompensatedLinear cl at k_chunk (0 = base alone)."""
+    """Seconds of one decode-step (1 token) call of CompensatedLinear cl at k_chunk (0 = base alone): on CUDA per
+    call of a graph of GRAPH_CALLS calls, on the CPU the wall clock of one call."""
     dev = cl.base.scales.device if hasattr(cl.base, "scales") else torch.device("cpu")
     dtype = cl.base.scales.dtype if hasattr(cl.base, "scales") else torch.float32
     x = torch.randn(1, cl.in_features, device=dev, dtype=dtype)
     old = cl.k_chunk
     cl.set_k(k_chunk)
     try:
+        if x.is_cuda:
+            with torch.cuda.device(x.device):
+                return _time_graph(lambda: cl(x), reps)
         return _time_fn(lambda: cl(x), torch.device(dev), reps)
     finally:
         cl.set_k(old)
+
+
+def tune_module(cl, budget: float, measure=measure_layer, k_chunks=K_CHUNKS) -> int:
+    """The largest k per chunk of the ladder whose measured slowdown of CompensatedLinear cl is <= budget (0: none);
+    the ladder stops at the first step over the budget."""
+    t0 = measure(cl, 0)
+    best = 0
+    for kc in k_chunks:
+        if kc > cl.chunk:
+            break
+        if (measure(cl, kc) - t0) / t0 <= budget:
+            best = kc
+        else:
+            break
+    return best
 
 
 def tune_budget(model, budget: float, measure=measure_layer, k_chunks=K_CHUNKS) -> dict:
@@ -106,19 +150,10 @@ def tune_budget(model, budget: float, measure=measure_layer, k_chunks=K_CHUNKS) 
         ms = [m for nm, m in mods if nm.endswith(proj)]
         if not ms:
             continue
-        m0 = ms[0]
-        t0 = measure(m0, 0)
-        best = 0
-        for kc in k_chunks:
-            if kc > m0.chunk:
-                break
-            if (measure(m0, kc) - t0) / t0 <= budget:
-                best = kc
-            else:
-                break
+        best = tune_module(ms[0], budget, measure, k_chunks)
         for m in ms:
             m.set_k(best)
-        chosen[proj] = best * m0.n_chunks / m0.in_features
+        chosen[proj] = best * ms[0].n_chunks / ms[0].in_features
     return chosen
 
 

@@ -392,3 +392,25 @@ def test_compiled_decoder_runs_compensated_linears_as_one_opaque_op(monkeypatch)
         assert calls and not any(calls)                      # run eagerly, never traced into
     torch._dynamo.reset()
     assert toks[True] == toks[False]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_tuner_times_graph_replays_on_cuda():
+    """On the GPU the tuner times a Linear per call of a CUDA graph of back-to-back calls, as decoding runs it: well
+    below an eager call's time (the host's launch gaps), and the module's k is left as it was."""
+    from specq.compensate import tune as T
+    from specq.quant import pack as P
+    torch.manual_seed(4)
+    K, N = 2048, 1024
+    lin = nn.Linear(K, N, bias=False)
+    q, s, z = P.rtn(lin.weight.data, 4, 128, True, None)
+    wq = WQLinear.from_codes(q, s, z, 4, 128, True, None, torch.bfloat16)
+    res = Residual.from_weights(lin.weight.data, wq.dequantize().float())
+    cl = CompensatedLinear(wq, res, k_chunk=3, selector="approx", stats=SEL.calib_stats(heavy(256, K))).cuda()
+    t_graph = T.measure_layer(cl, 4)
+    assert cl.k_chunk == 3
+    x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
+    cl.set_k(4)
+    with torch.inference_mode():
+        t_eager = T._time_fn(lambda: cl(x), x.device, 20)
+    assert 0 < t_graph < t_eager, (t_graph, t_eager)
