@@ -96,22 +96,9 @@ def stamped_qdec1(C, KC, NB, wpt):
 
 
 def graph_us(fn, n=20, reps=50):
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(n):
-            fn()
-    ts = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record(); g.replay(); b.record(); b.synchronize()
-        ts.append(a.elapsed_time(b) * 1e3 / n)
-    return statistics.median(ts)
+    """us per call of fn() in a CUDA graph of n calls (specq.compensate.tune's timer, the tuner's own)."""
+    from specq.compensate.tune import _time_graph
+    return _time_graph(fn, reps, n) * 1e6
 
 
 @torch.inference_mode()
