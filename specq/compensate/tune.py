@@ -6,8 +6,9 @@
                                          measured slowdown of that Linear stays within 5%
 Tuning times the first layer's Linears on the model's device, base alone vs compensated at growing k per chunk,
 median of `reps` runs. On a GPU each run replays a CUDA graph of GRAPH_CALLS back-to-back calls, as decoding runs a
-Linear (graph replay, programmatic dependent launch between the kernels); an eager call's time is mostly the host's
-launch gaps, beside which any kernel looks free. On the CPU: wall clock of one call.
+Linear (graph replay, programmatic dependent launch between the kernels). An eager call's time is mostly the host's
+launch gaps, so the same extra microseconds would look like a smaller slowdown than decoding sees. On the CPU: wall
+clock of one call.
 """
 from __future__ import annotations
 
