@@ -239,15 +239,8 @@ def w4_chain(dev, n_layers):
 
 def graph_time(fn, x, pool, reps):
     """Capture fn() into a CUDA graph; median seconds of a replay, x refilled from pool before each."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
+    from specq.compensate.tune import graph_of
+    g = graph_of(fn, warm=3)
     ts = []
     for i in range(reps + 10):
         x.copy_(pool[i % pool.shape[0]])

@@ -13,6 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from bench.qdec_overhead import SHAPES, SpecqW4, acts, rand_residual, wq_base  # noqa: E402
 from specq.compensate import CompensatedLinear  # noqa: E402
 from specq.compensate import select as SEL  # noqa: E402
+from specq.compensate.tune import graph_of  # noqa: E402
 from specq.kernels import prepare_w4a16, w4a16_linear  # noqa: E402
 
 
@@ -43,15 +44,7 @@ def main():
                 xs["qkv_proj"].mul_(1.0)
             for p, cl in mods.items():
                 cl(xs[p])
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            for _ in range(3):
-                step()
-        torch.cuda.current_stream().wait_stream(s)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            step()
+        g = graph_of(step, warm=3)
         for _ in range(5):
             g.replay()
         torch.cuda.synchronize()

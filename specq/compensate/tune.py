@@ -19,7 +19,6 @@ import torch
 
 from ..errors import SpecqError
 from .linear import compensate_model, compensated_modules
-from . import select as SEL
 
 PROJ = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 K_CHUNKS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
@@ -85,19 +84,25 @@ def _time_fn(fn, device, reps: int) -> float:
     return statistics.median(ts)
 
 
-def _time_graph(fn, reps: int, calls: int = GRAPH_CALLS) -> float:
-    """Median seconds per call of fn() on the current CUDA device: a CUDA graph of `calls` back-to-back calls,
-    replayed reps times (after eager warm-up calls: compilation, buffers that must exist before a capture)."""
+def graph_of(fn, calls: int = 1, warm: int = 2) -> torch.cuda.CUDAGraph:
+    """A CUDA graph of `calls` back-to-back calls of fn(), captured after `warm` eager calls on a side stream
+    (compilation, and buffers that must exist before a capture)."""
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
-        for _ in range(2):
+        for _ in range(warm):
             fn()
     torch.cuda.current_stream().wait_stream(s)
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
         for _ in range(calls):
             fn()
+    return g
+
+
+def _time_graph(fn, reps: int, calls: int = GRAPH_CALLS) -> float:
+    """Median seconds per call of fn() on the current CUDA device: graph_of(fn, calls) replayed reps times."""
+    g = graph_of(fn, calls)
     ts = []
     for i in range(reps + 2):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
