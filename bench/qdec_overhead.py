@@ -13,7 +13,9 @@ runs just before the GEMV on the same stream, specq.compensate.mma). Both paths 
 distinct layers; x is refilled with fresh random activations before every replay (so the chosen rows
 change), each replay timed with CUDA events; median per layer. Also checks the kernel against the
 reference math before timing. --budget (default 5%): for each base with a one-token path, specq's tuner
-(specq.compensate.tune) picks k per projection and the chain is timed with it ("tuned" in the JSON).
+(specq.compensate.tune) picks k per projection, each Linear held to the budget on its own (scope "linear") and the
+layer's four Linears together (scope "layer", the --compensate default), and the chain is timed with each choice
+("tuned" in the JSON).
 """
 from __future__ import annotations
 
@@ -251,16 +253,18 @@ def graph_time(fn, x, pool, reps):
     return statistics.median(ts)
 
 
-def tuned(layers, step, xs_flat, pool, a, bits, base_name, log):
+def tuned(layers, step, xs_flat, pool, a, bits, base_name, log, scope="linear"):
     """specq.compensate.tune at --budget: k per projection from the tuner's own timing of the first layer's Linears
-    (specq.compensate.tune.measure_layer: a CUDA graph of back-to-back calls of one Linear), set on every layer; then
-    the layer chain timed as the rows are, against the base in interleaved rounds."""
-    from specq.compensate.tune import tune_module
+    (specq.compensate.tune.measure_layer: a CUDA graph of back-to-back calls of one Linear; scope "layer": then also
+    the four Linears in a row, tune_layer), set on every layer; then the layer chain timed as the rows are, against
+    the base in interleaved rounds."""
+    from specq.compensate.tune import tune_layer, tune_module
     for mods in layers:                             # the one-token paths the rows time as "w4mma+qdec1" / "w3a16+qdec1"
         for cl in mods.values():
             cl.set_k(0, selector="approx")
             cl.use_fused = True
-    kcs = {p: tune_module(layers[0][p], a.budget) for p in SHAPES}
+    kcs = (tune_layer(layers[0], a.budget, layers=layers, log=log) if scope == "layer" else
+           {p: tune_module(layers[0][p], a.budget) for p in SHAPES})
     base_t, q_t = [], []
     for _ in range(3):
         for kc in (None, kcs):
@@ -272,11 +276,11 @@ def tuned(layers, step, xs_flat, pool, a, bits, base_name, log):
     b, q = statistics.median(base_t), statistics.median(q_t)
     n_in = {p: layers[0][p].in_features for p in SHAPES}
     sel = sum(kcs[p] * layers[0][p].n_chunks for p in SHAPES)
-    row = dict(bits=bits, base=base_name, budget=a.budget, k_chunk=kcs,
+    row = dict(bits=bits, base=base_name, budget=a.budget, scope=scope, k_chunk=kcs,
                k_fraction={p: round(kcs[p] * layers[0][p].n_chunks / n_in[p], 5) for p in SHAPES},
                k_fraction_layer=round(sel / sum(n_in.values()), 5), base_us=round(b, 2), qdec_us=round(q, 2),
                slowdown=round(q / b - 1, 4))
-    log(f"[{base_name}] tuned to {100 * a.budget:.0f}% per Linear: k per chunk {kcs}, {row['k_fraction_layer']} of the "
+    log(f"[{base_name}] tuned to {100 * a.budget:.0f}% per {scope}: k per chunk {kcs}, {row['k_fraction_layer']} of the "
         f"layer's input channels; {q:.1f} us per layer against {b:.1f}, slowdown {100 * (q / b - 1):.2f}%")
     return row
 
@@ -376,7 +380,9 @@ def main():
                 log(f"[{base_name}] k={kf} {sel} {path}: {q_us:.1f} us per layer, slowdown "
                     f"{100 * (q_us / base_us - 1):.2f}%")
             if fusable and a.budget > 0:
-                result.setdefault("tuned", []).append(tuned(layers, step, xs_flat, pool, a, bits, base_name, log))
+                for scope in ("linear", "layer"):
+                    result.setdefault("tuned", []).append(tuned(layers, step, xs_flat, pool, a, bits, base_name, log,
+                                                                scope))
             del layers
         except Exception as e:
             log(f"[{base_name}] failed: {type(e).__name__}: {e}")

@@ -2,10 +2,16 @@
 
     --compensate k=0.01                  every projection selects 1% of its input channels
     --compensate k=0.01,selector=exact   exact top-k instead of the approximate bucket top-k
-    --compensate budget=5%               per projection (qkv, o, gate_up, down) the largest k whose
-                                         measured slowdown of that Linear stays within 5%
+    --compensate budget=5%               k per projection (qkv, o, gate_up, down) that selects the most input
+                                         channels of a layer while the layer's four Linears together slow down
+                                         by at most 5% (scope=layer, the default)
+    --compensate budget=5%,scope=linear  per projection the largest k whose slowdown of that Linear alone stays
+                                         within 5% (each Linear on its own: fewer channels where the
+                                         compensation hides behind long GEMVs)
 Tuning times the first layer's Linears on the model's device, base alone vs compensated at growing k per chunk,
-median of `reps` runs. On a GPU each run replays a CUDA graph of GRAPH_CALLS back-to-back calls, as decoding runs a
+median of `reps` runs. scope=layer then picks the k per projection with the most channels whose summed extra time
+fits the budget of the summed base times, times the four Linears in a row with that choice, and shrinks the choice
+while that measured slowdown is over the budget. On a GPU each run replays a CUDA graph of GRAPH_CALLS back-to-back calls, as decoding runs a
 Linear (graph replay, programmatic dependent launch between the kernels). An eager call's time is mostly the host's
 launch gaps, so the same extra microseconds would look like a smaller slowdown than decoding sees. On the CPU: wall
 clock of one call.
@@ -23,6 +29,7 @@ from .linear import compensate_model, compensated_modules
 PROJ = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 K_CHUNKS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 GRAPH_CALLS = 16
+CHAIN_LAYERS = 4       # scope=layer: the choice is checked on this many distinct layers in a row
 
 
 def parse_spec(spec: str) -> dict:
@@ -51,20 +58,27 @@ def parse_spec(spec: str) -> dict:
                 if val not in ("exact", "approx"):
                     raise ValueError
                 out["selector"] = val
+            elif key == "scope":
+                if val not in ("layer", "linear"):
+                    raise ValueError
+                out["scope"] = val
             else:
-                raise SpecqError(f"bad --compensate {spec!r}: unknown key {key!r} (k, budget, selector)")
+                raise SpecqError(f"bad --compensate {spec!r}: unknown key {key!r} (k, budget, scope, selector)")
         except ValueError:
-            raise SpecqError(f"bad --compensate value {part!r} (k in (0, 1], budget like 5%, "
+            raise SpecqError(f"bad --compensate value {part!r} (k in (0, 1], budget like 5%, scope layer|linear, "
                              f"selector exact|approx)") from None
     if ("k_fraction" in out) == ("budget" in out):
         raise SpecqError(f"bad --compensate {spec!r}: give exactly one of k=... or budget=...")
+    if "scope" in out and "budget" not in out:
+        raise SpecqError(f"bad --compensate {spec!r}: scope= goes with budget=")
     return out
 
 
 def add_compensate_arg(parser):
     parser.add_argument("--compensate", default=None, metavar="SPEC",
                         help="dynamic error compensation of low-bit weights (QDEC): k=0.01 (fraction of input "
-                             "channels), or budget=5%% (k per projection tuned to that slowdown on this device); "
+                             "channels), or budget=5%% (k per projection tuned on this device so that a layer's "
+                             "Linears slow down by at most 5%%; budget=5%%,scope=linear: each Linear on its own); "
                              "append ,selector=exact for exact top-k")
     return parser
 
@@ -100,11 +114,14 @@ def graph_of(fn, calls: int = 1, warm: int = 2) -> torch.cuda.CUDAGraph:
     return g
 
 
-def _time_graph(fn, reps: int, calls: int = GRAPH_CALLS) -> float:
-    """Median seconds per call of fn() on the current CUDA device: graph_of(fn, calls) replayed reps times."""
+def _time_graph(fn, reps: int, calls: int = GRAPH_CALLS, refresh=None) -> float:
+    """Median seconds per call of fn() on the current CUDA device: graph_of(fn, calls) replayed reps times;
+    refresh() (not timed) before each replay."""
     g = graph_of(fn, calls)
     ts = []
     for i in range(reps + 2):
+        if refresh is not None:
+            refresh()
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record(); g.replay(); b.record(); b.synchronize()
         if i >= 2:
@@ -112,20 +129,54 @@ def _time_graph(fn, reps: int, calls: int = GRAPH_CALLS) -> float:
     return statistics.median(ts)
 
 
+def _inputs(cls) -> tuple[list, callable]:
+    """Per call of a timing graph, fresh inputs for each module of cls: ([[x of cl] per call], refresh). Each call
+    reads its own inputs, refreshed with new random values before every replay: the chosen channels, so the residual
+    rows fetched, change from call to call as from token to token. (The same input every time fetched the same
+    host rows, which the host's cache then served faster than decoding sees them.)"""
+    dev = cls[0].base.scales.device if hasattr(cls[0].base, "scales") else torch.device("cpu")
+    dtype = cls[0].base.scales.dtype if hasattr(cls[0].base, "scales") else torch.float32
+    n = GRAPH_CALLS if dev.type == "cuda" else 1
+    flat = torch.randn(n, sum(cl.in_features for cl in cls), device=dev, dtype=dtype)
+    xs, o = [], 0
+    for cl in cls:
+        xs.append(flat[:, o:o + cl.in_features])
+        o += cl.in_features
+    return [[x[i:i + 1] for x in xs] for i in range(n)], flat.normal_
+
+
+def _cycle(cls, per_call):
+    """fn() running every module of cls on the next call's inputs (cycling through per_call)."""
+    i = [0]
+
+    def fn():
+        xs = per_call[i[0] % len(per_call)]
+        i[0] += 1
+        for cl, x in zip(cls, xs):
+            cl(x)
+    return fn
+
+
+def _time_modules(cls, reps: int) -> float:
+    """Seconds of one decode-step call of each module of cls in turn: on CUDA per round of a graph of GRAPH_CALLS
+    rounds (fresh inputs per round and replay), on the CPU the wall clock of one round."""
+    per_call, refresh = _inputs(cls)
+    fn = _cycle(cls, per_call)
+    dev = per_call[0][0].device
+    if dev.type == "cuda":
+        with torch.cuda.device(dev):
+            return _time_graph(fn, reps, refresh=refresh)
+    return _time_fn(fn, dev, reps)
+
+
 @torch.inference_mode()
 def measure_layer(cl, k_chunk: int, reps: int = 20) -> float:
     """Seconds of one decode-step (1 token) call of CompensatedLinear cl at k_chunk (0 = base alone): on CUDA per
-    call of a graph of GRAPH_CALLS calls, on the CPU the wall clock of one call."""
-    dev = cl.base.scales.device if hasattr(cl.base, "scales") else torch.device("cpu")
-    dtype = cl.base.scales.dtype if hasattr(cl.base, "scales") else torch.float32
-    x = torch.randn(1, cl.in_features, device=dev, dtype=dtype)
+    call of a graph of GRAPH_CALLS calls (each on its own fresh input), on the CPU the wall clock of one call."""
     old = cl.k_chunk
     cl.set_k(k_chunk)
     try:
-        if x.is_cuda:
-            with torch.cuda.device(x.device):
-                return _time_graph(lambda: cl(x), reps)
-        return _time_fn(lambda: cl(x), torch.device(dev), reps)
+        return _time_modules([cl], reps)
     finally:
         cl.set_k(old)
 
@@ -145,21 +196,116 @@ def tune_module(cl, budget: float, measure=measure_layer, k_chunks=K_CHUNKS) -> 
     return best
 
 
-def tune_budget(model, budget: float, measure=measure_layer, k_chunks=K_CHUNKS) -> dict:
-    """Per projection, the largest k per chunk whose slowdown on the first layer is <= budget.
-    Sets it on every layer; returns {projection: k_fraction}."""
+@torch.inference_mode()
+def measure_chain(layers: list, k_chunks: dict, reps: int = 20) -> float:
+    """Seconds of one decode-step call of every CompensatedLinear of layers [{projection: cl}, ...] (distinct layers,
+    as decoding runs them), one after another, each on its own random input, at k_chunks {projection: k per chunk}:
+    on CUDA per round of a CUDA graph of GRAPH_CALLS rounds (fresh inputs per round), on the CPU the wall clock of
+    one round. Each module's k is restored."""
+    cls = [cl for mods in layers for cl in mods.values()]
+    old = [cl.k_chunk for cl in cls]
+    for mods in layers:
+        for p, cl in mods.items():
+            cl.set_k(k_chunks.get(p, 0))
+    try:
+        return _time_modules(cls, reps)
+    finally:
+        for cl, k in zip(cls, old):
+            cl.set_k(k)
+
+
+def ladder(cl, limit: float, t0: float, measure=measure_layer, k_chunks=K_CHUNKS) -> list:
+    """[(k per chunk, extra seconds over the base time t0), ...] of cl along the ladder, up to the first step whose
+    extra exceeds `limit` seconds (not included); extras below zero (noise) count as zero."""
+    out = []
+    for kc in k_chunks:
+        if kc > cl.chunk:
+            break
+        e = max(measure(cl, kc) - t0, 0.0)
+        if e > limit:
+            break
+        out.append((kc, e))
+    return out
+
+
+def pick(options: dict, n_chunks: dict, allowed: float) -> dict:
+    """The k per chunk per projection with the most selected channels (sum of k * chunks; ties: the least extra time)
+    whose summed extra time is <= allowed. options {projection: [(k per chunk, extra seconds), ...]} (k = 0, no
+    extra, is always an option). Exhaustive: at most a dozen steps for each of four projections."""
+    best = ({p: 0 for p in options}, 0, 0.0)
+    projs = list(options)
+
+    def walk(i, chosen, ch, ex):
+        nonlocal best
+        if ex > allowed:
+            return
+        if i == len(projs):
+            if ch > best[1] or (ch == best[1] and ex < best[2]):
+                best = (dict(chosen), ch, ex)
+            return
+        p = projs[i]
+        for kc, e in [(0, 0.0)] + list(options[p]):
+            chosen[p] = kc
+            walk(i + 1, chosen, ch + kc * n_chunks[p], ex + e)
+        del chosen[p]
+    walk(0, {}, 0, 0.0)
+    return best[0]
+
+
+def tune_layer(mods: dict, budget: float, measure=measure_layer, chain=measure_chain, k_chunks=K_CHUNKS,
+               rounds: int = 6, layers: list | None = None, log=None) -> dict:
+    """k per chunk per projection {projection: k} for one layer's CompensatedLinears mods {projection: cl}: the most
+    selected channels whose layer slowdown is <= budget. Each Linear's extra time is measured along the ladder; the
+    choice whose summed extra fits budget x the summed base times is then timed as decoding runs it (chain: the
+    Linears of `layers`, default [mods], one after another); while that slowdown is over the budget, the allowed
+    extra shrinks in proportion (with a 10% margin) and the choice is made again (at most `rounds` times; then
+    none)."""
+    t0 = {p: measure(cl, 0) for p, cl in mods.items()}
+    allowed = budget * sum(t0.values())
+    opts = {p: ladder(cl, allowed, t0[p], measure, k_chunks) for p, cl in mods.items()}
+    n = {p: cl.n_chunks for p, cl in mods.items()}
+    choice = pick(opts, n, allowed)
+    if chain is None or not any(choice.values()):
+        return choice
+    for _ in range(rounds):
+        b0, b1 = chain(layers or [mods], {}), chain(layers or [mods], choice)
+        slow = (b1 - b0) / b0
+        if log:
+            log(f"tune_layer: k per chunk {choice}: summed extra {100 * allowed / sum(t0.values()):.1f}% allowed, "
+                f"chain of {len(layers or [mods])} layers {1e6 * b0:.1f} -> {1e6 * b1:.1f} us ({100 * slow:+.1f}%)")
+        if slow <= budget:
+            return choice
+        allowed *= 0.9 * budget / slow
+        choice = pick(opts, n, allowed)
+        if not any(choice.values()):
+            return choice
+    return {p: 0 for p in mods}
+
+
+def tune_budget(model, budget: float, measure=measure_layer, k_chunks=K_CHUNKS, scope: str = "layer",
+                chain=measure_chain) -> dict:
+    """k per chunk per projection, tuned on the first layer and set on every layer; returns {projection: k_fraction}.
+    scope "layer": the most channels with the layer's Linears together within budget (tune_layer); "linear": per
+    projection the largest k whose slowdown of that Linear alone is <= budget (tune_module)."""
     mods = compensated_modules(model)
     if not mods:
         raise SpecqError("no compensated Linear to tune")
+    if scope not in ("layer", "linear"):
+        raise SpecqError(f"tune_budget: scope {scope!r} (layer or linear)")
+    by = {proj: [m for nm, m in mods if nm.endswith(proj)] for proj in PROJ}
+    by = {p: ms for p, ms in by.items() if ms}
+    first = {p: ms[0] for p, ms in by.items()}
+    if scope == "layer":
+        n = min(CHAIN_LAYERS, min(len(ms) for ms in by.values()))
+        ks = tune_layer(first, budget, measure, chain, k_chunks, layers=[{p: ms[i] for p, ms in by.items()}
+                                                                           for i in range(n)])
+    else:
+        ks = {p: tune_module(cl, budget, measure, k_chunks) for p, cl in first.items()}
     chosen = {}
-    for proj in PROJ:
-        ms = [m for nm, m in mods if nm.endswith(proj)]
-        if not ms:
-            continue
-        best = tune_module(ms[0], budget, measure, k_chunks)
+    for p, ms in by.items():
         for m in ms:
-            m.set_k(best)
-        chosen[proj] = best * ms[0].n_chunks / ms[0].in_features
+            m.set_k(ks[p])
+        chosen[p] = ks[p] * ms[0].n_chunks / ms[0].in_features
     return chosen
 
 
@@ -181,7 +327,7 @@ def apply_compensation(model, spec: str | None, fp=None, calib=None, tokenizer=N
     k0 = opts.get("k_fraction", 1.0 / 1024)
     compensate_model(model, fp, k_fraction=k0, selector=sel, calib=calib)
     if "budget" in opts:
-        chosen = tune_budget(model, opts["budget"])
+        chosen = tune_budget(model, opts["budget"], scope=opts.get("scope", "layer"))
     else:
         chosen = {}
         for nm, m in compensated_modules(model):

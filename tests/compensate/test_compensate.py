@@ -196,11 +196,63 @@ def test_compensate_model_approx_improves_and_tunes():
         proj = next(p for p in cost if cl is getattr(q.layers[0].self_attn, p, None) or
                     cl is getattr(q.layers[0].mlp, p, None))
         return 1.0 + cost[proj] * kc
-    chosen = tune_budget(q, 0.05, measure=fake_measure)
+    chosen = tune_budget(q, 0.05, measure=fake_measure, scope="linear")
     # largest k per chunk in the ladder with cost * k <= 5%
     assert q.layers[1].self_attn.qkv_proj.k_chunk == 4 and q.layers[1].self_attn.o_proj.k_chunk == 24
     assert q.layers[0].mlp.gate_up_proj.k_chunk == 12 and q.layers[0].mlp.down_proj.k_chunk == 2
     assert chosen["o_proj"] == 24 / 64
+
+
+def test_tuner_layer_scope_most_channels_within_the_layer_budget():
+    """budget=5% (scope=layer): the k per projection with the most channels whose summed extra time fits 5% of the
+    layer's summed base time (here 80 channels against 42 with each Linear held to 5% on its own); when the layer
+    timed as a chain is slower than the sum says, the choice shrinks until the chain fits."""
+    import itertools
+
+    from specq.compensate.tune import K_CHUNKS, tune_layer
+    fp = tiny()
+    q, fpw = quantized(fp)
+    compensate_model(q, fpw, k_fraction=0.25, selector="approx", calib=torch.randint(0, 97, (4, 32)))
+    cost = {"qkv_proj": 0.01, "o_proj": 0.002, "gate_up_proj": 0.004, "down_proj": 0.02}
+    lay = q.layers[0]
+    mods = {"qkv_proj": lay.self_attn.qkv_proj, "o_proj": lay.self_attn.o_proj, "gate_up_proj": lay.mlp.gate_up_proj,
+            "down_proj": lay.mlp.down_proj}
+    proj_of = {id(cl): p for p, cl in mods.items()}
+    calls = []
+
+    def fake_measure(cl, kc):
+        return 1.0 + cost[proj_of[id(cl)]] * kc
+
+    def fake_chain(factor):
+        def chain(layers, ks):
+            calls.append(dict(ks))
+            assert len(layers) in (1, 2)                     # tune_budget checks both layers of the model
+            return 4.0 + factor * sum(cost[p] * ks.get(p, 0) for p in layers[0])
+        return chain
+    # brute force over the ladder: most channels (every projection here is one chunk) with sum(cost * k) <= 0.2
+    lad = [0] + [k for k in K_CHUNKS if k <= 64]
+    best = max((c for c in itertools.product(lad, repeat=4)
+                if sum(cost[p] * k for p, k in zip(mods, c)) <= 0.2 + 1e-12), key=sum)
+    assert sum(best) == 80
+    chosen = tune_budget(q, 0.05, measure=fake_measure, chain=fake_chain(1.0))
+    ks = {p: cl.k_chunk for p, cl in mods.items()}
+    assert ks == {"qkv_proj": 0, "o_proj": 64, "gate_up_proj": 16, "down_proj": 0}
+    assert q.layers[1].self_attn.o_proj.k_chunk == 64 and q.layers[1].mlp.gate_up_proj.k_chunk == 16
+    assert chosen["o_proj"] == 1.0 and chosen["qkv_proj"] == 0.0
+    assert calls[-1] == ks                                   # the choice was timed as a chain, and it fit
+    # the chain costs twice what the sum says: 9.6% > 5%, so the allowed extra shrinks to 0.2 * 0.9 * 5 / 9.6
+    calls.clear()
+    ks2 = tune_layer(mods, 0.05, measure=fake_measure, chain=fake_chain(2.0))
+    assert ks2 == {"qkv_proj": 0, "o_proj": 32, "gate_up_proj": 6, "down_proj": 0}
+    assert 2 * sum(cost[p] * k for p, k in ks2.items()) / 4.0 <= 0.05
+    assert len(calls) == 4                                   # two rounds of (base, choice)
+    # a chain that never fits: nothing is compensated
+    assert not any(tune_layer(mods, 0.05, measure=fake_measure, chain=fake_chain(100.0)).values())
+    # the real timer runs the four Linears and leaves each module's k as it was
+    from specq.compensate.tune import measure_chain
+    before = {p: cl.k_chunk for p, cl in mods.items()}
+    assert measure_chain([mods], {"o_proj": 2, "down_proj": 4}, reps=2) > 0
+    assert {p: cl.k_chunk for p, cl in mods.items()} == before
 
 
 def test_spec_decoding_lossless_with_compensated_target():
@@ -235,9 +287,11 @@ def test_spec_decoding_lossless_with_compensated_target():
 def test_parse_spec_and_errors():
     assert parse_spec("k=0.01") == {"selector": "approx", "k_fraction": 0.01}
     assert parse_spec("budget=5%") == {"selector": "approx", "budget": 0.05}
+    assert parse_spec("budget=5%,scope=linear") == {"selector": "approx", "budget": 0.05, "scope": "linear"}
     assert parse_spec("k=1%,selector=exact") == {"selector": "exact", "k_fraction": 0.01}
     assert parse_spec("off") == {} and parse_spec(None) == {}
-    for bad in ("k=2", "k=abc", "budget=5%,k=0.1", "selector=exact", "x=1", "k"):
+    for bad in ("k=2", "k=abc", "budget=5%,k=0.1", "selector=exact", "x=1", "k", "budget=5%,scope=step",
+                "k=0.01,scope=layer"):
         with pytest.raises(SpecqError):
             parse_spec(bad)
     fp = tiny()
