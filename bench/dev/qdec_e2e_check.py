@@ -2,7 +2,8 @@
 of Llama-3.2-1B shape (vocab 4096), RTN W4A16 or W3A16, compensated at k = 0.5% (approx selector, calibrated on
 random tokens). Greedy tokens of eager decoding, of the CUDA-graph Decoder, and of the compiled Decoder (the
 CompensatedLinear as one opaque op); how often the one-token paths of specq.compensate.mma ran (in-grid on w4mma,
-qdec1 apart, W3A16).   PYTHONPATH=$PWD python bench/dev/qdec_e2e_check.py   (FMTS=w3a16 K=0: one format, another k)"""
+qdec1 apart, W3A16).   PYTHONPATH=$PWD python bench/dev/qdec_e2e_check.py   (FMTS=w3a16 K=0: one format, another k;
+BUDGET=5%: k tuned by --compensate budget=5%, scope as BUDGET says, e.g. 5%,scope=linear)"""
 import os
 import sys
 from pathlib import Path
@@ -65,8 +66,14 @@ def main():
         if fmt != "bf16":                 # bf16: the unquantized model, no compensation (a peer for LOGITS)
             with keep_fp_weights() as fp:
                 quantize_model(model, fmt, "rtn", progress=False)
-            compensate_model(model, fp, k_fraction=float(os.environ.get("K", "0.005")), selector="approx",
-                             calib=torch.randint(0, 4096, (4, 64), generator=g))
+            calib = torch.randint(0, 4096, (4, 64), generator=g)
+            if os.environ.get("BUDGET"):  # --compensate budget=...: the tuner on this GPU (specq.compensate.tune)
+                from specq.compensate import apply_compensation
+                apply_compensation(model, f"budget={os.environ['BUDGET']}", fp=fp, calib=calib,
+                                   log=lambda m: print(f"{fmt} {m}"))
+            else:
+                compensate_model(model, fp, k_fraction=float(os.environ.get("K", "0.005")), selector="approx",
+                                 calib=calib)
         else:
             torch.randint(0, 4096, (4, 64), generator=g)
         ids = torch.randint(0, 4096, (12,), generator=g).cuda()
