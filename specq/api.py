@@ -61,6 +61,9 @@ class LLM:
         self.dtype = pick_dtype(dtype, self.device)
         t0 = time.perf_counter()
         self.model_name = model
+        if compensate:                              # a bad spec fails before the (slow) load and quantization
+            from .compensate.tune import parse_spec
+            parse_spec(compensate)
         self.model, self.tok = load_model(model, dtype=torch.float32 if quant else self.dtype, device="cpu")
         fp = None
         if compensate and not quant:

@@ -26,6 +26,9 @@ def run(capsys, *argv):
     (["generate", "hi", "--format", "w8a8", "--quant-lm-head"], "weight-only"),
     (["generate", "hi", "--quant-lm-head"], "--quant-lm-head needs --format"),
     (["bench", "spec", "--format", "w4a8", "--quant-lm-head"], "weight-only"),
+    # a bad --compensate spec fails before the model is loaded (here: before "model not found")
+    (["generate", "hi", "--format", "w3a16", "--compensate", "budget=5%,scope=step", "--model", "/no/such/model"],
+     "bad --compensate"),
 ])
 def test_bad_arguments(capsys, argv, msg):
     rc, out, err = run(capsys, *argv)
