@@ -132,8 +132,8 @@ def _time_graph(fn, reps: int, calls: int = GRAPH_CALLS, refresh=None) -> float:
 def _inputs(cls) -> tuple[list, callable]:
     """Per call of a timing graph, fresh inputs for each module of cls: ([[x of cl] per call], refresh). Each call
     reads its own inputs, refreshed with new random values before every replay: the chosen channels, so the residual
-    rows fetched, change from call to call as from token to token. (The same input every time fetched the same
-    host rows, which the host's cache then served faster than decoding sees them.)"""
+    rows fetched, change from call to call as from token to token (one input for every call fetched the same host
+    rows each time, which the host's caches may serve faster than decoding sees them)."""
     dev = cls[0].base.scales.device if hasattr(cls[0].base, "scales") else torch.device("cpu")
     dtype = cls[0].base.scales.dtype if hasattr(cls[0].base, "scales") else torch.float32
     n = GRAPH_CALLS if dev.type == "cuda" else 1
