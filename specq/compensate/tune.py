@@ -99,19 +99,14 @@ def _time_fn(fn, device, reps: int) -> float:
 
 
 def graph_of(fn, calls: int = 1, warm: int = 2) -> torch.cuda.CUDAGraph:
-    """A CUDA graph of `calls` back-to-back calls of fn(), captured after `warm` eager calls on a side stream
-    (compilation, and buffers that must exist before a capture)."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(warm):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
+    """A CUDA graph of `calls` back-to-back calls of fn(), captured after `warm` eager rounds of them on a side stream
+    (compilation, and buffers that must exist before a capture): specq.spec.graphs.capture."""
+    from ..spec.graphs import capture
+
+    def run():
         for _ in range(calls):
             fn()
-    return g
+    return capture(run, warm)[0]
 
 
 def _time_graph(fn, reps: int, calls: int = GRAPH_CALLS, refresh=None) -> float:

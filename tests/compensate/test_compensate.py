@@ -246,6 +246,8 @@ def test_tuner_layer_scope_most_channels_within_the_layer_budget():
     assert ks2 == {"qkv_proj": 0, "o_proj": 32, "gate_up_proj": 6, "down_proj": 0}
     assert 2 * sum(cost[p] * k for p, k in ks2.items()) / 4.0 <= 0.05
     assert len(calls) == 4                                   # two rounds of (base, choice)
+    with pytest.raises(SpecqError, match="scope"):
+        tune_budget(q, 0.05, measure=fake_measure, scope="step")
     # a chain that never fits: nothing is compensated
     assert not any(tune_layer(mods, 0.05, measure=fake_measure, chain=fake_chain(100.0)).values())
     # the real timer runs the four Linears and leaves each module's k as it was
