@@ -3,7 +3,8 @@ activations per replay, interleaved rounds, median per layer), timed like bench/
 uncompensated w4mma base of the same call.  PYTHONPATH=$PWD VARIANTS=old,new python bench/dev/qdec_ab.py
 A variant "v" takes the CUDA sources of qdec1 and w4mma from specq.compensate._mma_v and specq.kernels._w4mma_v
 (e.g. uncommitted copies of the previous files; their Python is not used) or, for "new", the modules as they are
-("sep": the same with qdec1 as its own kernel, SPECQ_QDEC_INGRID=0).
+("sep": the same with qdec1 as its own kernel, SPECQ_QDEC_INGRID=0); "v@noepi" etc.: variant v's sources with a
+diagnostic QDIAG (DIAGS).
 Checks each variant first (qdec_overhead.check_mma)."""
 import importlib
 import os
@@ -21,11 +22,16 @@ from specq.kernels import w4mma  # noqa: E402
 NEW = (mma._SRC, w4mma._SMALL, w4mma._HELPERS)
 
 
+DIAGS = {"nofetch": "#define QDIAG 1\n", "noqdec": "#define QDIAG 2\n", "noqi": "#define QDIAG 3\n",
+         "noepi": "#define QDIAG 4\n"}
+
+
 def use(variant):
+    """variant: new | sep | a diagnostic (DIAGS) | v (the _mma_v / _w4mma_v sources) | v@diagnostic"""
     mma.INGRID = variant != "sep"          # "sep": the sources as they are, qdec1 as its own kernel before w4mma
-    mma.DIAG = {"nofetch": "#define QDIAG 1\n", "noqdec": "#define QDIAG 2\n", "noqi": "#define QDIAG 3\n",
-                "noepi": "#define QDIAG 4\n"}.get(variant, "")
-    if variant in ("new", "sep", "nofetch", "noqdec", "noqi", "noepi"):
+    variant, _, diag = variant.partition("@")
+    mma.DIAG = DIAGS.get(diag or variant, "")
+    if variant in ("new", "sep") or variant in DIAGS:
         mma._SRC, w4mma._SMALL, w4mma._HELPERS = NEW
     else:
         m = importlib.import_module(f"specq.compensate._mma_{variant}")
@@ -44,7 +50,7 @@ def main():
     print(torch.cuda.get_device_name(), torch.__version__)
     for v in variants:
         use(v)
-        if v in ("nofetch", "noqdec", "noqi", "noepi"):     # diagnostics: wrong sums by design
+        if v.partition("@")[2] or v in DIAGS:            # diagnostics: wrong sums by design
             continue
         r = check_mma(dev, lambda s: None)
         bad = {k: c for k, c in r.items() if c == "not usable" or c["partials_rel_err"] != 0.0
