@@ -66,15 +66,18 @@ class LLM:
             parse_spec(compensate)
         self.model, self.tok = load_model(model, dtype=torch.float32 if quant else self.dtype, device="cpu")
         fp = None
-        if compensate and not quant:
-            raise SpecqError("--compensate needs a weight-only --format (w4a16, w3a16, w2a16)")
+        from .compensate.linear import compensated_modules
+        saved = bool(compensated_modules(self.model))   # a checkpoint saved by `specq quantize --compensate`
+        if compensate and not quant and not saved:
+            raise SpecqError("--compensate needs a weight-only --format (w4a16, w3a16, w2a16), or a checkpoint "
+                             "saved by `specq quantize --compensate`")
         if quant:
             from .compensate.linear import keep_fp_weights
             from .quant import quantize_model
             with keep_fp_weights() as fp:   # the exact weights each quantized Linear came from (for QDEC)
                 quantize_model(self.model, tokenizer=self.tok, fit_group=True, **quant)
         self.model.to(device=self.device, dtype=self.dtype)
-        if compensate:
+        if compensate or saved:                     # saved and no --compensate: the checkpoint's own spec
             from .compensate.tune import apply_compensation
             apply_compensation(self.model, compensate, fp=fp, tokenizer=self.tok)
         self.spec = dict(spec or {})

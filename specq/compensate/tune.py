@@ -25,6 +25,7 @@ import torch
 
 from ..errors import SpecqError
 from .linear import compensate_model, compensated_modules
+from .select import k_chunk_for
 
 PROJ = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 K_CHUNKS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
@@ -74,12 +75,18 @@ def parse_spec(spec: str) -> dict:
     return out
 
 
-def add_compensate_arg(parser):
+def add_compensate_arg(parser, saved: bool = False):
+    """--compensate SPEC; saved: `specq quantize`, which writes the residuals into the checkpoint."""
     parser.add_argument("--compensate", default=None, metavar="SPEC",
                         help="dynamic error compensation of low-bit weights (QDEC): k=0.01 (fraction of input "
                              "channels), or budget=5%% (k per projection tuned on this device so that a layer's "
                              "Linears slow down by at most 5%%; budget=5%%,scope=linear: each Linear on its own); "
-                             "append ,selector=exact for exact top-k")
+                             "append ,selector=exact for exact top-k" +
+                             ("; the 4-bit residuals and calibration statistics are saved with the checkpoint "
+                              "(residual.safetensors) and the spec applies whenever it is loaded (budget= is tuned "
+                              "on the loading device; --compensate there overrides it)" if saved else
+                              "; a checkpoint saved by `specq quantize --compensate` applies its own spec unless "
+                              "this overrides it (off: none)"))
     return parser
 
 
@@ -304,28 +311,63 @@ def tune_budget(model, budget: float, measure=measure_layer, k_chunks=K_CHUNKS, 
     return chosen
 
 
-def apply_compensation(model, spec: str | None, fp=None, calib=None, tokenizer=None, log=print):
-    """Apply a --compensate spec to a quantized model (in place). fp: full-precision weights (see
-    compensate_model); calib: LongTensor [n, L] tokens, else taken from WikiText-2 valid via tokenizer.
-    Returns {projection: k_fraction} (empty when spec is off)."""
-    opts = parse_spec(spec) if isinstance(spec, str) or spec is None else dict(spec)
+def calib_for(tokenizer) -> torch.Tensor:
+    """The calibration tokens of the approx selector's thresholds: 8 windows of 256 tokens of WikiText-2 valid."""
+    from ..quant.calib import calib_tokens
+    return calib_tokens(tokenizer, "wikitext2", n=8, seqlen=256, seed=1)
+
+
+def attach(model, spec: str, fp, calib=None, tokenizer=None) -> dict:
+    """Residuals (4-bit) and, for the approx selector, calibration statistics for every decoder WQLinear of a
+    quantized model, k = 0 for now; the spec is recorded in model.quant_info["compensate"], so that save_quantized
+    writes it with the residuals. fp: full-precision weights (see compensate_model); calib: LongTensor [n, L]
+    tokens, else calib_for(tokenizer). Returns the parsed spec ({} when off)."""
+    opts = parse_spec(spec)
     if not opts:
         return {}
     if fp is None:
-        raise SpecqError("--compensate needs the full-precision weights (the unquantized model)")
+        raise SpecqError("--compensate needs the full-precision weights: quantize with --format (w4a16, w3a16, "
+                         "w2a16), or load a checkpoint saved by `specq quantize --compensate`")
     sel = opts["selector"]
     if sel == "approx" and calib is None:
         if tokenizer is None:
             raise SpecqError("--compensate with the approx selector needs calibration tokens or a tokenizer")
-        from ..quant.calib import calib_tokens
-        calib = calib_tokens(tokenizer, "wikitext2", n=8, seqlen=256, seed=1)
-    k0 = opts.get("k_fraction", 1.0 / 1024)
-    compensate_model(model, fp, k_fraction=k0, selector=sel, calib=calib)
+        calib = calib_for(tokenizer)
+    compensate_model(model, fp, k_fraction=0.0, selector=sel, calib=calib)
+    if isinstance(getattr(model, "quant_info", None), dict):
+        model.quant_info["compensate"] = {"spec": spec.strip(), "selector": sel}
+    return opts
+
+
+def apply_compensation(model, spec: str | None, fp=None, calib=None, tokenizer=None, log=print):
+    """Apply a --compensate spec to a quantized model (in place): residuals from fp (attach), then k per projection
+    (k=: as given; budget=: tune_budget on the model's device). A model loaded from a checkpoint saved by `specq
+    quantize --compensate` has its residuals already: spec None applies the saved spec, another spec sets k (or
+    tunes) on them, "off" turns them off. Returns {projection: k_fraction} (empty when off)."""
+    mods = compensated_modules(model)
+    saved = (getattr(model, "quant_info", None) or {}).get("compensate") if mods else None
+    if spec is None and saved:
+        spec = saved["spec"]
+    opts = parse_spec(spec)
+    if not opts:
+        for _, m in mods:
+            m.set_k(0)
+        return {}
+    sel = opts["selector"]
+    if not mods:
+        attach(model, spec, fp, calib, tokenizer)
+        mods = compensated_modules(model)
+    elif sel == "approx" and any(m.stats is None for _, m in mods):
+        raise SpecqError("this checkpoint's compensation was saved for selector=exact (no calibration statistics): "
+                         "add ,selector=exact")
+    for _, m in mods:
+        m.set_k(0, selector=sel)
     if "budget" in opts:
         chosen = tune_budget(model, opts["budget"], scope=opts.get("scope", "layer"))
     else:
         chosen = {}
-        for nm, m in compensated_modules(model):
+        for nm, m in mods:
+            m.set_k(k_chunk_for(m.in_features, opts["k_fraction"]))
             chosen[nm.rsplit(".", 1)[-1]] = m.k_fraction
     if log:
         log("compensation: " + ", ".join(f"{p} k={f:.4f}" for p, f in chosen.items()) + f" ({sel} top-k)")

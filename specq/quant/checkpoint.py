@@ -2,7 +2,8 @@
 
 specq format (a directory): model.safetensors (state dict; a tied lm_head is not duplicated) and
 config.json = ModelConfig fields + "quantization": {format, method, bits, group_size, sym, act_order,
-alpha, dtype, perm_modules, lm_head}. lm_head true: the head is a WQLinear (lm_head.qweight / scales /
+alpha, dtype, perm_modules, lm_head, compensate}. compensate (`specq quantize --compensate`): the spec and selector
+of the dynamic error compensation whose residuals are in residual.safetensors (specq.compensate.store). lm_head true: the head is a WQLinear (lm_head.qweight / scales /
 zeros), stored even when tie_word_embeddings (the embedding stays full precision, untied). load_quantized() validates everything and raises SpecqError on any
 mismatch (missing/extra tensors, wrong shapes or dtypes, non-finite scales, codes out of range).
 
@@ -53,14 +54,28 @@ def save_quantized(model, out_dir, tokenizer=None, extra: dict | None = None):
     q = getattr(model, "quant_info", None)
     if not q:
         raise SpecqError("model is not quantized (run quantize_model first)")
+    from ..compensate import store
+    from ..compensate.linear import compensated_modules
+    comp = compensated_modules(model)
+    if comp and not isinstance(q.get("compensate"), dict):
+        raise SpecqError("compensated model without its spec in quant_info['compensate']")
+    residuals = store.tensors_of(model) if comp else None    # before anything is written
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    sd = {k: v.contiguous() for k, v in model.state_dict().items()}
+    wrapped = tuple(f"{nm}.base." for nm, _ in comp)          # CompensatedLinear: its quantized Linear's own names
+    sd = {}
+    for k, v in model.state_dict().items():
+        pre = next((w for w in wrapped if k.startswith(w)), None)
+        sd[k if pre is None else pre[:-len("base.")] + k[len(pre):]] = v.contiguous()
     if model.cfg.tie_word_embeddings:
         sd.pop("lm_head.weight", None)               # a quantized head (lm_head.qweight ...) is kept
     perm_modules = [f"layers.{i}.{nm}" for i, l in enumerate(model.layers) for nm in LINEARS
-                    if getattr(get(l, nm), "perm", None) is not None]
+                    if getattr(getattr(get(l, nm), "base", get(l, nm)), "perm", None) is not None]
     save_file(sd, str(out / "model.safetensors"), metadata={"format": "specq"})
+    if residuals is not None:
+        save_file(residuals, str(out / store.FILE), metadata={"format": "specq-residual"})
+    elif (out / store.FILE).exists():
+        (out / store.FILE).unlink()                  # a stale file from an earlier run into the same directory
     conf = model.cfg.to_dict()
     conf["quantization"] = dict(q, dtype=_dtype_name(model.dtype), perm_modules=perm_modules, **(extra or {}))
     (out / "config.json").write_text(json.dumps(conf, indent=2))
@@ -130,6 +145,9 @@ def load_quantized(path, dtype=None, device="cpu"):
             raise SpecqError(f"corrupt quantized checkpoint {p}: zero point out of range")
     from ..models.config import rope_inv_freq
     model.inv_freq = rope_inv_freq(cfg).to(device)
+    if q.get("compensate") is not None:             # saved by `specq quantize --compensate`: residuals beside
+        from ..compensate import store               # the weights, k set later (tune.apply_compensation)
+        store.load(model, p, q["compensate"])
     model.quant_info = {k: v for k, v in q.items() if k not in ("dtype", "perm_modules")}
     from ..models.hf import load_hf_tokenizer
     return model.eval(), load_hf_tokenizer(p, cfg)

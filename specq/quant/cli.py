@@ -52,6 +52,8 @@ def _quant_args(p, required: bool):
     g.add_argument("--calib-samples", type=int, default=32, help="calibration windows (default 32)")
     g.add_argument("--calib-seqlen", type=int, default=512, help="tokens per calibration window (default 512)")
     g.add_argument("--seed", type=int, default=0, help="seed for picking calibration windows (default 0)")
+    from ..compensate.tune import add_compensate_arg
+    add_compensate_arg(g, saved=required)
 
 
 def _model_args(p):
@@ -79,18 +81,39 @@ def _quantize(a, model, tok):
                           fp_target=a.fp_target, damp=a.damp, lm_head=a.quant_lm_head)
 
 
+def _check_compensate(a):
+    """A bad --compensate spec, or one on a format without weight-only Linears, fails before the model load."""
+    if not a.compensate:
+        return
+    from ..compensate.tune import parse_spec
+    parse_spec(a.compensate)
+    if a.format and not a.format.endswith("a16"):
+        raise SpecqError(f"--compensate needs a weight-only --format (w4a16, w3a16, w2a16), not {a.format}")
+
+
 def cmd_quantize(a) -> int:
+    from ..compensate.linear import keep_fp_weights
     from .checkpoint import save_quantized
     from .quantize import check_lm_head, weight_bytes
     if a.quant_lm_head:
         check_lm_head(a.format)                      # before the (slow) model load
+    _check_compensate(a)
     model, tok = _load(a)
     if getattr(model, "quant_info", None):
         raise SpecqError(f"{a.model} is already quantized")
-    _quantize(a, model, tok)
+    with keep_fp_weights() as fp:                    # the exact weights each quantized Linear came from (QDEC)
+        _quantize(a, model, tok)
+    if a.compensate:
+        from ..compensate.tune import attach
+        attach(model, a.compensate, fp, tokenizer=tok)
     out = save_quantized(model, a.out, tok, extra={"source": a.model})
     wb = weight_bytes(model)
     print(f"wrote {out}  ({a.format} {a.method}, group {a.group_size}{', lm_head RTN' if a.quant_lm_head else ''})")
+    if a.compensate:
+        from ..compensate import store
+        size = (out / store.FILE).stat().st_size
+        print(f"compensation residuals ({a.compensate}): {store.FILE}, {size / 2**20:.2f} MiB, kept in host memory "
+              "when loaded; k is set when the checkpoint is loaded (budget= is tuned on that device)")
     print(f"decoder linear weights: {wb['linear_bytes'] / 2**20:.2f} MiB with bf16 scales vs "
           f"{wb['bf16_linear_bytes'] / 2**20:.2f} MiB in bf16 ({wb['ratio_vs_bf16']:.2f}x smaller); "
           f"whole model {wb['total_bytes'] / 2**20:.2f} MiB")
@@ -106,9 +129,19 @@ def cmd_ppl(a) -> int:
         if not a.format:
             raise SpecqError("--quant-lm-head needs --format (w4a16, w3a16, w2a16)")
         check_lm_head(a.format)                      # before the (slow) model load
+    _check_compensate(a)
     model, tok = _load(a)
+    fp = None
     if a.format:
-        _quantize(a, model, tok)
+        from ..compensate.linear import keep_fp_weights
+        with keep_fp_weights() as fp:
+            _quantize(a, model, tok)
+    from ..compensate.linear import compensated_modules
+    comp = {}
+    if a.compensate or compensated_modules(model):   # or the residuals of a checkpoint saved with them
+        from ..compensate.tune import apply_compensation
+        comp = apply_compensation(model, a.compensate, fp=fp, tokenizer=tok,
+                                  log=None if a.json else (lambda s: print(s, file=sys.stderr)))
     if a.kv_int8:
         orig = model.setup_cache
         model.setup_cache = lambda size, **kw: orig(size, cache_cls=Int8KVCache, **kw)
@@ -119,9 +152,11 @@ def cmd_ppl(a) -> int:
     q = getattr(model, "quant_info", None) or {"format": "fp"}
     res = {"model": a.model, "data": a.data, "ppl": round(ppl, 4), "tokens": n, "ctx": a.ctx,
            "format": q.get("format"), "method": q.get("method"), "group_size": q.get("group_size"),
-           "kv_int8": a.kv_int8, **({"lm_head": "quantized"} if q.get("lm_head") else {})}
-    print(json.dumps(res) if a.json else f"perplexity {ppl:.4f} over {n} tokens ({a.data}, windows of {a.ctx}, "
-          f"{q.get('format')} {q.get('method') or ''})".rstrip())
+           "kv_int8": a.kv_int8, **({"lm_head": "quantized"} if q.get("lm_head") else {}),
+           **({"compensate": a.compensate or (q.get("compensate") or {}).get("spec"),
+               "k_fraction": {p: round(f, 6) for p, f in comp.items()}} if comp else {})}
+    what = f"{q.get('format')} {q.get('method') or ''}".rstrip() + (f", compensate {res['compensate']}" if comp else "")
+    print(json.dumps(res) if a.json else f"perplexity {ppl:.4f} over {n} tokens ({a.data}, windows of {a.ctx}, {what})")
     return 0
 
 
