@@ -3,7 +3,8 @@ of Llama-3.2-1B shape (vocab 4096), RTN W4A16 or W3A16, compensated at k = 0.5% 
 random tokens). Greedy tokens of eager decoding, of the CUDA-graph Decoder, and of the compiled Decoder (the
 CompensatedLinear as one opaque op); how often the one-token paths of specq.compensate.mma ran (in-grid on w4mma,
 qdec1 apart, W3A16).   PYTHONPATH=$PWD python bench/dev/qdec_e2e_check.py   (FMTS=w3a16 K=0: one format, another k;
-BUDGET=5%: k tuned by --compensate budget=5%, scope as BUDGET says, e.g. 5%,scope=linear)"""
+BUDGET=5%: k tuned by --compensate budget=5%, scope as BUDGET says, e.g. 5%,scope=linear; CKPT=1: also saved with
+its residuals as `specq quantize --compensate` does, loaded back and decoded: tokens equal to the model it came from)"""
 import os
 import sys
 from pathlib import Path
@@ -13,7 +14,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from specq.bench.randmodel import build_random, config  # noqa: E402
 from specq.compensate import mma  # noqa: E402
-from specq.compensate.linear import compensate_model, keep_fp_weights  # noqa: E402
+from specq.compensate.linear import compensate_model, compensated_modules, keep_fp_weights  # noqa: E402
 from specq.generate import Decoder  # noqa: E402
 from specq.quant import quantize_model  # noqa: E402
 
@@ -95,6 +96,22 @@ def main():
             d, dg = (lc - le).abs().amax(1), (lg - le).abs().amax(1)
             print(f"{fmt} max |logit diff| compiled vs eager per step: {[round(float(v), 4) for v in d[:10]]}; "
                   f"graph vs eager: {[round(float(v), 4) for v in dg[:10]]}; max |logit| {le.abs().max().item():.2f}")
+        if os.environ.get("CKPT") and fmt != "bf16":   # save_quantized + load_quantized (specq.compensate.store)
+            import tempfile
+            from specq.compensate import apply_compensation
+            from specq.quant.checkpoint import load_quantized, save_quantized
+            with tempfile.TemporaryDirectory() as tmp:
+                model.quant_info["compensate"] = {"spec": f"k={os.environ.get('K', '0.005')}", "selector": "approx"}
+                save_quantized(model, tmp)
+                m2, _ = load_quantized(tmp, dtype=torch.bfloat16, device="cuda")
+                pinned = all(cl.residual.codes.is_pinned() for _, cl in compensated_modules(m2))
+                apply_compensation(m2, None, log=lambda m: print(f"{fmt} reloaded {m}"))
+                for name, kw in (("eager", dict(cuda_graph=False)), ("graph", dict(cuda_graph=True))):
+                    for k in counts:
+                        counts[k] = 0
+                    t2 = greedy(m2, ids, **kw)
+                    print(f"{fmt} reloaded {name}: == in-memory eager {sum(a == b for a, b in zip(res['eager'], t2))}"
+                          f"/{N_NEW}, codes pinned {pinned}, one-token mma paths {dict(counts)}", flush=True)
         same_g = sum(a == b for a, b in zip(res["eager"], res["graph"]))
         same_c = sum(a == b for a, b in zip(res["eager"], res["compiled"]))
         print(f"{fmt} k={os.environ.get('K', '0.005')} PDL={os.environ.get('SPECQ_PDL', '1')}: graph == eager "
