@@ -5,8 +5,7 @@
 Every row of a multi-token input (prefill, speculative verification) gets its own salient set, so a
 verification forward equals the same tokens decoded one at a time.
 CPU / no kernel: reference math in torch (gather the selected rows; long inputs gather blocks of rows
-from the cached dequantized residual, or on a GPU multiply x with its unselected channels zeroed by it -
-the same sums). CUDA: specq.compensate.kernel (unless use_kernel is False); one token on specq's W4A16 weight with the
+from the cached dequantized residual in host memory; on a GPU only those rows are copied over). CUDA: specq.compensate.kernel (unless use_kernel is False); one token on specq's W4A16 weight with the
 w4mma layout, or on the W3A16 kernel: specq.compensate.mma (the compensation kernel before the GEMV on the same
 stream, no add kernel).
 """
@@ -79,11 +78,10 @@ class CompensatedLinear(nn.Module):
         if M * k * R.N <= GATHER_MAX:
             rows = R.rows(idx).to(x2.device)                                    # [M, k, N]
             return torch.einsum("mk,mkn->mn", xs, rows)
-        full = R.full(x2.device)                                                # [K, N], cached
-        if x2.is_cuda:                   # one GEMM with the unselected channels zeroed: same sum
-            return torch.zeros(M, R.K, device=x2.device).scatter_(1, idx, xs) @ full
-        b = max(1, GATHER_MAX // (k * R.N))                                     # rows per block
-        return torch.cat([torch.einsum("mk,mkn->mn", xs[i:i + b], full[idx[i:i + b]]) for i in range(0, M, b)])
+        full, idc = R.full(), idx.cpu()                                         # [K, N] host, cached
+        b = max(1, GATHER_MAX // (k * R.N))                                     # token rows per block
+        return torch.cat([torch.einsum("mk,mkn->mn", xs[i:i + b], full[idc[i:i + b]].to(x2.device))
+                          for i in range(0, M, b)])
 
     def forward(self, x):  # x [..., K] -> [..., N]
         if self.k_chunk == 0:

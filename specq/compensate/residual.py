@@ -57,7 +57,6 @@ class Residual:
         self.K, self.N = (dense.shape if dense is not None else (codes.shape[0], codes.shape[1] * 8))
         self._dev_scales = {}
         self._full = None
-        self._dev_full = {}
 
     @property
     def bits(self):
@@ -84,20 +83,15 @@ class Residual:
             return self.dense[idx]
         return (unpack_rows(self.codes[idx]) - 8).float() * self.scales
 
-    def full(self, device=None) -> torch.Tensor:
-        """Dequantized R^T float32 [K, N] (cached, on the CPU or on `device`): the dense reference path
-        for long inputs (the CUDA kernel path never uses it)."""
+    def full(self) -> torch.Tensor:
+        """Dequantized R^T float32 [K, N] (cached, host memory): the reference path gathers long inputs' rows from
+        it. Never copied to the GPU whole: a GPU input takes only its selected rows (CompensatedLinear.correction)."""
         if self._full is None:
             self._full = self.dense if self.dense is not None else self.rows(torch.arange(self.K))
-        if device is None or torch.device(device).type == "cpu":
-            return self._full
-        key = str(device)
-        if key not in self._dev_full:
-            self._dev_full[key] = self._full.to(device)
-        return self._dev_full[key]
+        return self._full
 
     def drop_cache(self):
-        self._full, self._dev_full = None, {}
+        self._full = None
 
     def scales_on(self, device) -> torch.Tensor:
         key = str(device)
