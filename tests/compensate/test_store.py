@@ -10,6 +10,7 @@ from specq.compensate import tune as T
 from specq.errors import SpecqError
 from specq.quant.checkpoint import load_quantized
 from specq.quant.cli import main
+from tests.compensate.test_compensate import logits_of as logits
 
 pytest.importorskip("transformers")
 QARGS = ["--format", "w3a16", "--group-size", "32", "--no-progress"]
@@ -22,15 +23,6 @@ def ckpt(tmp_path_factory):
     _, src = make_ckpt(d, "llama")
     (d / "text.txt").write_text(" ".join(f"w{(7 * i) % 90}" for i in range(300)))
     return d, src
-
-
-def logits(m, ids):
-    from specq.models.llama import causal_mask
-    L = ids.numel()
-    m.setup_cache(L)
-    pos = torch.arange(L)
-    with torch.inference_mode():
-        return m(ids, pos, pos, causal_mask(0, L, L), return_hidden=False)
 
 
 def in_process(src, spec, method="rtn", act_order=False):
