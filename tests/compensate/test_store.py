@@ -139,7 +139,8 @@ def test_compensate_errors(ckpt, tmp_path, capsys):
     sd = load_file(str(res))
     for key, bad in (("layers.0.mlp.down_proj.scales", torch.ones(3)),
                      ("layers.1.self_attn.o_proj.codes", torch.zeros(64, 8, dtype=torch.int64)),
-                     ("layers.0.self_attn.qkv_proj.scales", torch.full((128,), float("nan")))):
+                     ("layers.0.self_attn.qkv_proj.scales", torch.full((128,), float("nan"))),
+                     ("layers.1.mlp.down_proj.stats", torch.ones(4, 2, 8))):
         save_file({**sd, key: bad}, str(res))
         with pytest.raises(SpecqError, match=key.replace(".", r"\.")):
             load_quantized(out)
